@@ -1,0 +1,41 @@
+//! The cost side of meshrec: cost profiles, stage partitioner, rebalancer, cluster simulator, planner.
+//!
+//! Plain Rust over numbers (no burn). The trainer feeds it measurements; the model crate
+//! turns its config into a [`shape::ModelShape`], the single home of the FLOP, parameter
+//! and activation formulas.
+//!
+//! How the pieces fit:
+//! - [`shape`] → FLOPs, parameters, activation bytes of a model;
+//! - [`device`], [`cluster`] → what it runs on (link formulas from `meshrec_comm::cost`);
+//! - [`cost`] → per-layer [`CostProfile`]s, measured or roofline-modelled, TP-sharded;
+//! - [`partition`] → optimal contiguous stages ([`PartitionProblem::solve`]);
+//! - [`rebalance`] → online [`Rebalancer`] and heterogeneous DP [`split_batch`];
+//! - [`sim`] → discrete-event simulation of training steps ([`simulate`]);
+//! - [`mod@plan`] → layout search ranked by simulated throughput ([`plan()`]).
+//!
+//! Everything the simulator and planner report is *simulated*, and says so.
+
+pub mod cluster;
+pub mod cost;
+pub mod device;
+pub mod error;
+pub mod partition;
+pub mod plan;
+pub mod rebalance;
+pub mod shape;
+pub mod sim;
+
+pub use cluster::Cluster;
+pub use cost::{CostProfile, LayerCost, ProfileSource};
+pub use device::DeviceSpec;
+pub use error::BalanceError;
+pub use partition::{Partition, PartitionPlan, PartitionProblem, StageSpec};
+pub use plan::{plan, Candidate, LayoutClass, PaperRow, Plan, PlanRequest};
+pub use rebalance::{
+    split_batch, Decision, DpBalancer, DpSplit, KeepReason, Proposal, RebalanceConfig, Rebalancer,
+};
+pub use shape::{LayerKind, MlpKind, ModelShape, Positions, Precision};
+pub use sim::{
+    simulate, simulate_steps, timeline_svg, Aggregation, CommBytes, Compression, DpMode, Mesh,
+    Schedule, SimConfig, SimResult,
+};

@@ -1,0 +1,1026 @@
+//! The `mpi` engine (feature `mpi`): rsmpi over the system MPI (OpenMPI on Debian), one
+//! process per rank, launched by `mpirun -np N`.
+//!
+//! # Ownership of MPI itself
+//! MPI can be initialised once per process and must be finalised after every communicator
+//! is freed. [`MpiRuntime::init`] initialises it (thread level `MPI_THREAD_SERIALIZED`: the
+//! `Send`-but-not-`Sync` communicators may move between threads, one call at a time) and
+//! returns an `Arc`; every [`MpiCommunicator`] holds a clone, so `MPI_Finalize` runs when the
+//! runtime and the last communicator are dropped. A second `init` in one process fails.
+//!
+//! # Operations
+//! MPI's own collectives do the work: `MPI_Allreduce` (in place), `MPI_Reduce_scatter` (with
+//! the counts of [`crate::chunk_range`]), `MPI_Allgather`, `MPI_Allgatherv`, `MPI_Bcast`,
+//! `MPI_Barrier`, `MPI_Iallreduce` for `iall_reduce`, `MPI_Isend` and matched probes
+//! (`MPI_Improbe` + `MPI_Mrecv`) for point-to-point, `MPI_Comm_split` for `split`. `Avg` is
+//! `MPI_SUM` followed by one division on every rank.
+//!
+//! # Failures
+//! * Sizes: with `MpiConfig::check_sizes` (default) each collective first all-gathers the
+//!   ranks' lengths (one small `MPI_Allgather`), so mismatches are `SizeMismatch` naming
+//!   rank 0 and the first rank that differs, on every rank, instead of MPI undefined
+//!   behaviour. Turn it off to save that latency once a program is known to be consistent.
+//! * Timeouts: point-to-point receives, sends and non-blocking waits poll with a deadline and
+//!   return `Timeout`. Blocking collectives cannot be interrupted in MPI; a watchdog thread
+//!   aborts the process (and with it, through `mpirun`, the job) when one exceeds
+//!   `MpiConfig::timeout`, printing which operation and rank: a clear failure, never a hang.
+//! * A dead peer: `mpirun` tears the whole job down when a rank exits abnormally, so the
+//!   survivors end rather than observing `PeerLost`.
+//!
+//! Statistics: byte counts are *modelled* (`CommStats::bytes_modelled`) for collectives, from
+//! the ring algorithm's per-rank traffic, since MPI's wire traffic is not visible.
+
+use std::ffi::c_void;
+use std::os::raw::c_int;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use mpi::collective::{CommunicatorCollectives, Root};
+use mpi::environment::Universe;
+use mpi::ffi;
+use mpi::raw::AsRaw;
+use mpi::topology::{Color, Communicator as _, SimpleCommunicator};
+use mpi::Threading;
+
+use crate::cost;
+use crate::reduce::finish_avg;
+use crate::request::{Completion, Request};
+use crate::stats::{CommStats, OpKind, StatsRecorder};
+use crate::{check_rank, chunk_len, chunk_range, CommError, Communicator, ReduceOp, Result};
+
+/// Settings of the MPI engine.
+#[derive(Debug, Clone)]
+pub struct MpiConfig {
+    /// Longest wait for a peer: point-to-point and non-blocking waits return `Timeout`
+    /// after it; a blocking collective past it aborts the job (see the module docs).
+    pub timeout: Duration,
+    /// All-gather lengths before each collective to report `SizeMismatch` (see module docs).
+    pub check_sizes: bool,
+}
+
+impl Default for MpiConfig {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(60),
+            check_sizes: true,
+        }
+    }
+}
+
+static INITIALISED: AtomicBool = AtomicBool::new(false);
+
+/// The process-wide MPI environment (see the module docs).
+pub struct MpiRuntime {
+    universe: Universe,
+    /// `MPI_IN_PLACE` of the MPI library in use, when known (the constant is a macro that
+    /// rsmpi does not export: `(void*)1` in Open MPI, `(void*)-1` in MPICH and derivatives).
+    in_place: Option<usize>,
+    watchdog: Watchdog,
+}
+
+// SAFETY: MPI is initialised with MPI_THREAD_SERIALIZED (checked in `init`), so MPI calls
+// may come from any thread as long as they do not overlap; the communicators built on this
+// runtime are `Send` but not `Sync`, which serialises the calls each one makes, and the
+// runtime itself is only used to create communicators and to finalise.
+unsafe impl Send for MpiRuntime {}
+// SAFETY: as above; shared references to the runtime make no MPI calls.
+unsafe impl Sync for MpiRuntime {}
+
+impl std::fmt::Debug for MpiRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MpiRuntime")
+            .field("in_place", &self.in_place)
+            .finish()
+    }
+}
+
+impl MpiRuntime {
+    /// Initialises MPI for this process (once).
+    pub fn init() -> Result<Arc<Self>> {
+        if INITIALISED.swap(true, Ordering::SeqCst) {
+            return Err(CommError::Mpi(
+                "MPI was already initialised in this process".into(),
+            ));
+        }
+        let (universe, level) =
+            mpi::initialize_with_threading(Threading::Serialized).ok_or_else(|| {
+                CommError::Mpi("MPI_Init_thread failed or MPI already initialised".into())
+            })?;
+        if level < Threading::Serialized {
+            return Err(CommError::Mpi(format!(
+                "the MPI library provides thread level {level:?}, meshrec needs Serialized"
+            )));
+        }
+        let version = mpi::environment::library_version().unwrap_or_default();
+        let in_place = if version.contains("Open MPI") {
+            Some(1usize)
+        } else if version.contains("MPICH") || version.contains("Intel") {
+            Some(usize::MAX)
+        } else {
+            None
+        };
+        Ok(Arc::new(Self {
+            universe,
+            in_place,
+            watchdog: Watchdog::default(),
+        }))
+    }
+
+    /// The communicator of every process of the job.
+    pub fn world(self: &Arc<Self>, config: MpiConfig) -> MpiCommunicator {
+        MpiCommunicator::new(self.universe.world(), config, Arc::clone(self))
+    }
+
+    /// The MPI library's version string.
+    pub fn library_version(&self) -> String {
+        mpi::environment::library_version().unwrap_or_default()
+    }
+}
+
+/// Aborts the process when a blocking collective outlives the timeout. One slot suffices:
+/// MPI calls of a process are serialised.
+#[derive(Default)]
+struct Watchdog {
+    started: OnceLock<Instant>,
+    /// Deadline in ms since `started` (0 = disarmed).
+    deadline_ms: Arc<AtomicU64>,
+    op: Arc<AtomicU8>,
+}
+
+impl Watchdog {
+    fn arm(&self, op: OpKind, timeout: Duration, world_rank: i32) {
+        let base = *self.started.get_or_init(|| {
+            let base = Instant::now();
+            let (deadline, opc) = (Arc::clone(&self.deadline_ms), Arc::clone(&self.op));
+            let spawned = std::thread::Builder::new()
+                .name("meshrec-mpi-watchdog".into())
+                .spawn(move || loop {
+                    std::thread::sleep(Duration::from_millis(100));
+                    let d = deadline.load(Ordering::Acquire);
+                    if d != 0 && base.elapsed().as_millis() as u64 > d {
+                        let op = OpKind::ALL.get(usize::from(opc.load(Ordering::Acquire)));
+                        eprintln!(
+                            "meshrec-comm: MPI {} on world rank {world_rank} exceeded its timeout \
+                             (a peer died or stopped answering); aborting the job",
+                            op.map_or("collective", |o| o.name())
+                        );
+                        std::process::abort();
+                    }
+                });
+            if let Err(e) = spawned {
+                eprintln!("meshrec-comm: no MPI watchdog thread ({e}); collectives may hang");
+            }
+            base
+        });
+        let idx = OpKind::ALL.iter().position(|&k| k == op).unwrap_or(0) as u8;
+        self.op.store(idx, Ordering::Release);
+        let d = (base.elapsed() + timeout).as_millis() as u64;
+        self.deadline_ms.store(d.max(1), Ordering::Release);
+    }
+
+    fn disarm(&self) {
+        self.deadline_ms.store(0, Ordering::Release);
+    }
+}
+
+/// One rank of an MPI communicator.
+pub struct MpiCommunicator {
+    comm: SimpleCommunicator,
+    rank: usize,
+    size: usize,
+    world_rank: i32,
+    config: MpiConfig,
+    stats: StatsRecorder,
+    /// Declared last: dropped after `comm` is freed, finalising MPI if it is the last.
+    runtime: Arc<MpiRuntime>,
+}
+
+// SAFETY: see `MpiRuntime`: MPI_THREAD_SERIALIZED, and the communicator is not `Sync`, so
+// its MPI calls never overlap.
+unsafe impl Send for MpiCommunicator {}
+
+impl std::fmt::Debug for MpiCommunicator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MpiCommunicator")
+            .field("rank", &self.rank)
+            .field("size", &self.size)
+            .field("world_rank", &self.world_rank)
+            .finish()
+    }
+}
+
+fn mpi_op(op: ReduceOp) -> ffi::MPI_Op {
+    // SAFETY: reading constants exported by mpi-sys after MPI_Init.
+    unsafe {
+        match op {
+            ReduceOp::Sum | ReduceOp::Avg => ffi::RSMPI_SUM,
+            ReduceOp::Max => ffi::RSMPI_MAX,
+            ReduceOp::Min => ffi::RSMPI_MIN,
+        }
+    }
+}
+
+fn float() -> ffi::MPI_Datatype {
+    // SAFETY: constant exported by mpi-sys.
+    unsafe { ffi::RSMPI_FLOAT }
+}
+
+fn byte() -> ffi::MPI_Datatype {
+    // SAFETY: constant exported by mpi-sys.
+    unsafe { ffi::RSMPI_UINT8_T }
+}
+
+static EMPTY: u64 = 0;
+
+/// Pointer for a send buffer. An empty slice's dangling pointer can equal `MPI_IN_PLACE`
+/// (`(void*)1` in Open MPI for `u8`), so empty buffers point at a real dummy instead.
+fn send_ptr<T>(s: &[T]) -> *const c_void {
+    if s.is_empty() {
+        &EMPTY as *const u64 as *const c_void
+    } else {
+        s.as_ptr() as *const c_void
+    }
+}
+
+/// Pointer for a receive buffer, never a dangling one (see [`send_ptr`]); MPI writes
+/// nothing through it when the buffer is empty.
+fn recv_ptr<T>(s: &mut [T]) -> *mut c_void {
+    if s.is_empty() {
+        &EMPTY as *const u64 as *mut c_void
+    } else {
+        s.as_mut_ptr() as *mut c_void
+    }
+}
+
+fn check(code: c_int, what: &str) -> Result<()> {
+    if code == 0 {
+        Ok(())
+    } else {
+        Err(CommError::Mpi(format!("{what} returned error code {code}")))
+    }
+}
+
+fn count(n: usize, what: &str) -> Result<c_int> {
+    c_int::try_from(n).map_err(|_| {
+        CommError::InvalidArgument(format!("{what}: {n} elements exceed MPI's int count"))
+    })
+}
+
+fn tag_of(tag: u32) -> Result<c_int> {
+    c_int::try_from(tag)
+        .map_err(|_| CommError::InvalidArgument(format!("tag {tag} is above MPI's int range")))
+}
+
+impl MpiCommunicator {
+    fn new(comm: SimpleCommunicator, config: MpiConfig, runtime: Arc<MpiRuntime>) -> Self {
+        let rank = comm.rank() as usize;
+        let size = comm.size() as usize;
+        let world_rank = runtime.universe.world().rank();
+        Self {
+            comm,
+            rank,
+            size,
+            world_rank,
+            config,
+            stats: StatsRecorder::new(true),
+            runtime,
+        }
+    }
+
+    /// The rsmpi communicator (for raw MPI calls beside this engine, e.g. benchmarks).
+    pub fn raw(&self) -> &SimpleCommunicator {
+        &self.comm
+    }
+
+    /// This process's rank in `MPI_COMM_WORLD`.
+    pub fn world_rank(&self) -> usize {
+        self.world_rank as usize
+    }
+
+    /// The engine settings.
+    pub fn config(&self) -> &MpiConfig {
+        &self.config
+    }
+
+    /// `split` returning the concrete type.
+    pub fn split_mpi(&self, color: u32, key: u32) -> Result<MpiCommunicator> {
+        let t0 = Instant::now();
+        let c = c_int::try_from(color)
+            .map_err(|_| CommError::InvalidArgument(format!("color {color} above i32 range")))?;
+        let k = c_int::try_from(key)
+            .map_err(|_| CommError::InvalidArgument(format!("key {key} above i32 range")))?;
+        self.runtime
+            .watchdog
+            .arm(OpKind::Split, self.config.timeout, self.world_rank);
+        let sub = self.comm.split_by_color_with_key(Color::with_value(c), k);
+        self.runtime.watchdog.disarm();
+        let sub =
+            sub.ok_or_else(|| CommError::Mpi("MPI_Comm_split gave no communicator".into()))?;
+        self.stats.record(OpKind::Split, 0, 0, t0.elapsed());
+        Ok(MpiCommunicator::new(
+            sub,
+            self.config.clone(),
+            Arc::clone(&self.runtime),
+        ))
+    }
+
+    /// Every rank's `len`, all-gathered (one small `MPI_Allgather`).
+    fn lengths(&self, len: usize) -> Vec<u64> {
+        let mut all = vec![0u64; self.size];
+        self.comm.all_gather_into(&(len as u64), &mut all[..]);
+        all
+    }
+
+    /// With `check_sizes`, fails on every rank when the ranks' lengths differ.
+    fn check_sizes(&self, op: OpKind, len: usize) -> Result<()> {
+        if !self.config.check_sizes || self.size == 1 {
+            return Ok(());
+        }
+        let all = self.lengths(len);
+        match (1..self.size).find(|&q| all[q] != all[0]) {
+            Some(q) => Err(CommError::SizeMismatch {
+                op,
+                rank: 0,
+                len: all[0] as usize,
+                peer: q,
+                peer_len: all[q] as usize,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Runs a blocking collective under the watchdog and records statistics.
+    fn collective<T>(
+        &self,
+        op: OpKind,
+        sent: f64,
+        received: f64,
+        f: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let t0 = Instant::now();
+        self.runtime
+            .watchdog
+            .arm(op, self.config.timeout, self.world_rank);
+        let r = f();
+        self.runtime.watchdog.disarm();
+        if r.is_ok() {
+            self.stats
+                .record(op, sent as u64, received as u64, t0.elapsed());
+        }
+        r
+    }
+
+    fn in_place(&self) -> Option<*const c_void> {
+        self.runtime.in_place.map(|p| p as *const c_void)
+    }
+
+    fn start_isend(&self, dst: usize, tag: u32, data: Buf) -> Result<RawRequest> {
+        check_rank("destination", dst, self.size)?;
+        let t = tag_of(tag)?;
+        let (ptr, n, dt) = match &data {
+            Buf::F32(v) => (send_ptr(v), v.len(), float()),
+            Buf::U8(v) => (send_ptr(v), v.len(), byte()),
+        };
+        let mut req = std::mem::MaybeUninit::<ffi::MPI_Request>::uninit();
+        // SAFETY: the buffer is owned by the returned request and outlives the operation
+        // (waits either complete it or leak the buffer on timeout).
+        check(
+            unsafe {
+                ffi::MPI_Isend(
+                    ptr,
+                    count(n, "send")?,
+                    dt,
+                    dst as c_int,
+                    t,
+                    self.comm.as_raw(),
+                    req.as_mut_ptr(),
+                )
+            },
+            "MPI_Isend",
+        )?;
+        // SAFETY: initialised by the successful MPI_Isend.
+        let req = unsafe { req.assume_init() };
+        Ok(RawRequest {
+            req,
+            buf: Some(data),
+            keep: None,
+            peer: dst,
+            op: OpKind::Send,
+            timeout: self.config.timeout,
+        })
+    }
+}
+
+enum Buf {
+    F32(Vec<f32>),
+    U8(Vec<u8>),
+}
+
+/// An MPI request that owns its buffer.
+struct RawRequest {
+    req: ffi::MPI_Request,
+    buf: Option<Buf>,
+    /// A send buffer MPI reads until completion (when `MPI_IN_PLACE` is unknown).
+    keep: Option<Vec<f32>>,
+    peer: usize,
+    op: OpKind,
+    timeout: Duration,
+}
+
+// SAFETY: MPI_THREAD_SERIALIZED; the request is used by one thread at a time.
+unsafe impl Send for RawRequest {}
+
+impl RawRequest {
+    fn test(&mut self) -> Result<bool> {
+        let mut flag: c_int = 0;
+        // SAFETY: `req` is an active request from MPI_Isend / MPI_Iallreduce.
+        check(
+            unsafe { ffi::MPI_Test(&mut self.req, &mut flag, ffi::RSMPI_STATUS_IGNORE) },
+            "MPI_Test",
+        )?;
+        Ok(flag != 0)
+    }
+
+    fn wait(mut self) -> Result<Option<Buf>> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            if self.test()? {
+                return Ok(self.buf.take());
+            }
+            if Instant::now() >= deadline {
+                // MPI may still use the buffer: leak it rather than free memory in use.
+                std::mem::forget(self.buf.take());
+                std::mem::forget(self.keep.take());
+                return Err(CommError::Timeout {
+                    rank: self.peer,
+                    op: self.op,
+                    after: self.timeout,
+                });
+            }
+            std::thread::yield_now();
+        }
+    }
+}
+
+struct SendCompletion(Option<RawRequest>);
+
+impl Completion<()> for SendCompletion {
+    fn poll(&mut self) -> Option<Result<()>> {
+        let r = self.0.as_mut()?;
+        match r.test() {
+            Ok(true) => {
+                self.0 = None;
+                Some(Ok(()))
+            }
+            Ok(false) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    fn wait(self: Box<Self>) -> Result<()> {
+        match self.0 {
+            Some(r) => r.wait().map(|_| ()),
+            None => Ok(()),
+        }
+    }
+}
+
+struct IallreduceCompletion {
+    req: Option<RawRequest>,
+    op: ReduceOp,
+    n: usize,
+    stats: StatsRecorder,
+    start: Instant,
+}
+
+impl IallreduceCompletion {
+    fn finish(&self, b: Option<Buf>) -> Result<Vec<f32>> {
+        match b {
+            Some(Buf::F32(mut v)) => {
+                finish_avg(&mut v, self.op, self.n);
+                let s = cost::ring_all_reduce_bytes_per_rank(self.n, (v.len() * 4) as f64) as u64;
+                self.stats
+                    .record(OpKind::AllReduce, s, s, self.start.elapsed());
+                Ok(v)
+            }
+            _ => Err(CommError::Internal("iall_reduce lost its buffer".into())),
+        }
+    }
+}
+
+impl Completion<Vec<f32>> for IallreduceCompletion {
+    fn poll(&mut self) -> Option<Result<Vec<f32>>> {
+        let r = self.req.as_mut()?;
+        match r.test() {
+            Ok(true) => {
+                let b = self.req.take().and_then(|mut r| r.buf.take());
+                Some(self.finish(b))
+            }
+            Ok(false) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    fn wait(mut self: Box<Self>) -> Result<Vec<f32>> {
+        match self.req.take() {
+            Some(r) => {
+                let b = r.wait()?;
+                self.finish(b)
+            }
+            None => Err(CommError::Internal("iall_reduce waited twice".into())),
+        }
+    }
+}
+
+/// Matched probe and receive (`MPI_Improbe` + `MPI_Mrecv`) of a whole message of `T`
+/// (whose MPI type is `dt`) from `src` with `tag`; `None` if none is there yet.
+fn try_receive<T: Copy + Default>(
+    comm: ffi::MPI_Comm,
+    src: usize,
+    tag: c_int,
+    dt: ffi::MPI_Datatype,
+) -> Result<Option<Vec<T>>> {
+    let mut flag: c_int = 0;
+    let mut msg = std::mem::MaybeUninit::<ffi::MPI_Message>::uninit();
+    let mut status = std::mem::MaybeUninit::<ffi::MPI_Status>::uninit();
+    // SAFETY: out-pointers to local storage; `comm` is a live communicator handle.
+    check(
+        unsafe {
+            ffi::MPI_Improbe(
+                src as c_int,
+                tag,
+                comm,
+                &mut flag,
+                msg.as_mut_ptr(),
+                status.as_mut_ptr(),
+            )
+        },
+        "MPI_Improbe",
+    )?;
+    if flag == 0 {
+        return Ok(None);
+    }
+    // SAFETY: both were written because `flag` is set.
+    let (mut msg, status) = unsafe { (msg.assume_init(), status.assume_init()) };
+    let mut cnt: c_int = 0;
+    // SAFETY: `status` came from the probe.
+    check(
+        unsafe { ffi::MPI_Get_count(&status, dt, &mut cnt) },
+        "MPI_Get_count",
+    )?;
+    let mut v = vec![T::default(); usize::try_from(cnt).unwrap_or(0)];
+    // SAFETY: `v` holds `cnt` elements of the probed message's type; receiving also when
+    // the count is undefined (negative) consumes the message instead of leaving it queued.
+    check(
+        unsafe {
+            ffi::MPI_Mrecv(
+                recv_ptr(&mut v),
+                cnt.max(0),
+                dt,
+                &mut msg,
+                ffi::RSMPI_STATUS_IGNORE,
+            )
+        },
+        "MPI_Mrecv",
+    )?;
+    if cnt < 0 {
+        return Err(CommError::InvalidArgument(format!(
+            "message from rank {src} with tag {tag} is not a whole number of the expected type"
+        )));
+    }
+    Ok(Some(v))
+}
+
+/// A posted receive, matched lazily by probing (receives posted for one `(src, tag)` are
+/// matched in the order they are tested / waited; post and wait in order for MPI ordering).
+/// It must complete before its communicator is dropped (it uses the communicator's handle).
+struct IrecvCompletion {
+    comm: ffi::MPI_Comm,
+    rank: usize,
+    src: usize,
+    tag: c_int,
+    len: usize,
+    timeout: Duration,
+    stats: StatsRecorder,
+    start: Instant,
+}
+
+// SAFETY: MPI_THREAD_SERIALIZED; the handle is a plain MPI object handle.
+unsafe impl Send for IrecvCompletion {}
+
+impl IrecvCompletion {
+    fn finish(&self, v: Vec<f32>) -> Result<Vec<f32>> {
+        if v.len() != self.len {
+            return Err(CommError::SizeMismatch {
+                op: OpKind::Recv,
+                rank: self.rank,
+                len: self.len,
+                peer: self.src,
+                peer_len: v.len(),
+            });
+        }
+        self.stats
+            .record(OpKind::Recv, 0, (v.len() * 4) as u64, self.start.elapsed());
+        Ok(v)
+    }
+}
+
+impl Completion<Vec<f32>> for IrecvCompletion {
+    fn poll(&mut self) -> Option<Result<Vec<f32>>> {
+        match try_receive::<f32>(self.comm, self.src, self.tag, float()) {
+            Ok(Some(v)) => Some(self.finish(v)),
+            Ok(None) => None,
+            Err(e) => Some(Err(e)),
+        }
+    }
+
+    fn wait(self: Box<Self>) -> Result<Vec<f32>> {
+        let v = poll_until(self.src, OpKind::Recv, self.timeout, || {
+            try_receive::<f32>(self.comm, self.src, self.tag, float())
+        })?;
+        self.finish(v)
+    }
+}
+
+/// Polls `probe` until it yields or `timeout` passes.
+fn poll_until<T>(
+    src: usize,
+    op: OpKind,
+    timeout: Duration,
+    mut probe: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    let mut spins = 0u32;
+    loop {
+        if let Some(v) = probe()? {
+            return Ok(v);
+        }
+        if Instant::now() >= deadline {
+            return Err(CommError::Timeout {
+                rank: src,
+                op,
+                after: timeout,
+            });
+        }
+        spins += 1;
+        if spins < 1000 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
+impl Communicator for MpiCommunicator {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn size(&self) -> usize {
+        self.size
+    }
+
+    fn all_reduce(&self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
+        let n = self.size;
+        let bytes = cost::ring_all_reduce_bytes_per_rank(n, (buf.len() * 4) as f64);
+        self.collective(OpKind::AllReduce, bytes, bytes, || {
+            self.check_sizes(OpKind::AllReduce, buf.len())?;
+            if n == 1 {
+                return Ok(());
+            }
+            let cnt = count(buf.len(), "all_reduce")?;
+            let copy;
+            let send = match self.in_place() {
+                Some(p) => p,
+                None => {
+                    copy = buf.to_vec();
+                    send_ptr(&copy)
+                }
+            };
+            // SAFETY: `buf` holds `cnt` floats; `send` is MPI_IN_PLACE or a copy of them.
+            check(
+                unsafe {
+                    ffi::MPI_Allreduce(
+                        send,
+                        recv_ptr(buf),
+                        cnt,
+                        float(),
+                        mpi_op(op),
+                        self.comm.as_raw(),
+                    )
+                },
+                "MPI_Allreduce",
+            )?;
+            finish_avg(buf, op, n);
+            Ok(())
+        })
+    }
+
+    fn reduce_scatter(&self, input: &[f32], output: &mut [f32], op: ReduceOp) -> Result<()> {
+        let (n, len) = (self.size, input.len());
+        let want = chunk_len(len, n, self.rank);
+        if output.len() != want {
+            return Err(CommError::BadLength {
+                op: OpKind::ReduceScatter,
+                what: "output",
+                expected: want,
+                got: output.len(),
+            });
+        }
+        let bytes = cost::ring_gather_scatter_bytes_per_rank(n, (len * 4) as f64);
+        self.collective(OpKind::ReduceScatter, bytes, bytes, || {
+            self.check_sizes(OpKind::ReduceScatter, len)?;
+            count(len, "reduce_scatter")?;
+            let counts: Vec<c_int> = (0..n)
+                .map(|r| chunk_range(len, n, r).len() as c_int)
+                .collect();
+            // SAFETY: `input` holds sum(counts) floats; `output` holds counts[rank].
+            check(
+                unsafe {
+                    ffi::MPI_Reduce_scatter(
+                        send_ptr(input),
+                        recv_ptr(output),
+                        counts.as_ptr(),
+                        float(),
+                        mpi_op(op),
+                        self.comm.as_raw(),
+                    )
+                },
+                "MPI_Reduce_scatter",
+            )?;
+            finish_avg(output, op, n);
+            Ok(())
+        })
+    }
+
+    fn all_gather(&self, input: &[f32], output: &mut [f32]) -> Result<()> {
+        let (n, len) = (self.size, input.len());
+        if output.len() != n * len {
+            return Err(CommError::BadLength {
+                op: OpKind::AllGather,
+                what: "output",
+                expected: n * len,
+                got: output.len(),
+            });
+        }
+        let bytes = cost::ring_gather_scatter_bytes_per_rank(n, (n * len * 4) as f64);
+        self.collective(OpKind::AllGather, bytes, bytes, || {
+            self.check_sizes(OpKind::AllGather, len)?;
+            let cnt = count(len, "all_gather")?;
+            count(n * len, "all_gather")?;
+            // SAFETY: `input` holds `cnt` floats, `output` n * cnt.
+            check(
+                unsafe {
+                    ffi::MPI_Allgather(
+                        send_ptr(input),
+                        cnt,
+                        float(),
+                        recv_ptr(output),
+                        cnt,
+                        float(),
+                        self.comm.as_raw(),
+                    )
+                },
+                "MPI_Allgather",
+            )
+        })
+    }
+
+    fn all_gatherv_bytes(&self, input: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let n = self.size;
+        let t0 = Instant::now();
+        self.runtime
+            .watchdog
+            .arm(OpKind::AllGatherV, self.config.timeout, self.world_rank);
+        let r = (|| {
+            let lens = self.lengths(input.len());
+            let total: u64 = lens.iter().sum();
+            let mut counts = Vec::with_capacity(n);
+            let mut displs = Vec::with_capacity(n);
+            let mut at = 0u64;
+            for &l in &lens {
+                counts.push(count(l as usize, "all_gatherv")?);
+                displs.push(count(at as usize, "all_gatherv")?);
+                at += l;
+            }
+            count(total as usize, "all_gatherv")?;
+            let mut all = vec![0u8; total as usize];
+            if total == 0 {
+                return Ok((lens.iter().map(|_| Vec::new()).collect(), 0));
+            }
+            // SAFETY: counts/displs describe `all` exactly; `input` holds counts[rank] bytes.
+            check(
+                unsafe {
+                    ffi::MPI_Allgatherv(
+                        send_ptr(input),
+                        counts[self.rank],
+                        byte(),
+                        recv_ptr(&mut all),
+                        counts.as_ptr(),
+                        displs.as_ptr(),
+                        byte(),
+                        self.comm.as_raw(),
+                    )
+                },
+                "MPI_Allgatherv",
+            )?;
+            let mut out = Vec::with_capacity(n);
+            let mut at = 0usize;
+            for &l in &lens {
+                out.push(all[at..at + l as usize].to_vec());
+                at += l as usize;
+            }
+            Ok((out, total))
+        })();
+        self.runtime.watchdog.disarm();
+        let (out, total) = r?;
+        self.stats.record(
+            OpKind::AllGatherV,
+            cost::ring_gather_scatter_bytes_per_rank(n, total as f64) as u64,
+            (total as usize - input.len()) as u64,
+            t0.elapsed(),
+        );
+        Ok(out)
+    }
+
+    fn broadcast(&self, buf: &mut [f32], root: usize) -> Result<()> {
+        check_rank("root", root, self.size)?;
+        let s = (buf.len() * 4) as f64;
+        let (sent, recvd) = if self.rank == root {
+            (s, 0.0)
+        } else {
+            (0.0, s)
+        };
+        self.collective(OpKind::Broadcast, sent, recvd, || {
+            self.check_sizes(OpKind::Broadcast, buf.len())?;
+            let cnt = count(buf.len(), "broadcast")?;
+            // SAFETY: `buf` holds `cnt` floats on every rank (checked above when enabled).
+            check(
+                unsafe {
+                    ffi::MPI_Bcast(
+                        recv_ptr(buf),
+                        cnt,
+                        float(),
+                        root as c_int,
+                        self.comm.as_raw(),
+                    )
+                },
+                "MPI_Bcast",
+            )
+        })
+    }
+
+    fn broadcast_bytes(&self, buf: &mut Vec<u8>, root: usize) -> Result<()> {
+        check_rank("root", root, self.size)?;
+        self.collective(OpKind::Broadcast, 0.0, 0.0, || {
+            let mut len = buf.len() as u64;
+            self.comm
+                .process_at_rank(root as c_int)
+                .broadcast_into(&mut len);
+            let cnt = count(len as usize, "broadcast_bytes")?;
+            buf.resize(len as usize, 0);
+            // SAFETY: every rank's `buf` now holds the root's length.
+            check(
+                unsafe {
+                    ffi::MPI_Bcast(
+                        recv_ptr(buf),
+                        cnt,
+                        byte(),
+                        root as c_int,
+                        self.comm.as_raw(),
+                    )
+                },
+                "MPI_Bcast",
+            )
+        })
+    }
+
+    fn send(&self, dst: usize, tag: u32, data: &[f32]) -> Result<()> {
+        self.isend(dst, tag, data.to_vec())?.wait()
+    }
+
+    fn recv(&self, src: usize, tag: u32, buf: &mut [f32]) -> Result<()> {
+        let v = self.irecv(src, tag, buf.len())?.wait()?;
+        buf.copy_from_slice(&v);
+        Ok(())
+    }
+
+    fn send_bytes(&self, dst: usize, tag: u32, data: &[u8]) -> Result<()> {
+        let t0 = Instant::now();
+        self.start_isend(dst, tag, Buf::U8(data.to_vec()))?.wait()?;
+        self.stats
+            .record(OpKind::Send, data.len() as u64, 0, t0.elapsed());
+        Ok(())
+    }
+
+    fn recv_bytes(&self, src: usize, tag: u32) -> Result<Vec<u8>> {
+        check_rank("source", src, self.size)?;
+        let t = tag_of(tag)?;
+        let t0 = Instant::now();
+        let comm = self.comm.as_raw();
+        let v = poll_until(src, OpKind::Recv, self.config.timeout, || {
+            try_receive::<u8>(comm, src, t, byte())
+        })?;
+        self.stats
+            .record(OpKind::Recv, 0, v.len() as u64, t0.elapsed());
+        Ok(v)
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.collective(OpKind::Barrier, 0.0, 0.0, || {
+            self.comm.barrier();
+            Ok(())
+        })
+    }
+
+    fn iall_reduce(&self, mut buf: Vec<f32>, op: ReduceOp) -> Result<Request<Vec<f32>>> {
+        let start = Instant::now();
+        let n = self.size;
+        if n == 1 {
+            self.stats.record(OpKind::AllReduce, 0, 0, Duration::ZERO);
+            return Ok(Request::ready(Ok(buf)));
+        }
+        // No length pre-check here: it would make the start blocking (MPI requires equal
+        // counts on all ranks for non-blocking collectives too).
+        let cnt = count(buf.len(), "iall_reduce")?;
+        let send_copy = match self.in_place() {
+            Some(_) => None,
+            None => Some(buf.clone()),
+        };
+        let send = match (&send_copy, self.in_place()) {
+            (Some(c), _) => send_ptr(c),
+            (None, Some(p)) => p,
+            (None, None) => return Err(CommError::Internal("no send buffer".into())),
+        };
+        let mut req = std::mem::MaybeUninit::<ffi::MPI_Request>::uninit();
+        // SAFETY: `buf`'s heap storage does not move when the Vec moves into the request,
+        // which owns it until completion.
+        check(
+            unsafe {
+                ffi::MPI_Iallreduce(
+                    send,
+                    recv_ptr(&mut buf),
+                    cnt,
+                    float(),
+                    mpi_op(op),
+                    self.comm.as_raw(),
+                    req.as_mut_ptr(),
+                )
+            },
+            "MPI_Iallreduce",
+        )?;
+        // SAFETY: initialised by the successful call.
+        let req = unsafe { req.assume_init() };
+        let raw = RawRequest {
+            req,
+            buf: Some(Buf::F32(buf)),
+            keep: send_copy,
+            peer: self.rank,
+            op: OpKind::AllReduce,
+            timeout: self.config.timeout,
+        };
+        Ok(Request::pending(Box::new(IallreduceCompletion {
+            req: Some(raw),
+            op,
+            n,
+            stats: self.stats.clone(),
+            start,
+        })))
+    }
+
+    fn isend(&self, dst: usize, tag: u32, data: Vec<f32>) -> Result<Request<()>> {
+        let t0 = Instant::now();
+        let bytes = (data.len() * 4) as u64;
+        let r = self.start_isend(dst, tag, Buf::F32(data))?;
+        self.stats.record(OpKind::Send, bytes, 0, t0.elapsed());
+        Ok(Request::pending(Box::new(SendCompletion(Some(r)))))
+    }
+
+    fn irecv(&self, src: usize, tag: u32, len: usize) -> Result<Request<Vec<f32>>> {
+        check_rank("source", src, self.size)?;
+        let tag = tag_of(tag)?;
+        Ok(Request::pending(Box::new(IrecvCompletion {
+            comm: self.comm.as_raw(),
+            rank: self.rank,
+            src,
+            tag,
+            len,
+            timeout: self.config.timeout,
+            stats: self.stats.clone(),
+            start: Instant::now(),
+        })))
+    }
+
+    fn split(&self, color: u32, key: u32) -> Result<Box<dyn Communicator>> {
+        Ok(Box::new(self.split_mpi(color, key)?))
+    }
+
+    fn stats(&self) -> CommStats {
+        self.stats.snapshot()
+    }
+
+    fn reset_stats(&self) {
+        self.stats.reset();
+    }
+}

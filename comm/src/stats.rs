@@ -1,0 +1,158 @@
+//! Per-communicator statistics: count, bytes sent and received, and time per operation kind.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The kinds of operation a communicator counts separately. Non-blocking variants count
+/// under the kind of their blocking twin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum OpKind {
+    /// `all_reduce`, `iall_reduce`.
+    AllReduce,
+    /// `reduce_scatter`.
+    ReduceScatter,
+    /// `all_gather`.
+    AllGather,
+    /// `all_gatherv`, `all_gatherv_bytes`.
+    AllGatherV,
+    /// `broadcast`, `broadcast_bytes`.
+    Broadcast,
+    /// `send`, `send_bytes`, `isend`.
+    Send,
+    /// `recv`, `recv_bytes`, `irecv`.
+    Recv,
+    /// `barrier`.
+    Barrier,
+    /// `split`.
+    Split,
+}
+
+impl OpKind {
+    /// Every kind, in display order.
+    pub const ALL: [OpKind; 9] = [
+        OpKind::AllReduce,
+        OpKind::ReduceScatter,
+        OpKind::AllGather,
+        OpKind::AllGatherV,
+        OpKind::Broadcast,
+        OpKind::Send,
+        OpKind::Recv,
+        OpKind::Barrier,
+        OpKind::Split,
+    ];
+
+    /// The snake-case name used in metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            OpKind::AllReduce => "all_reduce",
+            OpKind::ReduceScatter => "reduce_scatter",
+            OpKind::AllGather => "all_gather",
+            OpKind::AllGatherV => "all_gatherv",
+            OpKind::Broadcast => "broadcast",
+            OpKind::Send => "send",
+            OpKind::Recv => "recv",
+            OpKind::Barrier => "barrier",
+            OpKind::Split => "split",
+        }
+    }
+}
+
+impl fmt::Display for OpKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Totals for one kind of operation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct OpStats {
+    /// Completed calls (failed calls are not counted).
+    pub count: u64,
+    /// Bytes this rank put on its links.
+    pub bytes_sent: u64,
+    /// Bytes this rank took off its links.
+    pub bytes_received: u64,
+    /// Wall time from the call (or, for non-blocking calls, from its start) to completion.
+    pub time_s: f64,
+}
+
+impl OpStats {
+    fn add(&mut self, other: &OpStats) {
+        self.count += other.count;
+        self.bytes_sent += other.bytes_sent;
+        self.bytes_received += other.bytes_received;
+        self.time_s += other.time_s;
+    }
+}
+
+/// A snapshot of one communicator's statistics.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CommStats {
+    /// Totals per operation kind (kinds never used are absent).
+    pub ops: BTreeMap<OpKind, OpStats>,
+    /// `true` when byte counts are *modelled* (from the algorithm the engine is assumed to
+    /// use, e.g. MPI, whose wire traffic the engine cannot see) rather than counted.
+    pub bytes_modelled: bool,
+}
+
+impl CommStats {
+    /// Totals of one kind (zeros when unused).
+    pub fn get(&self, kind: OpKind) -> OpStats {
+        self.ops.get(&kind).copied().unwrap_or_default()
+    }
+
+    /// Totals over all kinds.
+    pub fn total(&self) -> OpStats {
+        let mut t = OpStats::default();
+        for s in self.ops.values() {
+            t.add(s);
+        }
+        t
+    }
+}
+
+/// Shared, thread-safe recorder behind a communicator's `stats()` (cloned into the
+/// communicator's progress thread).
+#[derive(Debug, Clone, Default)]
+pub struct StatsRecorder {
+    inner: Arc<Mutex<CommStats>>,
+}
+
+impl StatsRecorder {
+    /// A recorder whose byte counts are modelled (`true`) or counted (`false`).
+    pub fn new(bytes_modelled: bool) -> Self {
+        let s = Self::default();
+        s.lock().bytes_modelled = bytes_modelled;
+        s
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, CommStats> {
+        // Stats are plain counters: a panic while holding the lock cannot leave them invalid.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds one completed operation.
+    pub fn record(&self, kind: OpKind, bytes_sent: u64, bytes_received: u64, time: Duration) {
+        let mut s = self.lock();
+        let e = s.ops.entry(kind).or_default();
+        e.count += 1;
+        e.bytes_sent += bytes_sent;
+        e.bytes_received += bytes_received;
+        e.time_s += time.as_secs_f64();
+    }
+
+    /// A copy of the current totals.
+    pub fn snapshot(&self) -> CommStats {
+        self.lock().clone()
+    }
+
+    /// Zeroes every total.
+    pub fn reset(&self) {
+        let mut s = self.lock();
+        s.ops.clear();
+    }
+}

@@ -1,0 +1,347 @@
+//! Per-tensor compression state: error-feedback residual, DGC momentum, PowerSGD's
+//! warm start, the step counter behind shared seeds; serialisable for checkpoints.
+
+use crate::error::CompressError;
+use crate::methods::{Compressor, Ctx};
+use crate::rng;
+use crate::wire::{self, Apply, MethodId, Params, Payload};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Options of one tensor's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryOptions {
+    /// Keep what the compressor dropped and add it back next step.
+    pub error_feedback: bool,
+    /// DGC momentum correction: accumulate velocity `u = m u + g` locally and compress
+    /// the accumulated velocity; sent coordinates have their velocity cleared
+    /// (momentum factor masking). Needs error feedback and a sparsifying
+    /// gather-then-sum method (top-k, DGC, threshold). The optimizer then runs without
+    /// its own momentum.
+    pub momentum: Option<f32>,
+    /// Run-level seed mixed into every shared seed (same on all ranks).
+    pub seed: u64,
+}
+
+impl Default for MemoryOptions {
+    fn default() -> Self {
+        Self {
+            error_feedback: true,
+            momentum: None,
+            seed: 0,
+        }
+    }
+}
+
+/// State of one tensor (or one bucket) across steps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Memory {
+    id: u64,
+    len: usize,
+    step: u64,
+    shape: Option<(usize, usize)>,
+    options: MemoryOptions,
+    residual: Vec<f32>,
+    velocity: Vec<f32>,
+    warm_q: Vec<f32>,
+}
+
+fn mem_err(what: String) -> CompressError {
+    CompressError::Memory(what)
+}
+
+impl Memory {
+    /// Memory for tensor `id` (stable across ranks and restarts) of `len` elements.
+    pub fn new(id: u64, len: usize, options: MemoryOptions) -> Result<Self, CompressError> {
+        if let Some(m) = options.momentum {
+            if !(m.is_finite() && (0.0..1.0).contains(&m)) {
+                return Err(mem_err(format!(
+                    "tensor {id}: momentum {m} must be in [0, 1)"
+                )));
+            }
+            if !options.error_feedback {
+                return Err(mem_err(format!(
+                    "tensor {id}: momentum correction needs error feedback"
+                )));
+            }
+        }
+        Ok(Self {
+            id,
+            len,
+            step: 0,
+            shape: None,
+            options,
+            residual: if options.error_feedback {
+                vec![0.0; len]
+            } else {
+                Vec::new()
+            },
+            velocity: if options.momentum.is_some() {
+                vec![0.0; len]
+            } else {
+                Vec::new()
+            },
+            warm_q: Vec::new(),
+        })
+    }
+
+    /// Sets the matrix view PowerSGD uses (`rows * cols` must equal the length).
+    pub fn with_shape(mut self, rows: usize, cols: usize) -> Result<Self, CompressError> {
+        if rows.checked_mul(cols) != Some(self.len) {
+            return Err(mem_err(format!(
+                "tensor {}: shape {rows} x {cols} does not match length {}",
+                self.id, self.len
+            )));
+        }
+        self.shape = Some((rows, cols));
+        Ok(self)
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// Steps completed.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+    pub fn options(&self) -> &MemoryOptions {
+        &self.options
+    }
+    /// The error-feedback residual (empty without error feedback).
+    pub fn residual(&self) -> &[f32] {
+        &self.residual
+    }
+    /// The DGC velocity (empty without momentum correction).
+    pub fn velocity(&self) -> &[f32] {
+        &self.velocity
+    }
+    /// Seed shared by all ranks for the current step of this tensor.
+    pub fn shared_seed(&self) -> u64 {
+        rng::combine(rng::combine(self.options.seed, self.id), self.step)
+    }
+
+    fn check_len(&self, what: &'static str, n: usize) -> Result<(), CompressError> {
+        if n == self.len {
+            Ok(())
+        } else {
+            Err(CompressError::LengthMismatch {
+                what,
+                expected: self.len,
+                actual: n,
+            })
+        }
+    }
+
+    /// Checks the method can run with these options.
+    pub(crate) fn check_method(&self, method: MethodId) -> Result<(), CompressError> {
+        if self.options.momentum.is_some()
+            && !matches!(
+                method,
+                MethodId::TopK | MethodId::DgcTopK | MethodId::Threshold
+            )
+        {
+            return Err(mem_err(format!(
+                "tensor {}: momentum correction needs top-k, DGC or threshold, not {}",
+                self.id,
+                method.name()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Turns `grads` into the compensated gradient `c`: `g + residual` (with momentum
+    /// correction, `u = m u + g` then `residual + u`). Afterwards the residual holds `c`
+    /// too, ready for `absorb` to subtract what was sent.
+    pub fn compensate(&mut self, grads: &mut [f32]) -> Result<(), CompressError> {
+        self.check_len("gradient", grads.len())?;
+        if let Some(m) = self.options.momentum {
+            for ((g, u), e) in grads
+                .iter_mut()
+                .zip(&mut self.velocity)
+                .zip(&mut self.residual)
+            {
+                *u = m * *u + *g;
+                *e += *u;
+                *g = *e;
+            }
+        } else if self.options.error_feedback {
+            for (g, e) in grads.iter_mut().zip(&mut self.residual) {
+                *e += *g;
+                *g = *e;
+            }
+        }
+        Ok(())
+    }
+
+    /// After `compensate` and compressing `c` into `sent`: residual = c - decode(sent),
+    /// and with momentum correction the velocity of sent coordinates is cleared.
+    pub fn absorb(
+        &mut self,
+        sent: &Payload,
+        compressor: &mut dyn Compressor,
+    ) -> Result<(), CompressError> {
+        if !self.options.error_feedback {
+            return Ok(());
+        }
+        compressor.decompress_into(sent.as_bytes(), &mut self.residual, Apply::Sub)?;
+        if self.options.momentum.is_some() {
+            let (h, body) = wire::Header::parse(sent.as_bytes())?;
+            if let Params::Sparse { k } = h.params {
+                for b in body[..4 * k as usize].chunks_exact(4) {
+                    let i = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
+                    // Indices were range-checked by the decode above.
+                    self.velocity[i] = 0.0;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The context for this step: seeds, view, warm start.
+    pub fn ctx(&mut self, rank: usize) -> Ctx<'_> {
+        let shared = self.shared_seed();
+        Ctx {
+            shared_seed: shared,
+            local_seed: rng::combine(shared, rank as u64 + 1),
+            shape: self.shape,
+            warm: Some(&mut self.warm_q),
+        }
+    }
+
+    /// Splits into the context and the residual (both borrowed at once by `sync`).
+    pub(crate) fn ctx_and_residual(&mut self, rank: usize) -> (Ctx<'_>, Option<&mut [f32]>) {
+        let shared = self.shared_seed();
+        let ctx = Ctx {
+            shared_seed: shared,
+            local_seed: rng::combine(shared, rank as u64 + 1),
+            shape: self.shape,
+            warm: Some(&mut self.warm_q),
+        };
+        let res = if self.options.error_feedback {
+            Some(&mut self.residual[..])
+        } else {
+            None
+        };
+        (ctx, res)
+    }
+
+    /// Marks the step done (advances the shared seed).
+    pub fn advance(&mut self) {
+        self.step += 1;
+    }
+
+    /// Checkpoint bytes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, CompressError> {
+        bincode::serde::encode_to_vec(self, bincode::config::standard())
+            .map_err(|e| CompressError::Serde(e.to_string()))
+    }
+
+    /// Restores from checkpoint bytes, checking internal consistency.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, CompressError> {
+        let (m, used): (Memory, usize) =
+            bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+                .map_err(|e| CompressError::Serde(e.to_string()))?;
+        if used != bytes.len() {
+            return Err(CompressError::Serde(format!(
+                "{} trailing bytes after memory state",
+                bytes.len() - used
+            )));
+        }
+        m.validate()?;
+        Ok(m)
+    }
+
+    fn validate(&self) -> Result<(), CompressError> {
+        let want = |on: bool| if on { self.len } else { 0 };
+        if self.residual.len() != want(self.options.error_feedback)
+            || self.velocity.len() != want(self.options.momentum.is_some())
+        {
+            return Err(CompressError::Serde(format!(
+                "tensor {}: state buffers do not match length {} and options",
+                self.id, self.len
+            )));
+        }
+        if let Some((r, c)) = self.shape {
+            if r.checked_mul(c) != Some(self.len) {
+                return Err(CompressError::Serde(format!(
+                    "tensor {}: shape {r} x {c} does not match length {}",
+                    self.id, self.len
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Memories of all tensors of a model, keyed by tensor id; the unit a checkpoint saves.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemoryBank {
+    tensors: BTreeMap<u64, Memory>,
+}
+
+impl MemoryBank {
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// The memory of tensor `id`, created with `options` on first use; a later call
+    /// with another length is an error (the model changed under the state).
+    pub fn get_or_insert(
+        &mut self,
+        id: u64,
+        len: usize,
+        options: MemoryOptions,
+    ) -> Result<&mut Memory, CompressError> {
+        use std::collections::btree_map::Entry;
+        match self.tensors.entry(id) {
+            Entry::Occupied(e) => {
+                let m = e.into_mut();
+                m.check_len("tensor", len)?;
+                Ok(m)
+            }
+            Entry::Vacant(e) => Ok(e.insert(Memory::new(id, len, options)?)),
+        }
+    }
+    pub fn get(&self, id: u64) -> Option<&Memory> {
+        self.tensors.get(&id)
+    }
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+    /// Checkpoint bytes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, CompressError> {
+        bincode::serde::encode_to_vec(self, bincode::config::standard())
+            .map_err(|e| CompressError::Serde(e.to_string()))
+    }
+    /// Restores from checkpoint bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, CompressError> {
+        let (b, used): (MemoryBank, usize) =
+            bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+                .map_err(|e| CompressError::Serde(e.to_string()))?;
+        if used != bytes.len() {
+            return Err(CompressError::Serde(format!(
+                "{} trailing bytes after memory bank",
+                bytes.len() - used
+            )));
+        }
+        for (id, m) in &b.tensors {
+            if *id != m.id {
+                return Err(CompressError::Serde(format!(
+                    "memory bank key {id} holds tensor {}",
+                    m.id
+                )));
+            }
+            m.validate()?;
+        }
+        Ok(b)
+    }
+}

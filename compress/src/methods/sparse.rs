@@ -1,0 +1,368 @@
+//! Sparsifiers: exact top-k, DGC's sampled-threshold top-k, threshold, and random-k.
+
+use super::{check_u32_len, k_for, AvgReduce, Compressor, Ctx, MethodConfig, ReduceInfo};
+use crate::error::{CompressError, SyncError};
+use crate::rng;
+use crate::wire::{DecodeScratch, Header, MethodId, Params, Payload};
+use rand::Rng;
+
+/// Magnitude as the bits of |x|: for non-negative floats the integer order is the
+/// float order, and NaN sorts above infinity, so a NaN gradient is always sent (and
+/// shows up downstream) rather than hidden in the residual.
+#[inline(always)]
+fn mag(x: f32) -> u32 {
+    x.to_bits() & 0x7FFF_FFFF
+}
+
+/// Elements per block of the candidate scan.
+const BLOCK: usize = 16;
+/// Sample size for the top-k pre-threshold.
+const SAMPLE: usize = 16_384;
+
+/// Appends the indices of all elements with `mag >= t`, in index order.
+///
+/// Blocks of 16 are first tested with a branch-free count (vectorises); only blocks
+/// with a hit are walked, so a 1% selection costs little more than one read pass.
+fn collect_at_least(x: &[f32], t: u32, out: &mut Vec<u32>) {
+    out.clear();
+    // Magnitudes are < 2^31, so a signed compare is exact and SSE2 has it.
+    let ti = t as i32;
+    let mut base = 0usize;
+    for block in x.chunks(BLOCK) {
+        let hits: u32 = block.iter().map(|&v| (mag(v) as i32 >= ti) as u32).sum();
+        if hits != 0 {
+            for (j, &v) in block.iter().enumerate() {
+                if mag(v) as i32 >= ti {
+                    out.push((base + j) as u32);
+                }
+            }
+        }
+        base += block.len();
+    }
+}
+
+/// The magnitude threshold that `rank` sampled elements reach (rank 1 = largest).
+fn sampled_threshold(x: &[f32], samples: usize, rank: usize, seed: u64, buf: &mut Vec<u32>) -> u32 {
+    let n = x.len();
+    let mut g = rng::stream(seed);
+    buf.clear();
+    buf.extend((0..samples).map(|_| mag(x[g.random_range(0..n)])));
+    let pos = samples - rank.clamp(1, samples);
+    *buf.select_nth_unstable(pos).1
+}
+
+/// Keeps the `k` largest-magnitude candidates (ties broken towards lower index), in
+/// index order, writing indices and values.
+fn keep_top(
+    x: &[f32],
+    cand: &[u32],
+    k: usize,
+    mags: &mut Vec<u32>,
+    idx: &mut Vec<u32>,
+    vals: &mut Vec<f32>,
+) {
+    idx.clear();
+    vals.clear();
+    if k == 0 {
+        return;
+    }
+    mags.clear();
+    mags.extend(cand.iter().map(|&i| mag(x[i as usize])));
+    let pos = mags.len() - k;
+    let kth = *mags.select_nth_unstable(pos).1;
+    // After the partition, everything above `pos` is >= kth: count the strict ones to
+    // know how many ties at kth still fit.
+    let above = mags[pos + 1..].iter().filter(|&&m| m > kth).count();
+    let mut ties = k - above;
+    idx.reserve(k);
+    vals.reserve(k);
+    for &i in cand {
+        let v = x[i as usize];
+        let m = mag(v);
+        if m > kth || (m == kth && ties > 0) {
+            if m == kth {
+                ties -= 1;
+            }
+            idx.push(i);
+            vals.push(v);
+        }
+    }
+}
+
+/// Top-k, DGC top-k and threshold: all send (index, value) pairs.
+#[derive(Debug)]
+pub struct Sparsifier {
+    config: MethodConfig,
+    cand: Vec<u32>,
+    mags: Vec<u32>,
+    idx: Vec<u32>,
+    vals: Vec<f32>,
+    scratch: DecodeScratch,
+}
+
+impl Sparsifier {
+    pub(crate) fn new(config: MethodConfig) -> Self {
+        Self {
+            config,
+            cand: Vec::new(),
+            mags: Vec::new(),
+            idx: Vec::new(),
+            vals: Vec::new(),
+            scratch: DecodeScratch::default(),
+        }
+    }
+
+    /// Indices (sorted) and values this method keeps for `x`.
+    pub(crate) fn select(&mut self, x: &[f32], seed: u64) -> (&[u32], &[f32]) {
+        let n = x.len();
+        match self.config {
+            MethodConfig::TopK { ratio } => self.exact_topk(x, k_for(ratio, n), seed),
+            MethodConfig::DgcTopK {
+                ratio,
+                sample_ratio,
+            } => self.dgc(x, k_for(ratio, n), sample_ratio, seed),
+            MethodConfig::Threshold { threshold } => {
+                // |x| > threshold  <=>  mag >= bits(threshold) + 1 for finite threshold >= 0.
+                collect_at_least(x, mag(threshold) + 1, &mut self.idx);
+                self.vals.clear();
+                self.vals.extend(self.idx.iter().map(|&i| x[i as usize]));
+            }
+            _ => unreachable!("Sparsifier is built only for top-k, DGC and threshold"),
+        }
+        (&self.idx, &self.vals)
+    }
+
+    /// Exact top-k: a sampled threshold that with overwhelming probability lets through
+    /// a little more than k elements, one scan for the candidates, then selection
+    /// (`select_nth_unstable`) among them. If the sample guessed too high the
+    /// threshold is lowered and, at worst, every element is a candidate: the result
+    /// is exact in every case, only the speed depends on the sample.
+    fn exact_topk(&mut self, x: &[f32], k: usize, seed: u64) {
+        let n = x.len();
+        if k == n {
+            self.idx.clear();
+            self.idx.extend(0..n as u32);
+            self.vals.clear();
+            self.vals.extend_from_slice(x);
+            return;
+        }
+        let mut t = 0u32;
+        if n >= 8 * SAMPLE && k * 8 <= n {
+            let q = k as f64 / n as f64;
+            let expect = q * SAMPLE as f64;
+            // Aim 25% plus four standard deviations above the expected count.
+            let rank = (expect * 1.25 + 4.0 * expect.sqrt() + 2.0).ceil() as usize;
+            if rank < SAMPLE {
+                t = sampled_threshold(x, SAMPLE, rank, seed, &mut self.mags);
+            }
+        }
+        let mut retries = 0;
+        loop {
+            collect_at_least(x, t, &mut self.cand);
+            if self.cand.len() >= k || t == 0 {
+                break;
+            }
+            // Too few (an unlucky sample): halve the magnitude threshold (one exponent
+            // step) once or twice, then take every element as a candidate.
+            retries += 1;
+            t = if retries <= 2 && t > (1 << 23) {
+                t - (1 << 23)
+            } else {
+                0
+            };
+        }
+        keep_top(
+            x,
+            &self.cand,
+            k,
+            &mut self.mags,
+            &mut self.idx,
+            &mut self.vals,
+        );
+    }
+
+    /// DGC: threshold from a sample of `sample_ratio * n` magnitudes, keep everything
+    /// above it; if the estimate lets through more than 2k, exact top-k among those.
+    fn dgc(&mut self, x: &[f32], k: usize, sample_ratio: f64, seed: u64) {
+        let n = x.len();
+        if k == n {
+            self.idx.clear();
+            self.idx.extend(0..n as u32);
+            self.vals.clear();
+            self.vals.extend_from_slice(x);
+            return;
+        }
+        let samples = ((sample_ratio * n as f64).ceil() as usize).clamp(1, n);
+        let rank = ((k as f64 / n as f64) * samples as f64).round().max(1.0) as usize;
+        let t = sampled_threshold(x, samples, rank, seed, &mut self.mags);
+        collect_at_least(x, t, &mut self.cand);
+        if self.cand.len() > 2 * k {
+            keep_top(
+                x,
+                &self.cand,
+                k,
+                &mut self.mags,
+                &mut self.idx,
+                &mut self.vals,
+            );
+        } else {
+            self.idx.clear();
+            self.idx.extend_from_slice(&self.cand);
+            self.vals.clear();
+            self.vals.extend(self.idx.iter().map(|&i| x[i as usize]));
+        }
+    }
+}
+
+/// Writes a sparse payload of (index, value) pairs.
+pub(crate) fn write_sparse(
+    method: MethodId,
+    n: usize,
+    idx: &[u32],
+    vals: &[f32],
+    out: &mut Payload,
+) {
+    let buf = out.buf_mut();
+    buf.clear();
+    let header = Header {
+        method,
+        len: n as u64,
+        params: Params::Sparse {
+            k: idx.len() as u64,
+        },
+    };
+    buf.reserve(header.prefix_len() + 8 * idx.len());
+    header.write(buf);
+    buf.extend_from_slice(bytemuck::cast_slice(idx));
+    buf.extend_from_slice(bytemuck::cast_slice(vals));
+}
+
+impl Compressor for Sparsifier {
+    fn method(&self) -> MethodId {
+        self.config.method()
+    }
+    fn config(&self) -> &MethodConfig {
+        &self.config
+    }
+    fn aggregation(&self) -> super::Aggregation {
+        super::Aggregation::GatherThenSum
+    }
+    fn compress_into(
+        &mut self,
+        x: &[f32],
+        ctx: &mut Ctx<'_>,
+        out: &mut Payload,
+    ) -> Result<(), CompressError> {
+        let method = self.method();
+        check_u32_len(method, x.len())?;
+        self.select(x, ctx.local_seed);
+        write_sparse(method, x.len(), &self.idx, &self.vals, out);
+        Ok(())
+    }
+    fn scratch(&mut self) -> &mut DecodeScratch {
+        &mut self.scratch
+    }
+}
+
+/// Random-k: the same k indices on every rank (drawn from the shared seed), so the
+/// kept values can be all-reduced as a dense k-vector.
+#[derive(Debug)]
+pub struct RandK {
+    config: MethodConfig,
+    ratio: f64,
+    unbiased: bool,
+    vals: Vec<f32>,
+    scratch: DecodeScratch,
+}
+
+impl RandK {
+    pub(crate) fn new(ratio: f64, unbiased: bool) -> Self {
+        Self {
+            config: MethodConfig::RandK { ratio, unbiased },
+            ratio,
+            unbiased,
+            vals: Vec::new(),
+            scratch: DecodeScratch::default(),
+        }
+    }
+
+    /// Draws the index set into the scratch and gathers the (scaled) values.
+    fn gather(&mut self, x: &[f32], seed: u64) -> Result<(), CompressError> {
+        let n = x.len();
+        check_u32_len(MethodId::RandK, n)?;
+        let k = k_for(self.ratio, n);
+        rng::randk_indices(n, k, seed, &mut self.scratch.bits, &mut self.scratch.idx);
+        let scale = if self.unbiased && k > 0 {
+            (n as f64 / k as f64) as f32
+        } else {
+            1.0
+        };
+        self.vals.clear();
+        self.vals
+            .extend(self.scratch.idx.iter().map(|&i| x[i as usize] * scale));
+        Ok(())
+    }
+}
+
+impl Compressor for RandK {
+    fn method(&self) -> MethodId {
+        MethodId::RandK
+    }
+    fn config(&self) -> &MethodConfig {
+        &self.config
+    }
+    fn aggregation(&self) -> super::Aggregation {
+        super::Aggregation::AllReduce
+    }
+    fn compress_into(
+        &mut self,
+        x: &[f32],
+        ctx: &mut Ctx<'_>,
+        out: &mut Payload,
+    ) -> Result<(), CompressError> {
+        self.gather(x, ctx.shared_seed)?;
+        let buf = out.buf_mut();
+        buf.clear();
+        let header = Header {
+            method: MethodId::RandK,
+            len: x.len() as u64,
+            params: Params::RandK {
+                k: self.vals.len() as u64,
+                seed: ctx.shared_seed,
+            },
+        };
+        buf.reserve(header.prefix_len() + 4 * self.vals.len());
+        header.write(buf);
+        buf.extend_from_slice(bytemuck::cast_slice(&self.vals));
+        Ok(())
+    }
+    fn scratch(&mut self) -> &mut DecodeScratch {
+        &mut self.scratch
+    }
+    fn reduce(
+        &mut self,
+        x: &mut [f32],
+        residual: Option<&mut [f32]>,
+        ctx: &mut Ctx<'_>,
+        avg: &mut AvgReduce<'_>,
+    ) -> Result<ReduceInfo, SyncError> {
+        self.gather(x, ctx.shared_seed)?;
+        if let Some(r) = residual {
+            // r holds x on entry (see the trait): subtract what is sent.
+            for (&i, &v) in self.scratch.idx.iter().zip(&self.vals) {
+                r[i as usize] -= v;
+            }
+        }
+        avg(&mut self.vals)?;
+        x.fill(0.0);
+        for (&i, &v) in self.scratch.idx.iter().zip(&self.vals) {
+            x[i as usize] = v;
+        }
+        let bytes = 4 * self.vals.len();
+        Ok(ReduceInfo {
+            payload_bytes: bytes,
+            reduced_bytes: bytes,
+            skipped: false,
+        })
+    }
+}

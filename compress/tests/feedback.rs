@@ -1,0 +1,216 @@
+//! Error feedback: sent + residual equals input + previous residual (bit for bit where
+//! f32 arithmetic allows it, to within rounding otherwise), DGC momentum
+//! correction, and checkpointing of the state.
+
+mod common;
+
+use common::normal;
+use meshrec_compress::{Compressor, Memory, MemoryBank, MemoryOptions, MethodConfig, Payload};
+
+/// One error-feedback step by hand; returns (compensated c, sent).
+fn step(
+    c: &mut dyn Compressor,
+    mem: &mut Memory,
+    g: &[f32],
+    p: &mut Payload,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut buf = g.to_vec();
+    mem.compensate(&mut buf).unwrap();
+    c.compress_into(&buf, &mut mem.ctx(0), p).unwrap();
+    mem.absorb(p, c).unwrap();
+    mem.advance();
+    let sent = p.decode(g.len()).unwrap();
+    (buf, sent)
+}
+
+#[test]
+fn residual_is_exact_for_sparsifiers_and_casts() {
+    let exact = [
+        MethodConfig::Identity,
+        MethodConfig::Fp16,
+        MethodConfig::Bf16,
+        MethodConfig::TopK { ratio: 0.05 },
+        MethodConfig::DgcTopK {
+            ratio: 0.05,
+            sample_ratio: 0.1,
+        },
+        MethodConfig::Threshold { threshold: 1.0 },
+        MethodConfig::RandK {
+            ratio: 0.1,
+            unbiased: false,
+        },
+    ];
+    for cfg in exact {
+        let mut c = cfg.build().unwrap();
+        let n = 3000;
+        let mut mem = Memory::new(7, n, MemoryOptions::default()).unwrap();
+        let mut p = Payload::new();
+        for t in 0..6 {
+            let g = normal(n, 100 + t);
+            let prev = mem.residual().to_vec();
+            let (cvec, sent) = step(c.as_mut(), &mut mem, &g, &mut p);
+            for i in 0..n {
+                // Input + previous residual, in f32 as the memory computes it.
+                assert_eq!(cvec[i].to_bits(), (g[i] + prev[i]).to_bits());
+                assert_eq!(
+                    (sent[i] + mem.residual()[i]).to_bits(),
+                    cvec[i].to_bits(),
+                    "{cfg:?} step {t} element {i}"
+                );
+            }
+        }
+        // Residual is really carried: something was dropped.
+        if !matches!(cfg, MethodConfig::Identity) {
+            assert!(mem.residual().iter().any(|&e| e != 0.0), "{cfg:?}");
+        }
+    }
+}
+
+#[test]
+fn residual_is_within_one_rounding_for_quantizers() {
+    let cfgs = [
+        MethodConfig::Qsgd {
+            levels: 3,
+            bucket: 64,
+        },
+        MethodConfig::TernGrad { chunk: 64 },
+        MethodConfig::Sign { chunk: 32 },
+        MethodConfig::RandK {
+            ratio: 0.1,
+            unbiased: true,
+        },
+        MethodConfig::PowerSgd {
+            rank: 2,
+            min_compression_rate: 1.0,
+        },
+    ];
+    for cfg in cfgs {
+        let mut c = cfg.build().unwrap();
+        let n = 2500;
+        let mut mem = Memory::new(3, n, MemoryOptions::default()).unwrap();
+        let mut p = Payload::new();
+        for t in 0..6 {
+            let g = normal(n, 200 + t);
+            let (cvec, sent) = step(c.as_mut(), &mut mem, &g, &mut p);
+            for i in 0..n {
+                let (s, e, cv) = (sent[i] as f64, mem.residual()[i] as f64, cvec[i] as f64);
+                // residual = fl(c - sent) is off from the exact difference by half an
+                // ulp; PowerSGD's decode subtracts inside the GEMM (fused, its own
+                // summation order), so allow a few roundings of the operands.
+                let bound = if matches!(cfg, MethodConfig::PowerSgd { .. }) {
+                    4.0 * (cv.abs() + s.abs()) * 2f64.powi(-24)
+                } else {
+                    (cv - s).abs() * 2f64.powi(-24)
+                };
+                assert!((s + e - cv).abs() <= bound, "{cfg:?} step {t} element {i}");
+            }
+        }
+    }
+}
+
+#[test]
+fn no_feedback_keeps_no_state() {
+    let opts = MemoryOptions {
+        error_feedback: false,
+        ..Default::default()
+    };
+    let mut mem = Memory::new(1, 100, opts).unwrap();
+    assert!(mem.residual().is_empty());
+    let mut c = MethodConfig::TopK { ratio: 0.1 }.build().unwrap();
+    let g = normal(100, 1);
+    let (cvec, _) = step(c.as_mut(), &mut mem, &g, &mut Payload::new());
+    assert_eq!(cvec, g);
+}
+
+#[test]
+fn dgc_momentum_correction() {
+    let n = 1000;
+    let m = 0.9f32;
+    let opts = MemoryOptions {
+        momentum: Some(m),
+        ..Default::default()
+    };
+    let mut mem = Memory::new(5, n, opts).unwrap();
+    let mut c = MethodConfig::TopK { ratio: 0.02 }.build().unwrap();
+    let mut p = Payload::new();
+    let mut u = vec![0f32; n];
+    let mut v = vec![0f32; n];
+    for t in 0..5 {
+        let g = normal(n, 300 + t);
+        let (_, sent) = step(c.as_mut(), &mut mem, &g, &mut p);
+        // Reference: u = m u + g; v += u; send top-k of v; clear v and u where sent.
+        for i in 0..n {
+            u[i] = m * u[i] + g[i];
+            v[i] += u[i];
+        }
+        for i in 0..n {
+            if sent[i] != 0.0 {
+                assert_eq!(sent[i], v[i]);
+                v[i] = 0.0;
+                u[i] = 0.0;
+            }
+        }
+        assert_eq!(mem.residual(), &v[..], "step {t}");
+        assert_eq!(mem.velocity(), &u[..], "step {t}");
+    }
+}
+
+#[test]
+fn momentum_needs_a_sparsifier_and_feedback() {
+    let bad = MemoryOptions {
+        error_feedback: false,
+        momentum: Some(0.9),
+        seed: 0,
+    };
+    assert!(Memory::new(0, 10, bad).is_err());
+    assert!(Memory::new(
+        0,
+        10,
+        MemoryOptions {
+            momentum: Some(1.5),
+            ..Default::default()
+        }
+    )
+    .is_err());
+}
+
+#[test]
+fn memory_checkpoints_round_trip() {
+    let mut bank = MemoryBank::new();
+    let opts = MemoryOptions {
+        momentum: Some(0.5),
+        seed: 9,
+        ..Default::default()
+    };
+    let mut c = MethodConfig::TopK { ratio: 0.1 }.build().unwrap();
+    let mut p = Payload::new();
+    for id in 0..3u64 {
+        let mem = bank.get_or_insert(id, 200, opts).unwrap();
+        step(c.as_mut(), mem, &normal(200, id), &mut p);
+    }
+    let bytes = bank.to_bytes().unwrap();
+    let back = MemoryBank::from_bytes(&bytes).unwrap();
+    assert_eq!(back, bank);
+    assert_eq!(back.get(1).unwrap().step(), 1);
+    // Truncated or padded checkpoints are errors.
+    assert!(MemoryBank::from_bytes(&bytes[..bytes.len() - 3]).is_err());
+    let mut longer = bytes.clone();
+    longer.push(0);
+    assert!(MemoryBank::from_bytes(&longer).is_err());
+    // A length change under existing state is an error.
+    assert!(bank.get_or_insert(1, 201, opts).is_err());
+    // A single memory too, with its PowerSGD warm start.
+    let mut mem = Memory::new(4, 64, MemoryOptions::default())
+        .unwrap()
+        .with_shape(8, 8)
+        .unwrap();
+    let mut ps = MethodConfig::PowerSgd {
+        rank: 2,
+        min_compression_rate: 1.0,
+    }
+    .build()
+    .unwrap();
+    step(ps.as_mut(), &mut mem, &normal(64, 1), &mut p);
+    let back = Memory::from_bytes(&mem.to_bytes().unwrap()).unwrap();
+    assert_eq!(back, mem);
+}

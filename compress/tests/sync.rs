@@ -1,0 +1,339 @@
+//! `sync` over the local engine (one thread per rank): dense equivalence for identity
+//! and lossless settings, PowerSGD at full rank, agreement across ranks, and a
+//! least-squares problem trained with top-k 1% + error feedback over 4 ranks.
+
+mod common;
+
+use common::normal;
+use meshrec_comm::{Communicator, LocalCluster, ReduceOp};
+use meshrec_compress::{sync, Aggregation, Memory, MemoryOptions, MethodConfig, Stats, SyncError};
+
+/// Runs `sync` once per rank on gradient `normal(n, rank)`; returns per-rank results.
+fn sync_once(
+    ranks: usize,
+    n: usize,
+    cfg: &MethodConfig,
+    shape: Option<(usize, usize)>,
+) -> Vec<Vec<f32>> {
+    LocalCluster::run(ranks, |comm| {
+        let mut c = cfg.build().unwrap();
+        let mut mem = Memory::new(11, n, MemoryOptions::default()).unwrap();
+        if let Some((r, k)) = shape {
+            mem = mem.with_shape(r, k).unwrap();
+        }
+        let mut g = normal(n, comm.rank() as u64);
+        let rep = sync(&comm, &mut g, c.as_mut(), &mut mem).unwrap();
+        assert_eq!(rep.dense_bytes, 4 * n);
+        g
+    })
+    .unwrap()
+}
+
+/// The exact average of the per-rank gradients, in f64.
+fn dense_average(ranks: usize, n: usize) -> Vec<f32> {
+    let mut s = vec![0f64; n];
+    for r in 0..ranks {
+        for (a, b) in s.iter_mut().zip(normal(n, r as u64)) {
+            *a += b as f64;
+        }
+    }
+    s.iter().map(|v| (v / ranks as f64) as f32).collect()
+}
+
+fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+    for (i, (x, y)) in a.iter().zip(b).enumerate() {
+        assert!(
+            (x - y).abs() <= tol * (1.0 + y.abs()),
+            "{what}: element {i}: {x} vs {y}"
+        );
+    }
+}
+
+#[test]
+fn identity_equals_dense_all_reduce_bit_for_bit() {
+    let n = 5000;
+    let out = LocalCluster::run(4, |comm| {
+        let mut c = MethodConfig::Identity.build().unwrap();
+        let mut mem = Memory::new(0, n, MemoryOptions::default()).unwrap();
+        let mut g = normal(n, comm.rank() as u64);
+        let mut dense = g.clone();
+        comm.all_reduce(&mut dense, ReduceOp::Avg).unwrap();
+        sync(&comm, &mut g, c.as_mut(), &mut mem).unwrap();
+        assert!(mem.residual().iter().all(|&e| e == 0.0));
+        (g, dense)
+    })
+    .unwrap();
+    for (g, dense) in &out {
+        assert_eq!(g, dense);
+    }
+}
+
+#[test]
+fn lossless_settings_equal_the_dense_average() {
+    let (ranks, n) = (3, 3001);
+    let avg = dense_average(ranks, n);
+    for cfg in [
+        MethodConfig::TopK { ratio: 1.0 },
+        MethodConfig::Threshold { threshold: 0.0 },
+        MethodConfig::RandK {
+            ratio: 1.0,
+            unbiased: false,
+        },
+        MethodConfig::DgcTopK {
+            ratio: 1.0,
+            sample_ratio: 0.1,
+        },
+    ] {
+        let out = sync_once(ranks, n, &cfg, None);
+        for g in &out {
+            assert_close(g, &avg, 1e-6, &format!("{cfg:?}"));
+            // Every rank decodes the same payloads in the same order: identical results.
+            assert_eq!(g, &out[0]);
+        }
+    }
+}
+
+#[test]
+fn powersgd_full_rank_reproduces_the_dense_average() {
+    let (ranks, rows, cols) = (3, 24, 16);
+    let avg = dense_average(ranks, rows * cols);
+    let cfg = MethodConfig::PowerSgd {
+        rank: 16,
+        min_compression_rate: 0.0,
+    };
+    let out = sync_once(ranks, rows * cols, &cfg, Some((rows, cols)));
+    for g in &out {
+        assert_close(g, &avg, 2e-4, "powersgd full rank");
+        assert_eq!(g, &out[0]);
+    }
+    // At low rank it is an approximation whose error is carried in the residual.
+    let out = LocalCluster::run(ranks, |comm| {
+        let mut c = MethodConfig::PowerSgd {
+            rank: 2,
+            min_compression_rate: 1.0,
+        }
+        .build()
+        .unwrap();
+        let mut mem = Memory::new(1, rows * cols, MemoryOptions::default())
+            .unwrap()
+            .with_shape(rows, cols)
+            .unwrap();
+        let g0 = normal(rows * cols, comm.rank() as u64);
+        let mut g = g0.clone();
+        let rep = sync(&comm, &mut g, c.as_mut(), &mut mem).unwrap();
+        assert!(!rep.skipped);
+        assert_eq!(rep.payload_bytes, 4 * (rows + cols) * 2);
+        // residual = local gradient - decompressed average.
+        for i in 0..g.len() {
+            assert!((mem.residual()[i] - (g0[i] - g[i])).abs() <= 1e-6 * (1.0 + g0[i].abs()));
+        }
+        g
+    })
+    .unwrap();
+    assert_eq!(out[0], out[1]);
+}
+
+#[test]
+fn every_method_agrees_across_ranks_and_reports_bytes() {
+    let (ranks, n) = (3, 4096);
+    let methods = [
+        MethodConfig::Fp16,
+        MethodConfig::Bf16,
+        MethodConfig::TopK { ratio: 0.01 },
+        MethodConfig::DgcTopK {
+            ratio: 0.01,
+            sample_ratio: 0.1,
+        },
+        MethodConfig::RandK {
+            ratio: 0.01,
+            unbiased: false,
+        },
+        MethodConfig::Threshold { threshold: 2.0 },
+        MethodConfig::Qsgd {
+            levels: 15,
+            bucket: 512,
+        },
+        MethodConfig::TernGrad { chunk: 512 },
+        MethodConfig::Sign { chunk: 512 },
+        MethodConfig::PowerSgd {
+            rank: 4,
+            min_compression_rate: 1.0,
+        },
+    ];
+    let avg = dense_average(ranks, n);
+    for cfg in methods {
+        let out = LocalCluster::run(ranks, |comm| {
+            let mut c = cfg.build().unwrap();
+            let mut mem = Memory::new(2, n, MemoryOptions::default()).unwrap();
+            let mut stats = Stats::new();
+            let g0 = normal(n, comm.rank() as u64);
+            let mut g = g0.clone();
+            let rep = sync(&comm, &mut g, c.as_mut(), &mut mem).unwrap();
+            assert!(rep.payload_bytes < rep.dense_bytes, "{cfg:?}: {rep:?}");
+            assert!(rep.ratio() > 1.0);
+            assert_eq!(mem.step(), 1);
+            stats.record(&rep);
+            let s = stats.by_method[cfg.method().name()];
+            assert_eq!((s.calls, s.dense_bytes), (1, 4 * n as u64));
+            assert_eq!(s.payload_bytes, rep.payload_bytes as u64);
+            if rep.aggregation == Aggregation::GatherThenSum {
+                // Gathered payloads: the others' bytes were received.
+                assert!(rep.received_bytes > 0);
+            }
+            // The residual is what this rank did not get across: compensated input
+            // minus its own contribution (PowerSGD: minus the decompressed average).
+            let e = mem.residual();
+            let sent_sum: f64 = g0.iter().zip(e).map(|(a, b)| (*a - *b) as f64).sum();
+            assert!(sent_sum.is_finite());
+            if !matches!(cfg, MethodConfig::Fp16 | MethodConfig::Bf16) {
+                assert!(e.iter().any(|&v| v != 0.0), "{cfg:?}: nothing carried over");
+            }
+            g
+        })
+        .unwrap();
+        for g in &out {
+            assert_eq!(g, &out[0], "{cfg:?}");
+        }
+        // Casts are close to the average; everything else at least correlates with it.
+        let dot: f64 = out[0]
+            .iter()
+            .zip(&avg)
+            .map(|(a, b)| *a as f64 * *b as f64)
+            .sum();
+        assert!(dot > 0.0, "{cfg:?}");
+        if matches!(cfg, MethodConfig::Fp16 | MethodConfig::Bf16) {
+            assert_close(&out[0], &avg, 1e-2, &format!("{cfg:?}"));
+        }
+    }
+}
+
+#[test]
+fn mismatched_lengths_fail_cleanly() {
+    let res = LocalCluster::run(2, |comm| {
+        let n = 100 + comm.rank();
+        let mut c = MethodConfig::TopK { ratio: 0.1 }.build().unwrap();
+        let mut mem = Memory::new(0, n, MemoryOptions::default()).unwrap();
+        let mut g = normal(n, 0);
+        sync(&comm, &mut g, c.as_mut(), &mut mem).map(|_| ())
+    })
+    .unwrap();
+    // Each rank rejects the other's payload (its length is not this rank's tensor).
+    for (rank, r) in res.iter().enumerate() {
+        match r {
+            Err(SyncError::Peer { from, .. }) => assert_eq!(*from, 1 - rank),
+            other => panic!("rank {rank}: {other:?}"),
+        }
+    }
+    // Memory of the wrong length is rejected before any communication.
+    let res = LocalCluster::run(1, |comm| {
+        let mut c = MethodConfig::Identity.build().unwrap();
+        let mut mem = Memory::new(0, 10, MemoryOptions::default()).unwrap();
+        sync(&comm, &mut [0.0; 11], c.as_mut(), &mut mem).map(|_| ())
+    })
+    .unwrap();
+    assert!(res[0].is_err());
+}
+
+/// Least squares, rows split over ranks: loss = |A w - b|^2 / (2 m).
+struct Problem {
+    d: usize,
+    rows_per_rank: usize,
+    a: Vec<f32>,
+    b: Vec<f32>,
+}
+
+impl Problem {
+    fn new(ranks: usize, rows_per_rank: usize, d: usize) -> Self {
+        let m = ranks * rows_per_rank;
+        let a: Vec<f32> = normal(m * d, 1)
+            .iter()
+            .map(|v| v / (d as f32).sqrt())
+            .collect();
+        let w_star = normal(d, 2);
+        let noise = normal(m, 3);
+        let b = (0..m)
+            .map(|i| {
+                let row = &a[i * d..(i + 1) * d];
+                row.iter().zip(&w_star).map(|(x, w)| x * w).sum::<f32>() + 0.3 * noise[i]
+            })
+            .collect();
+        Self {
+            d,
+            rows_per_rank,
+            a,
+            b,
+        }
+    }
+
+    /// Gradient of this rank's share, scaled so the average over ranks is the full
+    /// gradient.
+    fn grad(&self, rank: usize, w: &[f32], g: &mut [f32]) {
+        g.fill(0.0);
+        let r0 = rank * self.rows_per_rank;
+        for i in r0..r0 + self.rows_per_rank {
+            let row = &self.a[i * self.d..(i + 1) * self.d];
+            let resid = row.iter().zip(w).map(|(x, w)| x * w).sum::<f32>() - self.b[i];
+            for (gj, x) in g.iter_mut().zip(row) {
+                *gj += resid * x / self.rows_per_rank as f32;
+            }
+        }
+    }
+
+    fn loss(&self, w: &[f32]) -> f64 {
+        let m = self.b.len();
+        (0..m)
+            .map(|i| {
+                let row = &self.a[i * self.d..(i + 1) * self.d];
+                let r = row.iter().zip(w).map(|(x, w)| x * w).sum::<f32>() - self.b[i];
+                (r as f64).powi(2)
+            })
+            .sum::<f64>()
+            / (2.0 * m as f64)
+    }
+}
+
+fn train(p: &Problem, ranks: usize, cfg: &MethodConfig, steps: usize, lr: f32) -> Vec<f32> {
+    let mut ws = LocalCluster::run(ranks, |comm| {
+        let mut c = cfg.build().unwrap();
+        let mut mem = Memory::new(0, p.d, MemoryOptions::default()).unwrap();
+        let mut w = vec![0f32; p.d];
+        let mut g = vec![0f32; p.d];
+        for _ in 0..steps {
+            p.grad(comm.rank(), &w, &mut g);
+            sync(&comm, &mut g, c.as_mut(), &mut mem).unwrap();
+            for (wj, gj) in w.iter_mut().zip(&g) {
+                *wj -= lr * gj;
+            }
+        }
+        w
+    })
+    .unwrap();
+    // Replicas stay identical.
+    for w in &ws {
+        assert_eq!(w, &ws[0]);
+    }
+    ws.swap_remove(0)
+}
+
+#[test]
+fn topk_one_percent_with_error_feedback_reaches_the_dense_loss() {
+    let (ranks, rows, d) = (4, 150, 400);
+    let p = Problem::new(ranks, rows, d);
+    let steps = 1500;
+    let lr = 0.5;
+    let start = p.loss(&vec![0.0; d]);
+    let dense = p.loss(&train(&p, ranks, &MethodConfig::Identity, steps, lr));
+    let topk = p.loss(&train(
+        &p,
+        ranks,
+        &MethodConfig::TopK { ratio: 0.01 },
+        steps,
+        lr,
+    ));
+    eprintln!("least squares: start {start:.5}, dense {dense:.5}, top-k 1% + EF {topk:.5}");
+    assert!(
+        dense < 0.2 * start,
+        "dense did not train: {start} -> {dense}"
+    );
+    assert!(topk <= dense * 1.02, "top-k {topk} vs dense {dense}");
+}

@@ -1,0 +1,176 @@
+//! Per-user chronological sequences and the leave-one-out split.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use super::read::{load_dir_or_file, read_interactions, read_item_features};
+use super::RawInteraction;
+use crate::error::DataError;
+
+/// Categorical side features (genres) of items: `item_genres[item]` lists genre ids in
+/// `0..num_genres`; index 0 is the padding item and has none.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ItemFeatures {
+    pub num_genres: usize,
+    pub item_genres: Vec<Vec<u32>>,
+    pub genre_names: Vec<String>,
+}
+
+/// One user's leave-one-out split. `train` is the chronological history without the last two
+/// items; `valid` is the second-last item and `test` the last. Users with fewer than three
+/// interactions have no valid or test item and only train.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SplitUser {
+    pub train: Vec<u32>,
+    pub valid: Option<u32>,
+    pub test: Option<u32>,
+}
+
+impl SplitUser {
+    /// Every item the user interacted with, in time order.
+    pub fn history(&self) -> impl Iterator<Item = u32> + '_ {
+        self.train
+            .iter()
+            .copied()
+            .chain(self.valid)
+            .chain(self.test)
+    }
+}
+
+/// A dataset in dense ids: items `1..=num_items` (0 is padding), users `0..num_users`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dataset {
+    pub name: String,
+    pub num_items: usize,
+    pub num_interactions: usize,
+    pub users: Vec<SplitUser>,
+    /// External item token of each dense id (index 0 is the empty padding token).
+    pub item_tokens: Vec<String>,
+    pub features: Option<ItemFeatures>,
+}
+
+/// Orders external tokens numerically when they all are numbers, else lexically, so that
+/// dense ids do not depend on file order.
+fn sorted_tokens<'a>(tokens: impl Iterator<Item = &'a str>) -> Vec<String> {
+    let mut unique: Vec<String> = tokens
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .map(str::to_string)
+        .collect();
+    if unique.iter().all(|t| t.parse::<u64>().is_ok()) {
+        unique.sort_by_key(|t| t.parse::<u64>().unwrap_or(u64::MAX));
+    }
+    unique
+}
+
+impl Dataset {
+    /// Builds the dataset from raw interactions: dense ids, per-user sequences sorted by
+    /// timestamp (file order breaks ties), then leave-one-out.
+    pub fn from_interactions(name: impl Into<String>, raw: &[RawInteraction]) -> Self {
+        let item_tokens: Vec<String> = std::iter::once(String::new())
+            .chain(sorted_tokens(raw.iter().map(|r| r.item.as_str())))
+            .collect();
+        let item_id: HashMap<&str, u32> = item_tokens
+            .iter()
+            .enumerate()
+            .skip(1)
+            .map(|(i, t)| (t.as_str(), i as u32))
+            .collect();
+        let user_tokens = sorted_tokens(raw.iter().map(|r| r.user.as_str()));
+        let user_id: HashMap<&str, usize> = user_tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.as_str(), i))
+            .collect();
+        let mut per_user: Vec<Vec<(f64, usize, u32)>> = vec![Vec::new(); user_tokens.len()];
+        for r in raw {
+            per_user[user_id[r.user.as_str()]].push((r.timestamp, r.line, item_id[r.item.as_str()]));
+        }
+        let users = per_user
+            .into_iter()
+            .map(|mut events| {
+                events.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                let items: Vec<u32> = events.into_iter().map(|e| e.2).collect();
+                Self::split_user(items)
+            })
+            .collect();
+        Self {
+            name: name.into(),
+            num_items: item_tokens.len() - 1,
+            num_interactions: raw.len(),
+            users,
+            item_tokens,
+            features: None,
+        }
+    }
+
+    fn split_user(mut items: Vec<u32>) -> SplitUser {
+        if items.len() < 3 {
+            return SplitUser {
+                train: items,
+                valid: None,
+                test: None,
+            };
+        }
+        let test = items.pop();
+        let valid = items.pop();
+        SplitUser {
+            train: items,
+            valid,
+            test,
+        }
+    }
+
+    /// Loads a dataset from a data file or a folder holding one (RecBole `.inter` with an
+    /// optional `.item` beside it, MovieLens `u.data` or `ratings.dat`).
+    pub fn load(path: &Path) -> Result<Self, DataError> {
+        let (inter, format, item_file) = load_dir_or_file(path)?;
+        let raw = read_interactions(&inter, format)?;
+        let name = inter
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("dataset")
+            .to_string();
+        let mut dataset = Self::from_interactions(name, &raw);
+        if let Some(item_file) = item_file {
+            let features = read_item_features(&item_file)?;
+            dataset.attach_features(&features);
+        }
+        Ok(dataset)
+    }
+
+    /// Attaches genre features by external item token. Items of the `.item` file that never
+    /// occur in the interactions are not in the catalogue and are passed over; catalogue
+    /// items without an entry get no genre.
+    pub fn attach_features(&mut self, features: &HashMap<String, Vec<String>>) {
+        let genre_names = sorted_tokens(features.values().flatten().map(String::as_str));
+        let genre_id: HashMap<&str, u32> = genre_names
+            .iter()
+            .enumerate()
+            .map(|(i, g)| (g.as_str(), i as u32))
+            .collect();
+        let item_genres = self
+            .item_tokens
+            .iter()
+            .enumerate()
+            .map(|(i, token)| match (i, features.get(token)) {
+                (0, _) | (_, None) => Vec::new(),
+                (_, Some(genres)) => genres.iter().map(|g| genre_id[g.as_str()]).collect(),
+            })
+            .collect();
+        self.features = Some(ItemFeatures {
+            num_genres: genre_names.len(),
+            item_genres,
+            genre_names,
+        });
+    }
+
+    pub fn num_users(&self) -> usize {
+        self.users.len()
+    }
+
+    /// Users that have a valid and a test item (the ones that are evaluated).
+    pub fn num_eval_users(&self) -> usize {
+        self.users.iter().filter(|u| u.test.is_some()).count()
+    }
+}

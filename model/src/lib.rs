@@ -1,0 +1,16 @@
+//! The LLM recommender on burn: data, model, fused loss, host optimizer and ranking metrics.
+
+pub mod config;
+pub mod data;
+pub mod error;
+pub mod kernels;
+pub mod loss;
+pub mod metrics;
+pub mod model;
+pub mod optim;
+pub mod params;
+pub mod step;
+
+pub use config::{ModelConfig, NormKind, Preset};
+pub use error::{ConfigError, DataError};
+pub use model::Recommender;

@@ -1,0 +1,127 @@
+//! One training forward/backward on a device, and full-ranking evaluation: the model in burn,
+//! the catalogue-wide softmax in the fused host kernel, joined by a graph cut.
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+use crate::data::{Batch, EvalBatch, PAD};
+use crate::loss::{fused_cross_entropy, score_into, SingleShard, TableShard, DEFAULT_CHUNK_ROWS};
+use crate::metrics::{rank_of_target, RankingMetrics};
+use crate::model::Recommender;
+use crate::params::read_grads;
+
+/// `[batch, seq]` item ids as a burn tensor.
+pub fn id_tensor(ids: &[u32], batch: usize, seq: usize, device: &Device) -> Tensor<2, Int> {
+    let data: Vec<i64> = ids.iter().map(|&x| i64::from(x)).collect();
+    Tensor::from_data(TensorData::new(data, [batch, seq]), device)
+}
+
+/// Flat indices of the positions that carry a loss, and their targets.
+pub fn loss_positions(targets: &[u32]) -> (Vec<i64>, Vec<u32>) {
+    targets
+        .iter()
+        .enumerate()
+        .filter(|(_, &t)| t != PAD)
+        .map(|(i, &t)| (i as i64, t))
+        .unzip()
+}
+
+pub(crate) fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().into_vec::<f32>().unwrap_or_default()
+}
+
+/// The result of one forward/backward: the summed loss over `targets` positions, and the
+/// parameter gradients in [`crate::params::param_paths`] order (already multiplied by the
+/// `grad_scale` that was passed in).
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    pub loss_sum: f64,
+    pub targets: usize,
+    pub grads: Vec<Vec<f32>>,
+}
+
+/// The head of the graph cut, shared by every place that runs the tied softmax: given the
+/// final hidden states `h` (`[batch, seq, d]`, tracked), the targets and the item table
+/// tensor (tracked), computes the loss in the fused kernel and returns the surrogate whose
+/// backward gives exactly the cross-entropy's gradients: `sum(h_rows * dh) + sum(E * dE)`.
+pub fn tied_softmax_surrogate(h: Tensor<3>, targets: &[u32], table: Tensor<2>, grad_scale: f32) -> (f64, usize, Option<Tensor<1>>) {
+    let [b, s, d] = h.dims();
+    let device = h.device();
+    let (positions, target_ids) = loss_positions(targets);
+    if positions.is_empty() {
+        return (0.0, 0, None);
+    }
+    let n = positions.len();
+    let index = Tensor::<1, Int>::from_data(TensorData::new(positions, [n]), &device);
+    let h_rows = h.reshape([b * s, d]).select(0, index);
+    let h_host = host(h_rows.clone().detach());
+    let [v, _] = table.dims();
+    let table_host = host(table.clone().detach());
+    // Row 0 of the table is padding: never a candidate.
+    let shard = TableShard::new(&table_host[d..], d, 1);
+    let out = match fused_cross_entropy(&h_host, &target_ids, shard, grad_scale, DEFAULT_CHUNK_ROWS, &mut SingleShard) {
+        Ok(out) => out,
+        Err(never) => match never {},
+    };
+    let dh = Tensor::<2>::from_data(TensorData::new(out.dh, [n, d]), &device);
+    let de = Tensor::<2>::from_data(TensorData::new(out.d_table, [v - 1, d]), &device);
+    let surrogate = (h_rows * dh).sum() + (table.narrow(0, 1, v - 1) * de).sum();
+    (out.loss_sum, n, Some(surrogate))
+}
+
+/// Forward and backward of one (micro-)batch on one device.
+pub fn forward_backward(model: &Recommender, batch: &Batch, grad_scale: f32, device: &Device) -> StepOutput {
+    let inputs = id_tensor(&batch.inputs, batch.batch_size, batch.seq_len, device);
+    let h = model.hidden(inputs);
+    let (loss_sum, targets, surrogate) = tied_softmax_surrogate(h, &batch.targets, model.item_table(), grad_scale);
+    let grads = match surrogate {
+        Some(surrogate) => read_grads(model, &surrogate.backward()),
+        None => crate::params::param_paths(model).iter().map(|p| vec![0.0; p.numel()]).collect(),
+    };
+    StepOutput { loss_sum, targets, grads }
+}
+
+/// Hidden state at the last real position of each evaluation context: `[n, d]` on the host.
+pub fn last_hidden(model: &Recommender, batch: &EvalBatch<'_>, device: &Device) -> Vec<f32> {
+    let n = batch.len();
+    let s = batch.seq_len;
+    let inputs = id_tensor(batch.contexts, n, s, device);
+    let h = model.hidden(inputs);
+    let d = h.dims()[2];
+    let last: Vec<i64> = batch
+        .lengths
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| (i * s + len.max(1) - 1) as i64)
+        .collect();
+    let index = Tensor::<1, Int>::from_data(TensorData::new(last, [n]), device);
+    host(h.reshape([n * s, d]).select(0, index))
+}
+
+/// Full-ranking evaluation over all items of a batch, history excluded, into `metrics`.
+/// Runs without autodiff and with dropout off. Holds one batch of scores at a time.
+pub fn evaluate_batch(model: &Recommender, batch: &EvalBatch<'_>, device: &Device, metrics: &mut RankingMetrics) {
+    let model = model.clone().valid();
+    let inner = device.clone().inner_device();
+    let h = last_hidden(&model, batch, &inner);
+    let table = host(model.item_table());
+    let d = model.embed.items.weight.dims()[1];
+    let v = table.len() / d;
+    let mut scores = vec![0.0f32; batch.len() * v];
+    score_into(&mut scores, &h, TableShard::new(&table, d, 0));
+    for (i, (&target, history)) in batch.targets.iter().zip(batch.histories).enumerate() {
+        metrics.add_rank(rank_of_target(&scores[i * v..(i + 1) * v], target, history));
+    }
+}
+
+/// The device without its autodiff wrapper.
+trait InnerDevice {
+    fn inner_device(self) -> Device;
+}
+
+impl InnerDevice for Device {
+    fn inner_device(self) -> Device {
+        let probe = Tensor::<1>::zeros([1], &self);
+        probe.without_autodiff().device()
+    }
+}

@@ -1,0 +1,1 @@
+//! Device mesh, segments, tensor and pipeline parallelism over `meshrec-comm`.

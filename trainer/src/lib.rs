@@ -1,0 +1,1 @@
+//! meshrec trainer library: config, runs, metrics, checkpoints.

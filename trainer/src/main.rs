@@ -1,0 +1,2 @@
+//! The `meshrec` command line.
+fn main() {}

@@ -1,0 +1,2 @@
+//! Developer commands: data, demo, bench, ci.
+fn main() {}
