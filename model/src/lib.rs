@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod data;
+pub mod device;
 pub mod error;
 pub mod kernels;
 pub mod loss;

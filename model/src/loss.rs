@@ -98,7 +98,7 @@ pub fn fused_cross_entropy<R: VocabReducer>(
     let mut dh = vec![0.0f32; n * dim];
     let mut d_table = vec![0.0f32; v * dim];
     let mut logits = vec![0.0f32; chunk_rows.min(n.max(1)) * v];
-    let mut stats = vec![0.0f32; 2 * chunk_rows];
+    let mut stats = vec![0.0f32; 3 * chunk_rows];
     let mut loss_sum = 0.0f64;
 
     for start in (0..n).step_by(chunk_rows) {
@@ -119,7 +119,7 @@ pub fn fused_cross_entropy<R: VocabReducer>(
         // exp(l - max) in place; per-row sum and the target's logit (zero off-shard).
         let (row_max, sums) = stats.split_at_mut(chunk_rows);
         let row_max = &row_max[..c];
-        let sums = &mut sums[..2 * c.min(chunk_rows)];
+        let sums = &mut sums[..2 * c];
         let (sum_exp, target_logit) = sums.split_at_mut(c);
         logits
             .par_chunks_mut(v.max(1))

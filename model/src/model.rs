@@ -143,7 +143,7 @@ impl Attention {
         }
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = q.matmul(k.swap_dims(2, 3)) * scale;
-        let future: Tensor<2, Bool> = Tensor::triu_mask([s, s], 1, &device);
+        let future: Tensor<2, Bool> = Tensor::tril_mask([s, s], 0, &device);
         let scores = scores.mask_fill(future.unsqueeze::<4>().expand([b, self.heads, s, s]), f32::NEG_INFINITY);
         let probs = self.dropout.forward(softmax(scores, 3));
         let context = probs

@@ -66,7 +66,7 @@ impl<F: FnMut(String, Vec<usize>, Option<Vec<f32>>)> ModuleVisitor for Reader<'_
 fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data()
         .convert::<f32>()
-        .into_vec::<f32>()
+        .try_into_vec::<f32>()
         .unwrap_or_default()
 }
 

@@ -27,7 +27,7 @@ pub fn loss_positions(targets: &[u32]) -> (Vec<i64>, Vec<u32>) {
 }
 
 pub(crate) fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().into_vec::<f32>().unwrap_or_default()
+    t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default()
 }
 
 /// The result of one forward/backward: the summed loss over `targets` positions, and the
