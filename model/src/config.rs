@@ -57,7 +57,10 @@ impl Preset {
             .find(|p| p.name() == name)
             .ok_or_else(|| {
                 let known: Vec<_> = Self::ALL.iter().map(|p| p.name()).collect();
-                ConfigError::new("model.preset", format!("unknown preset `{name}` (known: {})", known.join(", ")))
+                ConfigError::new(
+                    "model.preset",
+                    format!("unknown preset `{name}` (known: {})", known.join(", ")),
+                )
             })
     }
 }
@@ -135,23 +138,38 @@ impl ModelConfig {
         if self.d_model % self.n_heads != 0 {
             return Err(ConfigError::new(
                 "model.n_heads",
-                format!("d_model {} is not divisible by n_heads {}", self.d_model, self.n_heads),
+                format!(
+                    "d_model {} is not divisible by n_heads {}",
+                    self.d_model, self.n_heads
+                ),
             ));
         }
         if self.positions == Positions::Rope && self.head_dim() % 2 != 0 {
             return Err(ConfigError::new(
                 "model.positions",
-                format!("rotary positions need an even head dimension, got {}", self.head_dim()),
+                format!(
+                    "rotary positions need an even head dimension, got {}",
+                    self.head_dim()
+                ),
             ));
         }
         if !(self.dropout.is_finite() && (0.0..1.0).contains(&self.dropout)) {
-            return Err(ConfigError::new("model.dropout", format!("must be in [0, 1), got {}", self.dropout)));
+            return Err(ConfigError::new(
+                "model.dropout",
+                format!("must be in [0, 1), got {}", self.dropout),
+            ));
         }
         if !(self.init_std.is_finite() && self.init_std > 0.0) {
-            return Err(ConfigError::new("model.init_std", "must be a positive number"));
+            return Err(ConfigError::new(
+                "model.init_std",
+                "must be a positive number",
+            ));
         }
         if self.num_genres == Some(0) {
-            return Err(ConfigError::new("model.side_features", "the data has no genres"));
+            return Err(ConfigError::new(
+                "model.side_features",
+                "the data has no genres",
+            ));
         }
         Ok(())
     }

@@ -30,7 +30,10 @@ pub fn parse_device(name: &str) -> Result<Device, ConfigError> {
             let index: usize = match other.strip_prefix("cuda:") {
                 None => 0,
                 Some(i) => i.parse().map_err(|_| {
-                    ConfigError::new("device", format!("`{other}`: the index after `cuda:` is not a number"))
+                    ConfigError::new(
+                        "device",
+                        format!("`{other}`: the index after `cuda:` is not a number"),
+                    )
                 })?,
             };
             #[cfg(feature = "cuda")]

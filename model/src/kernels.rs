@@ -14,7 +14,11 @@ pub struct MatRef<'a> {
 impl<'a> MatRef<'a> {
     /// A dense row-major `rows x cols` matrix.
     pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
-        assert_eq!(data.len(), rows * cols, "row-major view: wrong slice length");
+        assert_eq!(
+            data.len(),
+            rows * cols,
+            "row-major view: wrong slice length"
+        );
         Self {
             data,
             rows,

@@ -45,7 +45,11 @@ pub struct TableShard<'a> {
 
 impl<'a> TableShard<'a> {
     pub fn new(table: &'a [f32], dim: usize, first_item: u32) -> Self {
-        assert_eq!(table.len() % dim.max(1), 0, "table length is not a multiple of dim");
+        assert_eq!(
+            table.len() % dim.max(1),
+            0,
+            "table length is not a multiple of dim"
+        );
         Self {
             table,
             rows: table.len() / dim.max(1),
@@ -181,7 +185,13 @@ pub fn score_into(out: &mut [f32], h: &[f32], shard: TableShard<'_>) {
 mod tests {
     use super::*;
 
-    fn reference(h: &[f32], targets: &[u32], table: &[f32], dim: usize, first: u32) -> (f64, Vec<f64>, Vec<f64>) {
+    fn reference(
+        h: &[f32],
+        targets: &[u32],
+        table: &[f32],
+        dim: usize,
+        first: u32,
+    ) -> (f64, Vec<f64>, Vec<f64>) {
         let v = table.len() / dim;
         let n = targets.len();
         let mut loss = 0.0;
@@ -189,7 +199,11 @@ mod tests {
         let mut dt = vec![0.0; v * dim];
         for i in 0..n {
             let logits: Vec<f64> = (0..v)
-                .map(|j| (0..dim).map(|p| f64::from(h[i * dim + p]) * f64::from(table[j * dim + p])).sum())
+                .map(|j| {
+                    (0..dim)
+                        .map(|p| f64::from(h[i * dim + p]) * f64::from(table[j * dim + p]))
+                        .sum()
+                })
                 .collect();
             let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
             let s: f64 = logits.iter().map(|l| (l - m).exp()).sum();
@@ -207,8 +221,12 @@ mod tests {
     }
 
     fn data(n: usize, v: usize, dim: usize) -> (Vec<f32>, Vec<f32>, Vec<u32>) {
-        let h = (0..n * dim).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.3).collect();
-        let t = (0..v * dim).map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.2).collect();
+        let h = (0..n * dim)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.3)
+            .collect();
+        let t = (0..v * dim)
+            .map(|i| ((i * 5 % 11) as f32 - 5.0) * 0.2)
+            .collect();
         let targets = (0..n).map(|i| 1 + (i * 3 % v) as u32).collect();
         (h, t, targets)
     }
@@ -219,7 +237,15 @@ mod tests {
         let (h, table, targets) = data(n, v, dim);
         let (loss, dh, dt) = reference(&h, &targets, &table, dim, 1);
         for chunk in [1, 5, 37, 100] {
-            let out = fused_cross_entropy(&h, &targets, TableShard::new(&table, dim, 1), 1.0, chunk, &mut SingleShard).unwrap();
+            let out = fused_cross_entropy(
+                &h,
+                &targets,
+                TableShard::new(&table, dim, 1),
+                1.0,
+                chunk,
+                &mut SingleShard,
+            )
+            .unwrap();
             assert!((out.loss_sum - loss).abs() < 1e-4 * loss.abs().max(1.0));
             for (a, b) in out.dh.iter().zip(&dh) {
                 assert!((f64::from(*a) - b).abs() < 1e-4, "dh {a} vs {b}");
@@ -236,20 +262,50 @@ mod tests {
     fn sharded_table_with_exact_reduction_matches_full() {
         let (n, v, dim) = (9, 10, 4);
         let (h, table, targets) = data(n, v, dim);
-        let full = fused_cross_entropy(&h, &targets, TableShard::new(&table, dim, 1), 0.5, 4, &mut SingleShard).unwrap();
+        let full = fused_cross_entropy(
+            &h,
+            &targets,
+            TableShard::new(&table, dim, 1),
+            0.5,
+            4,
+            &mut SingleShard,
+        )
+        .unwrap();
 
         // Precompute the global statistics the reducer would produce.
-        struct Fixed { max: Vec<Vec<f32>>, sums: Vec<Vec<f32>>, step_max: usize, step_sum: usize }
+        struct Fixed {
+            max: Vec<Vec<f32>>,
+            sums: Vec<Vec<f32>>,
+            step_max: usize,
+            step_sum: usize,
+        }
         impl VocabReducer for Fixed {
             type Error = ();
-            fn all_max(&mut self, v: &mut [f32]) -> Result<(), ()> { v.copy_from_slice(&self.max[self.step_max]); self.step_max += 1; Ok(()) }
-            fn all_sum(&mut self, v: &mut [f32]) -> Result<(), ()> { v.copy_from_slice(&self.sums[self.step_sum]); self.step_sum += 1; Ok(()) }
+            fn all_max(&mut self, v: &mut [f32]) -> Result<(), ()> {
+                v.copy_from_slice(&self.max[self.step_max]);
+                self.step_max += 1;
+                Ok(())
+            }
+            fn all_sum(&mut self, v: &mut [f32]) -> Result<(), ()> {
+                v.copy_from_slice(&self.sums[self.step_sum]);
+                self.step_sum += 1;
+                Ok(())
+            }
         }
-        struct Record<'a> { max: &'a mut Vec<Vec<f32>>, sums: &'a mut Vec<Vec<f32>> }
+        struct Record<'a> {
+            max: &'a mut Vec<Vec<f32>>,
+            sums: &'a mut Vec<Vec<f32>>,
+        }
         impl VocabReducer for Record<'_> {
             type Error = ();
-            fn all_max(&mut self, v: &mut [f32]) -> Result<(), ()> { self.max.push(v.to_vec()); Ok(()) }
-            fn all_sum(&mut self, v: &mut [f32]) -> Result<(), ()> { self.sums.push(v.to_vec()); Ok(()) }
+            fn all_max(&mut self, v: &mut [f32]) -> Result<(), ()> {
+                self.max.push(v.to_vec());
+                Ok(())
+            }
+            fn all_sum(&mut self, v: &mut [f32]) -> Result<(), ()> {
+                self.sums.push(v.to_vec());
+                Ok(())
+            }
         }
         let split = 6;
         let shards = [(0, split), (split, v)];
@@ -257,33 +313,100 @@ mod tests {
         let mut maxes: Vec<Vec<Vec<f32>>> = Vec::new();
         for &(a, b) in &shards {
             let (mut mx, mut sm) = (Vec::new(), Vec::new());
-            let _ = fused_cross_entropy(&h, &targets, TableShard::new(&table[a * dim..b * dim], dim, 1 + a as u32), 0.5, 4, &mut Record { max: &mut mx, sums: &mut sm });
+            let _ = fused_cross_entropy(
+                &h,
+                &targets,
+                TableShard::new(&table[a * dim..b * dim], dim, 1 + a as u32),
+                0.5,
+                4,
+                &mut Record {
+                    max: &mut mx,
+                    sums: &mut sm,
+                },
+            );
             maxes.push(mx);
         }
-        let gmax: Vec<Vec<f32>> = (0..maxes[0].len()).map(|c| maxes[0][c].iter().zip(&maxes[1][c]).map(|(a, b)| a.max(*b)).collect()).collect();
+        let gmax: Vec<Vec<f32>> = (0..maxes[0].len())
+            .map(|c| {
+                maxes[0][c]
+                    .iter()
+                    .zip(&maxes[1][c])
+                    .map(|(a, b)| a.max(*b))
+                    .collect()
+            })
+            .collect();
         // Pass 2: per-shard sums under the global max; the global sum is their sum.
         let mut sums: Vec<Vec<Vec<f32>>> = Vec::new();
         for &(a, b) in &shards {
             let mut sm = Vec::new();
-            struct MaxThenRecord<'a> { max: &'a [Vec<f32>], i: usize, sums: &'a mut Vec<Vec<f32>> }
+            struct MaxThenRecord<'a> {
+                max: &'a [Vec<f32>],
+                i: usize,
+                sums: &'a mut Vec<Vec<f32>>,
+            }
             impl VocabReducer for MaxThenRecord<'_> {
                 type Error = ();
-                fn all_max(&mut self, v: &mut [f32]) -> Result<(), ()> { v.copy_from_slice(&self.max[self.i]); self.i += 1; Ok(()) }
-                fn all_sum(&mut self, v: &mut [f32]) -> Result<(), ()> { self.sums.push(v.to_vec()); Ok(()) }
+                fn all_max(&mut self, v: &mut [f32]) -> Result<(), ()> {
+                    v.copy_from_slice(&self.max[self.i]);
+                    self.i += 1;
+                    Ok(())
+                }
+                fn all_sum(&mut self, v: &mut [f32]) -> Result<(), ()> {
+                    self.sums.push(v.to_vec());
+                    Ok(())
+                }
             }
-            let _ = fused_cross_entropy(&h, &targets, TableShard::new(&table[a * dim..b * dim], dim, 1 + a as u32), 0.5, 4, &mut MaxThenRecord { max: &gmax, i: 0, sums: &mut sm });
+            let _ = fused_cross_entropy(
+                &h,
+                &targets,
+                TableShard::new(&table[a * dim..b * dim], dim, 1 + a as u32),
+                0.5,
+                4,
+                &mut MaxThenRecord {
+                    max: &gmax,
+                    i: 0,
+                    sums: &mut sm,
+                },
+            );
             sums.push(sm);
         }
-        let gsum: Vec<Vec<f32>> = (0..sums[0].len()).map(|c| sums[0][c].iter().zip(&sums[1][c]).map(|(a, b)| a + b).collect()).collect();
+        let gsum: Vec<Vec<f32>> = (0..sums[0].len())
+            .map(|c| {
+                sums[0][c]
+                    .iter()
+                    .zip(&sums[1][c])
+                    .map(|(a, b)| a + b)
+                    .collect()
+            })
+            .collect();
         let mut dh = vec![0.0f32; n * dim];
         let mut dt = Vec::new();
         for &(a, b) in &shards {
-            let out = fused_cross_entropy(&h, &targets, TableShard::new(&table[a * dim..b * dim], dim, 1 + a as u32), 0.5, 4, &mut Fixed { max: gmax.clone(), sums: gsum.clone(), step_max: 0, step_sum: 0 }).unwrap();
+            let out = fused_cross_entropy(
+                &h,
+                &targets,
+                TableShard::new(&table[a * dim..b * dim], dim, 1 + a as u32),
+                0.5,
+                4,
+                &mut Fixed {
+                    max: gmax.clone(),
+                    sums: gsum.clone(),
+                    step_max: 0,
+                    step_sum: 0,
+                },
+            )
+            .unwrap();
             assert!((out.loss_sum - full.loss_sum).abs() < 1e-4);
-            for (x, y) in dh.iter_mut().zip(&out.dh) { *x += y; }
+            for (x, y) in dh.iter_mut().zip(&out.dh) {
+                *x += y;
+            }
             dt.extend(out.d_table);
         }
-        for (a, b) in dh.iter().zip(&full.dh) { assert!((a - b).abs() < 1e-5); }
-        for (a, b) in dt.iter().zip(&full.d_table) { assert!((a - b).abs() < 1e-5); }
+        for (a, b) in dh.iter().zip(&full.dh) {
+            assert!((a - b).abs() < 1e-5);
+        }
+        for (a, b) in dt.iter().zip(&full.d_table) {
+            assert!((a - b).abs() < 1e-5);
+        }
     }
 }

@@ -128,7 +128,10 @@ mod tests {
         close(r["ndcg@20"], (d(1.0) + d(3.0) + d(7.0) + d(12.0)) / 5.0);
         close(r["mrr@5"], (1.0 + 1.0 / 3.0) / 5.0);
         close(r["mrr@10"], (1.0 + 1.0 / 3.0 + 1.0 / 7.0) / 5.0);
-        close(r["mrr@20"], (1.0 + 1.0 / 3.0 + 1.0 / 7.0 + 1.0 / 12.0) / 5.0);
+        close(
+            r["mrr@20"],
+            (1.0 + 1.0 / 3.0 + 1.0 / 7.0 + 1.0 / 12.0) / 5.0,
+        );
     }
 
     #[test]
@@ -137,7 +140,11 @@ mod tests {
         let mut b = RankingMetrics::default();
         let mut all = RankingMetrics::default();
         for (i, rank) in [1, 2, 9, 15, 40, 4].into_iter().enumerate() {
-            if i % 2 == 0 { a.add_rank(rank) } else { b.add_rank(rank) }
+            if i % 2 == 0 {
+                a.add_rank(rank)
+            } else {
+                b.add_rank(rank)
+            }
             all.add_rank(rank);
         }
         a.merge(&b);

@@ -3,7 +3,10 @@
 //! pipeline stages and tensor-parallel shards can cut the model anywhere.
 
 use burn::module::{Module, Param};
-use burn::nn::{Dropout, DropoutConfig, Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig};
+use burn::nn::{
+    Dropout, DropoutConfig, Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear,
+    LinearConfig, RmsNorm, RmsNormConfig,
+};
 use burn::tensor::activation::{gelu, silu, softmax};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
@@ -144,7 +147,10 @@ impl Attention {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = q.matmul(k.swap_dims(2, 3)) * scale;
         let future: Tensor<2, Bool> = Tensor::tril_mask([s, s], 0, &device);
-        let scores = scores.mask_fill(future.unsqueeze::<4>().expand([b, self.heads, s, s]), f32::NEG_INFINITY);
+        let scores = scores.mask_fill(
+            future.unsqueeze::<4>().expand([b, self.heads, s, s]),
+            f32::NEG_INFINITY,
+        );
         let probs = self.dropout.forward(softmax(scores, 3));
         let context = probs
             .matmul(v)
@@ -195,7 +201,12 @@ impl Block {
     pub fn new(config: &ModelConfig, dims: BlockDims, device: &Device) -> Self {
         Self {
             attn_norm: Norm::new(config.norm, dims.d_model, device),
-            attn: Attention::new(dims, config.dropout, config.positions == Positions::Rope, device),
+            attn: Attention::new(
+                dims,
+                config.dropout,
+                config.positions == Positions::Rope,
+                device,
+            ),
             mlp_norm: Norm::new(config.norm, dims.d_model, device),
             mlp: Mlp::new(config.mlp, dims.d_model, dims.d_ff, device),
             residual_dropout: DropoutConfig::new(config.dropout).init(),
@@ -248,7 +259,10 @@ impl ItemEmbedding {
             return self.with_genres(items.clone(), self.items.forward(items));
         }
         let local = items.sub_scalar(self.first_item as i64);
-        let outside = local.clone().lower_elem(0).bool_or(local.clone().greater_equal_elem(rows as i64));
+        let outside = local
+            .clone()
+            .lower_elem(0)
+            .bool_or(local.clone().greater_equal_elem(rows as i64));
         let safe = local.mask_fill(outside.clone(), 0);
         let emb = self.with_genres(safe.clone(), self.items.forward(safe));
         let [b, s, d] = emb.dims();
@@ -261,7 +275,9 @@ impl ItemEmbedding {
                 let per_item = mix.clone().matmul(genres.weight.val());
                 let [b, s] = local_ids.dims();
                 let d = per_item.dims()[1];
-                let picked = per_item.select(0, local_ids.reshape([b * s])).reshape([b, s, d]);
+                let picked = per_item
+                    .select(0, local_ids.reshape([b * s]))
+                    .reshape([b, s, d]);
                 emb + picked
             }
             _ => emb,
@@ -295,7 +311,13 @@ pub struct Recommender {
 }
 
 /// Builds the genre mixing matrix `[rows, num_genres]` for item ids `first..first+rows`.
-pub fn genre_mix(item_genres: &[Vec<u32>], num_genres: usize, first: usize, rows: usize, device: &Device) -> Tensor<2> {
+pub fn genre_mix(
+    item_genres: &[Vec<u32>],
+    num_genres: usize,
+    first: usize,
+    rows: usize,
+    device: &Device,
+) -> Tensor<2> {
     let mut data = vec![0.0f32; rows * num_genres];
     for r in 0..rows {
         if let Some(genres) = item_genres.get(first + r) {
@@ -314,7 +336,15 @@ impl Recommender {
     /// A freshly initialised model (weights from burn's initialisers; call
     /// [`crate::params::init_normal`] for the seeded, layout-independent initialisation).
     pub fn new(config: &ModelConfig, item_genres: Option<&[Vec<u32>]>, device: &Device) -> Self {
-        Self::new_shard(config, item_genres, BlockDims::full(config), 0, config.vocab(), config.n_layers, device)
+        Self::new_shard(
+            config,
+            item_genres,
+            BlockDims::full(config),
+            0,
+            config.vocab(),
+            config.n_layers,
+            device,
+        )
     }
 
     /// One tensor-parallel shard: block sizes `dims`, item rows `first_item .. first_item +
@@ -338,7 +368,8 @@ impl Recommender {
         };
         let embed = ItemEmbedding {
             items: EmbeddingConfig::new(item_rows, d).init(device),
-            positions: (config.positions == Positions::Learned).then(|| EmbeddingConfig::new(config.max_len, d).init(device)),
+            positions: (config.positions == Positions::Learned)
+                .then(|| EmbeddingConfig::new(config.max_len, d).init(device)),
             genres,
             genre_mix: mix,
             dropout: DropoutConfig::new(config.dropout).init(),
@@ -346,7 +377,9 @@ impl Recommender {
         };
         Self {
             embed,
-            blocks: (0..n_blocks).map(|_| Block::new(config, dims, device)).collect(),
+            blocks: (0..n_blocks)
+                .map(|_| Block::new(config, dims, device))
+                .collect(),
             final_norm: Norm::new(config.norm, d, device),
         }
     }

@@ -62,9 +62,17 @@ impl AdamW {
         let step_size = lr / bias1;
         let inv_sqrt_bias2 = 1.0 / bias2.sqrt();
         for i in 0..params.len() {
-            let shrink = if decay[i] { 1.0 - lr * c.weight_decay } else { 1.0 };
+            let shrink = if decay[i] {
+                1.0 - lr * c.weight_decay
+            } else {
+                1.0
+            };
             let (p, g, m, v) = (&mut params[i], &grads[i], &mut self.m[i], &mut self.v[i]);
-            assert_eq!(p.len(), g.len(), "AdamW: gradient size differs from parameter");
+            assert_eq!(
+                p.len(),
+                g.len(),
+                "AdamW: gradient size differs from parameter"
+            );
             for j in 0..p.len() {
                 let gj = g[j];
                 m[j] = c.beta1 * m[j] + (1.0 - c.beta1) * gj;
@@ -129,7 +137,12 @@ mod tests {
     /// One AdamW step against values computed by hand from PyTorch's formula.
     #[test]
     fn adamw_matches_reference_formula() {
-        let cfg = AdamWConfig { beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.1 };
+        let cfg = AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        };
         let mut opt = AdamW::new(cfg, [2]);
         let mut p = vec![vec![1.0f32, -2.0]];
         let g = vec![vec![0.5f32, -0.25]];
@@ -152,7 +165,12 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays() {
-        let s = LrSchedule { lr: 1.0, warmup_steps: 10, total_steps: 110, min_ratio: 0.1 };
+        let s = LrSchedule {
+            lr: 1.0,
+            warmup_steps: 10,
+            total_steps: 110,
+            min_ratio: 0.1,
+        };
         assert!((s.at(0) - 0.1).abs() < 1e-12);
         assert!((s.at(9) - 1.0).abs() < 1e-12);
         assert!((s.at(10) - 1.0).abs() < 1e-12);

@@ -135,9 +135,18 @@ impl ModuleMapper for Writer<'_> {
 /// callers that build `values` from [`param_paths`].
 pub fn write_values<M: Module>(module: M, values: &[Vec<f32>], device: &Device) -> M {
     let infos = param_paths(&module);
-    assert_eq!(infos.len(), values.len(), "write_values: parameter count differs");
+    assert_eq!(
+        infos.len(),
+        values.len(),
+        "write_values: parameter count differs"
+    );
     for (info, v) in infos.iter().zip(values) {
-        assert_eq!(info.numel(), v.len(), "write_values: `{}` has the wrong size", info.path);
+        assert_eq!(
+            info.numel(),
+            v.len(),
+            "write_values: `{}` has the wrong size",
+            info.path
+        );
     }
     module.map(&mut Writer {
         values,
@@ -163,18 +172,28 @@ fn init_rule(path: &str, std: f64, n_layers: usize) -> Option<f64> {
 /// Seeded initialisation of the FULL (unsharded) model: each parameter draws from its own
 /// stream keyed by `(seed, path)`, so the values do not depend on traversal order, and a
 /// sharded layout can take its slice of exactly the same numbers.
-pub fn init_values(infos: &[ParamInfo], seed: u64, std: f64, n_layers: usize, current: &[Vec<f32>]) -> Vec<Vec<f32>> {
+pub fn init_values(
+    infos: &[ParamInfo],
+    seed: u64,
+    std: f64,
+    n_layers: usize,
+    current: &[Vec<f32>],
+) -> Vec<Vec<f32>> {
     infos
         .iter()
         .zip(current)
         .map(|(info, cur)| match init_rule(&info.path, std, n_layers) {
             None => cur.clone(),
             Some(std) => {
-                let key = info.path.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
-                    (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-                });
+                let key = info
+                    .path
+                    .bytes()
+                    .fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+                        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+                    });
                 let mut rng = ChaCha8Rng::seed_from_u64(key);
-                let normal = Normal::new(0.0f32, std as f32).unwrap_or_else(|_| Normal::new(0.0, 0.02).expect("valid"));
+                let normal = Normal::new(0.0f32, std as f32)
+                    .unwrap_or_else(|_| Normal::new(0.0, 0.02).expect("valid"));
                 (0..info.numel()).map(|_| normal.sample(&mut rng)).collect()
             }
         })
@@ -182,7 +201,13 @@ pub fn init_values(infos: &[ParamInfo], seed: u64, std: f64, n_layers: usize, cu
 }
 
 /// Applies [`init_values`] to a full model.
-pub fn init_normal<M: Module>(module: M, seed: u64, std: f64, n_layers: usize, device: &Device) -> M {
+pub fn init_normal<M: Module>(
+    module: M,
+    seed: u64,
+    std: f64,
+    n_layers: usize,
+    device: &Device,
+) -> M {
     let infos = param_paths(&module);
     let current = read_values(&module);
     let values = init_values(&infos, seed, std, n_layers, &current);

@@ -27,7 +27,10 @@ pub fn loss_positions(targets: &[u32]) -> (Vec<i64>, Vec<u32>) {
 }
 
 pub(crate) fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap_or_default()
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap_or_default()
 }
 
 /// The result of one forward/backward: the summed loss over `targets` positions, and the
@@ -44,7 +47,12 @@ pub struct StepOutput {
 /// final hidden states `h` (`[batch, seq, d]`, tracked), the targets and the item table
 /// tensor (tracked), computes the loss in the fused kernel and returns the surrogate whose
 /// backward gives exactly the cross-entropy's gradients: `sum(h_rows * dh) + sum(E * dE)`.
-pub fn tied_softmax_surrogate(h: Tensor<3>, targets: &[u32], table: Tensor<2>, grad_scale: f32) -> (f64, usize, Option<Tensor<1>>) {
+pub fn tied_softmax_surrogate(
+    h: Tensor<3>,
+    targets: &[u32],
+    table: Tensor<2>,
+    grad_scale: f32,
+) -> (f64, usize, Option<Tensor<1>>) {
     let [b, s, d] = h.dims();
     let device = h.device();
     let (positions, target_ids) = loss_positions(targets);
@@ -59,7 +67,14 @@ pub fn tied_softmax_surrogate(h: Tensor<3>, targets: &[u32], table: Tensor<2>, g
     let table_host = host(table.clone().detach());
     // Row 0 of the table is padding: never a candidate.
     let shard = TableShard::new(&table_host[d..], d, 1);
-    let out = match fused_cross_entropy(&h_host, &target_ids, shard, grad_scale, DEFAULT_CHUNK_ROWS, &mut SingleShard) {
+    let out = match fused_cross_entropy(
+        &h_host,
+        &target_ids,
+        shard,
+        grad_scale,
+        DEFAULT_CHUNK_ROWS,
+        &mut SingleShard,
+    ) {
         Ok(out) => out,
         Err(never) => match never {},
     };
@@ -70,15 +85,28 @@ pub fn tied_softmax_surrogate(h: Tensor<3>, targets: &[u32], table: Tensor<2>, g
 }
 
 /// Forward and backward of one (micro-)batch on one device.
-pub fn forward_backward(model: &Recommender, batch: &Batch, grad_scale: f32, device: &Device) -> StepOutput {
+pub fn forward_backward(
+    model: &Recommender,
+    batch: &Batch,
+    grad_scale: f32,
+    device: &Device,
+) -> StepOutput {
     let inputs = id_tensor(&batch.inputs, batch.batch_size, batch.seq_len, device);
     let h = model.hidden(inputs);
-    let (loss_sum, targets, surrogate) = tied_softmax_surrogate(h, &batch.targets, model.item_table(), grad_scale);
+    let (loss_sum, targets, surrogate) =
+        tied_softmax_surrogate(h, &batch.targets, model.item_table(), grad_scale);
     let grads = match surrogate {
         Some(surrogate) => read_grads(model, &surrogate.backward()),
-        None => crate::params::param_paths(model).iter().map(|p| vec![0.0; p.numel()]).collect(),
+        None => crate::params::param_paths(model)
+            .iter()
+            .map(|p| vec![0.0; p.numel()])
+            .collect(),
     };
-    StepOutput { loss_sum, targets, grads }
+    StepOutput {
+        loss_sum,
+        targets,
+        grads,
+    }
 }
 
 /// Hidden state at the last real position of each evaluation context: `[n, d]` on the host.
@@ -100,7 +128,12 @@ pub fn last_hidden(model: &Recommender, batch: &EvalBatch<'_>, device: &Device) 
 
 /// Full-ranking evaluation over all items of a batch, history excluded, into `metrics`.
 /// Runs without autodiff and with dropout off. Holds one batch of scores at a time.
-pub fn evaluate_batch(model: &Recommender, batch: &EvalBatch<'_>, device: &Device, metrics: &mut RankingMetrics) {
+pub fn evaluate_batch(
+    model: &Recommender,
+    batch: &EvalBatch<'_>,
+    device: &Device,
+    metrics: &mut RankingMetrics,
+) {
     let model = model.clone().valid();
     let inner = device.clone().inner_device();
     let h = last_hidden(&model, batch, &inner);

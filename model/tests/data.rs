@@ -3,12 +3,15 @@
 use std::path::Path;
 
 use meshrec_model::data::{
-    read_interactions, Dataset, EvalSet, EvalSplit, InteractionFormat, SyntheticConfig, TrainSet, WindowPolicy, PAD,
+    read_interactions, Dataset, EvalSet, EvalSplit, InteractionFormat, SyntheticConfig, TrainSet,
+    WindowPolicy, PAD,
 };
 use meshrec_model::DataError;
 
 fn fixture(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> std::path::PathBuf {
@@ -56,27 +59,52 @@ fn eval_sets_use_the_right_context_and_mask_history() {
 
 #[test]
 fn training_windows_cover_every_target_once() {
-    let ds = SyntheticConfig { users: 20, items: 50, mean_length: 30.0, ..Default::default() }.dataset().unwrap();
+    let ds = SyntheticConfig {
+        users: 20,
+        items: 50,
+        mean_length: 30.0,
+        ..Default::default()
+    }
+    .dataset()
+    .unwrap();
     let all = TrainSet::new(&ds, 8, WindowPolicy::All).unwrap();
-    let expected: usize = ds.users.iter().map(|u| u.train.len().saturating_sub(1)).sum();
+    let expected: usize = ds
+        .users
+        .iter()
+        .map(|u| u.train.len().saturating_sub(1))
+        .sum();
     assert_eq!(all.num_targets(), expected);
     let last = TrainSet::new(&ds, 8, WindowPolicy::Last).unwrap();
-    assert_eq!(last.len(), ds.users.iter().filter(|u| u.train.len() > 1).count());
+    assert_eq!(
+        last.len(),
+        ds.users.iter().filter(|u| u.train.len() > 1).count()
+    );
     // targets are the inputs shifted by one, padding at the end
     for row in 0..all.len() {
-        let (i, t) = (&all.inputs[row * 8..row * 8 + 8], &all.targets[row * 8..row * 8 + 8]);
+        let (i, t) = (
+            &all.inputs[row * 8..row * 8 + 8],
+            &all.targets[row * 8..row * 8 + 8],
+        );
         for p in 0..7 {
             if t[p + 1] != PAD {
                 assert_eq!(i[p + 1], t[p]);
             }
         }
     }
-    assert!(matches!(TrainSet::new(&ds, 0, WindowPolicy::All), Err(DataError::InvalidParameter { key: "max_len", .. })));
+    assert!(matches!(
+        TrainSet::new(&ds, 0, WindowPolicy::All),
+        Err(DataError::InvalidParameter { key: "max_len", .. })
+    ));
 }
 
 #[test]
 fn batches_are_deterministic_per_seed_and_epoch() {
-    let ds = SyntheticConfig { users: 30, ..Default::default() }.dataset().unwrap();
+    let ds = SyntheticConfig {
+        users: 30,
+        ..Default::default()
+    }
+    .dataset()
+    .unwrap();
     let set = TrainSet::new(&ds, 10, WindowPolicy::All).unwrap();
     let a: Vec<_> = set.epoch(7, 1, 16).collect();
     let b: Vec<_> = set.epoch(7, 1, 16).collect();
@@ -94,7 +122,10 @@ fn movielens_formats_parse() {
     let dir = tempfile::tempdir().unwrap();
     let p = write(&dir, "u.data", "1\t5\t3\t881250949\n2\t7\t4\t881250950\n");
     let raw = read_interactions(&p, InteractionFormat::MovieLens100k).unwrap();
-    assert_eq!((raw[1].user.as_str(), raw[1].item.as_str(), raw[1].timestamp), ("2", "7", 881250950.0));
+    assert_eq!(
+        (raw[1].user.as_str(), raw[1].item.as_str(), raw[1].timestamp),
+        ("2", "7", 881250950.0)
+    );
     let p = write(&dir, "ratings.dat", "1::1193::5::978300760\n");
     let raw = read_interactions(&p, InteractionFormat::MovieLens1m).unwrap();
     assert_eq!(raw[0].item, "1193");
@@ -109,25 +140,53 @@ fn err_text(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
 fn malformed_inputs_name_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let e = err_text(&dir, "u.data", "1\t2\t3\t4\n1\t2\t3\n");
-    assert!(e.contains("u.data:2") && e.contains("expected 4 fields"), "{e}");
+    assert!(
+        e.contains("u.data:2") && e.contains("expected 4 fields"),
+        "{e}"
+    );
     let e = err_text(&dir, "u.data", "1\t2\t3\tyesterday\n");
-    assert!(e.contains("u.data:1") && e.contains("timestamp `yesterday`"), "{e}");
+    assert!(
+        e.contains("u.data:1") && e.contains("timestamp `yesterday`"),
+        "{e}"
+    );
     let e = err_text(&dir, "u.data", "\t2\t3\t4\n");
     assert!(e.contains("empty user id"), "{e}");
     let e = err_text(&dir, "a.inter", "user_id:token\titem_id:token\n1\t2\n");
     assert!(e.contains("a.inter") && e.contains("`timestamp`"), "{e}");
-    let e = err_text(&dir, "b.inter", "user_id:token\titem_id:token\ttimestamp:float\n1\t2\t3\n1\t2\n");
+    let e = err_text(
+        &dir,
+        "b.inter",
+        "user_id:token\titem_id:token\ttimestamp:float\n1\t2\t3\n1\t2\n",
+    );
     assert!(e.contains("b.inter:3") && e.contains("expected 3"), "{e}");
     let e = err_text(&dir, "c.inter", "");
-    assert!(e.contains("c.inter") && e.contains("no interactions"), "{e}");
+    assert!(
+        e.contains("c.inter") && e.contains("no interactions"),
+        "{e}"
+    );
     let e = err_text(&dir, "ratings.dat", "1::2::3\n");
     assert!(e.contains("ratings.dat:1"), "{e}");
-    write(&dir, "d.inter", "user_id:token\titem_id:token\ttimestamp:float\n1\t2\t3\n");
-    let e = err_text(&dir, "d.item", "item_id:token\tclass:token_seq\n2\tA\n2\tB\n");
+    write(
+        &dir,
+        "d.inter",
+        "user_id:token\titem_id:token\ttimestamp:float\n1\t2\t3\n",
+    );
+    let e = err_text(
+        &dir,
+        "d.item",
+        "item_id:token\tclass:token_seq\n2\tA\n2\tB\n",
+    );
     // the .item is read beside d.inter
-    let e2 = Dataset::load(&dir.path().join("d.inter")).unwrap_err().to_string();
-    assert!(e2.contains("d.item:3") && e2.contains("listed twice"), "{e} / {e2}");
-    let missing = Dataset::load(&dir.path().join("nope")).unwrap_err().to_string();
+    let e2 = Dataset::load(&dir.path().join("d.inter"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e2.contains("d.item:3") && e2.contains("listed twice"),
+        "{e} / {e2}"
+    );
+    let missing = Dataset::load(&dir.path().join("nope"))
+        .unwrap_err()
+        .to_string();
     assert!(missing.contains("nope"), "{missing}");
     let empty = tempfile::tempdir().unwrap();
     let e = Dataset::load(empty.path()).unwrap_err().to_string();
@@ -136,8 +195,30 @@ fn malformed_inputs_name_file_and_line() {
 
 #[test]
 fn synthetic_rejects_bad_parameters() {
-    let e = SyntheticConfig { items: 1, ..Default::default() }.dataset().unwrap_err();
-    assert!(matches!(e, DataError::InvalidParameter { key: "synthetic.items", .. }));
-    let e = SyntheticConfig { zipf_exponent: -1.0, ..Default::default() }.dataset().unwrap_err();
-    assert!(matches!(e, DataError::InvalidParameter { key: "synthetic.zipf_exponent", .. }));
+    let e = SyntheticConfig {
+        items: 1,
+        ..Default::default()
+    }
+    .dataset()
+    .unwrap_err();
+    assert!(matches!(
+        e,
+        DataError::InvalidParameter {
+            key: "synthetic.items",
+            ..
+        }
+    ));
+    let e = SyntheticConfig {
+        zipf_exponent: -1.0,
+        ..Default::default()
+    }
+    .dataset()
+    .unwrap_err();
+    assert!(matches!(
+        e,
+        DataError::InvalidParameter {
+            key: "synthetic.zipf_exponent",
+            ..
+        }
+    ));
 }

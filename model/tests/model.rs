@@ -79,12 +79,20 @@ fn fused_loss_and_gradients_match_burn_autodiff() {
             .unzip();
         let k = rows.len();
         let picked = logp
-            .select(0, Tensor::<1, Int>::from_data(TensorData::new(rows, [k]), &device))
-            .gather(1, Tensor::<2, Int>::from_data(TensorData::new(cols, [k, 1]), &device));
+            .select(
+                0,
+                Tensor::<1, Int>::from_data(TensorData::new(rows, [k]), &device),
+            )
+            .gather(
+                1,
+                Tensor::<2, Int>::from_data(TensorData::new(cols, [k, 1]), &device),
+            );
         let loss = picked.sum().neg() / n;
         let loss_value = loss.clone().into_scalar::<f32>();
         let grads = meshrec_model::params::read_grads(&m, &loss.backward());
-        assert!(((fused.loss_sum as f32 / n) - loss_value).abs() < 1e-4 * loss_value.abs().max(1.0));
+        assert!(
+            ((fused.loss_sum as f32 / n) - loss_value).abs() < 1e-4 * loss_value.abs().max(1.0)
+        );
         for (info, (a, b)) in param_paths(&m).iter().zip(fused.grads.iter().zip(&grads)) {
             let scale = b.iter().fold(1e-3f32, |acc, x| acc.max(x.abs()));
             for (x, y) in a.iter().zip(b) {
@@ -99,7 +107,12 @@ fn padding_carries_no_loss_and_no_gradient() {
     let device = test_device().autodiff();
     let config = ModelConfig::preset(Preset::Tiny, 30);
     let m = model(&config, &device, 3);
-    let base = Batch { batch_size: 1, seq_len: 8, inputs: vec![4, 5, 6, 0, 0, 0, 0, 0], targets: vec![5, 6, 7, 0, 0, 0, 0, 0] };
+    let base = Batch {
+        batch_size: 1,
+        seq_len: 8,
+        inputs: vec![4, 5, 6, 0, 0, 0, 0, 0],
+        targets: vec![5, 6, 7, 0, 0, 0, 0, 0],
+    };
     // Different padding ids after the sequence (right padding) change nothing.
     let mut other = base.clone();
     other.inputs[5] = 17;
@@ -114,16 +127,31 @@ fn padding_carries_no_loss_and_no_gradient() {
         }
     }
     // A batch with no targets contributes nothing.
-    let empty = Batch { targets: vec![0; 8], ..base };
+    let empty = Batch {
+        targets: vec![0; 8],
+        ..base
+    };
     let e = forward_backward(&m, &empty, 1.0, &device);
     assert_eq!((e.loss_sum, e.targets), (0.0, 0));
     assert!(e.grads.iter().flatten().all(|&g| g == 0.0));
 }
 
-fn train(config: &ModelConfig, set: &TrainSet, seed: u64, epochs: u64, device: &Device) -> (Vec<f64>, Recommender) {
+fn train(
+    config: &ModelConfig,
+    set: &TrainSet,
+    seed: u64,
+    epochs: u64,
+    device: &Device,
+) -> (Vec<f64>, Recommender) {
     let mut m = model(config, device, seed);
     let infos = param_paths(&m);
-    let mut opt = AdamW::new(AdamWConfig { weight_decay: 0.0, ..AdamWConfig::default() }, infos.iter().map(|p| p.numel()));
+    let mut opt = AdamW::new(
+        AdamWConfig {
+            weight_decay: 0.0,
+            ..AdamWConfig::default()
+        },
+        infos.iter().map(|p| p.numel()),
+    );
     let decay: Vec<bool> = infos.iter().map(|p| p.shape.len() > 1).collect();
     let mut losses = Vec::new();
     for epoch in 0..epochs {
@@ -144,13 +172,23 @@ fn train(config: &ModelConfig, set: &TrainSet, seed: u64, epochs: u64, device: &
 #[test]
 fn training_on_synthetic_data_lowers_loss_and_is_deterministic() {
     let device = test_device().autodiff();
-    let ds = SyntheticConfig { users: 120, items: 40, mean_length: 12.0, transition_prob: 0.8, seed: 5, ..Default::default() }
-        .dataset()
-        .unwrap();
+    let ds = SyntheticConfig {
+        users: 120,
+        items: 40,
+        mean_length: 12.0,
+        transition_prob: 0.8,
+        seed: 5,
+        ..Default::default()
+    }
+    .dataset()
+    .unwrap();
     let config = ModelConfig::preset(Preset::Tiny, ds.num_items);
     let set = TrainSet::new(&ds, config.max_len, WindowPolicy::All).unwrap();
     let (losses, m) = train(&config, &set, 11, 6, &device);
-    assert!(losses[5] < losses[0] * 0.85, "loss did not fall: {losses:?}");
+    assert!(
+        losses[5] < losses[0] * 0.85,
+        "loss did not fall: {losses:?}"
+    );
     let (again, _) = train(&config, &set, 11, 2, &device);
     assert_eq!(&losses[..2], &again[..], "same seed, different losses");
 
@@ -161,7 +199,11 @@ fn training_on_synthetic_data_lowers_loss_and_is_deterministic() {
         evaluate_batch(&m, &b, &device, &mut metrics);
     }
     assert_eq!(metrics.users, eval.len());
-    assert!(metrics.get("hr@10").unwrap() > 0.4, "{:?}", metrics.report());
+    assert!(
+        metrics.get("hr@10").unwrap() > 0.4,
+        "{:?}",
+        metrics.report()
+    );
 }
 
 #[test]

@@ -1,1 +1,4 @@
-//! meshrec trainer library: config, runs, metrics, checkpoints.
+//! meshrec trainer library: run configuration, the training run, metrics and checkpoints.
+
+pub mod config;
+pub mod run;

@@ -1,2 +1,225 @@
-//! Developer commands: data, demo, bench, ci.
-fn main() {}
+//! Developer commands: `data`, `demo`, `bench` and `ci`. Each shells out to cargo and the
+//! system tools a newcomer has after `.ci/run`'s installs; nothing here is a library.
+
+mod data;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "meshrec developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Fetch a dataset into data/ (`ml-100k`).
+    Data {
+        dataset: String,
+        /// Take the files from this folder instead of downloading.
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
+    /// Fetch ml-100k if missing, train the `small` preset on CPU to convergence, print the
+    /// test metrics.
+    Demo {
+        /// Extra `--set key=value` overrides for the run.
+        #[arg(long = "set")]
+        set: Vec<String>,
+    },
+    /// Run a benchmark: train, comm, compress.
+    Bench { name: String },
+    /// Everything CI checks: fmt, clippy, tests (CPU and wgpu), cuda type-check, MPI tests.
+    Ci,
+}
+
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Runs a command in the workspace root, failing with the command line on a non-zero exit.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    cmd.current_dir(root());
+    eprintln!("$ {}", format_command(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {}", format_command(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", format_command(cmd));
+    }
+    Ok(())
+}
+
+fn format_command(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program().to_string_lossy().into_owned())
+        .chain(cmd.get_args().map(|a| a.to_string_lossy().into_owned()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("target"))
+}
+
+fn bench_dir() -> PathBuf {
+    root().join("target/bench")
+}
+
+fn demo(set: &[String]) -> Result<()> {
+    let data = root().join("data/ml-100k");
+    if data::verify_ml100k(&data).is_err() {
+        data::fetch_ml100k(None)?;
+    }
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--release",
+        "-p",
+        "meshrec-trainer",
+        "--bin",
+        "meshrec",
+        "--",
+        "train",
+        "--config",
+        "configs/ml100k.toml",
+        "--device",
+        "cpu",
+    ]);
+    for s in set {
+        cmd.args(["--set", s]);
+    }
+    run(&mut cmd)
+}
+
+fn bench(name: &str) -> Result<()> {
+    std::fs::create_dir_all(bench_dir())?;
+    match name {
+        "train" => {
+            if data::verify_ml100k(&root().join("data/ml-100k")).is_err() {
+                data::fetch_ml100k(None)?;
+            }
+            run(cargo().args([
+                "run",
+                "--release",
+                "-p",
+                "meshrec-trainer",
+                "--bin",
+                "meshrec",
+                "--",
+                "bench",
+                "--config",
+                "configs/ml100k.toml",
+                "--device",
+                "cpu",
+                "--warmup",
+                "3",
+                "--steps",
+                "20",
+                "--json",
+                "target/bench/train.json",
+            ]))
+        }
+        "comm" => run(cargo()
+            .args([
+                "bench",
+                "-p",
+                "meshrec-comm",
+                "--bench",
+                "comm",
+                "--features",
+                "mpi",
+            ])
+            .env("MESHREC_BENCH_DIR", bench_dir())),
+        "compress" => run(cargo()
+            .args(["bench", "-p", "meshrec-compress", "--bench", "compress"])
+            .env("MESHREC_BENCH_DIR", bench_dir())),
+        other => bail!("unknown benchmark `{other}` (known: train, comm, compress)"),
+    }
+}
+
+fn ci() -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--features",
+        "meshrec-comm/mpi",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    run(cargo().args(["test", "--workspace", "--features", "meshrec-comm/mpi"]))?;
+    // The model tests again on wgpu, for real, through Mesa's software Vulkan driver.
+    let runtime = std::env::temp_dir().join("meshrec-xdg");
+    std::fs::create_dir_all(&runtime)?;
+    run(cargo()
+        .args([
+            "test",
+            "-p",
+            "meshrec-model",
+            "--no-default-features",
+            "--features",
+            "wgpu",
+            "--test",
+            "model",
+        ])
+        .env("MESHREC_TEST_DEVICE", "wgpu")
+        .env("XDG_RUNTIME_DIR", &runtime))?;
+    // CUDA: type-check only; DOCS_RS skips cubecl's LLVM download, which fails offline.
+    run(cargo()
+        .args([
+            "check",
+            "-p",
+            "meshrec-trainer",
+            "--no-default-features",
+            "--features",
+            "cuda",
+        ])
+        .env("DOCS_RS", "1"))?;
+    // MPI: the collective self-test across processes.
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "meshrec-comm",
+        "--features",
+        "mpi",
+        "--example",
+        "mpi_selftest",
+    ]))?;
+    let selftest = target_dir().join("release/examples/mpi_selftest");
+    for np in ["3", "4"] {
+        run(Command::new("mpirun")
+            .args(["--allow-run-as-root", "--oversubscribe", "-np", np])
+            .arg(&selftest))?;
+    }
+    println!("xtask ci: all checks passed");
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Data { dataset, from } => match dataset.as_str() {
+            "ml-100k" => data::fetch_ml100k(from.as_deref()),
+            other => bail!("unknown dataset `{other}` (known: ml-100k)"),
+        },
+        Cmd::Demo { set } => demo(&set),
+        Cmd::Bench { name } => bench(&name),
+        Cmd::Ci => ci(),
+    }
+}

@@ -239,7 +239,11 @@ pub fn read_item_features(path: &Path) -> Result<HashMap<String, Vec<String>>, D
             .map(str::to_string)
             .collect();
         if out.insert(item.to_string(), tokens).is_some() {
-            return Err(malformed(path, line_no, format!("item `{item}` listed twice")));
+            return Err(malformed(
+                path,
+                line_no,
+                format!("item `{item}` listed twice"),
+            ));
         }
     }
     Ok(out)
@@ -276,10 +280,9 @@ pub fn load_dir_or_file(
     } else {
         path.to_path_buf()
     };
-    let format =
-        InteractionFormat::from_path(&inter).ok_or_else(|| DataError::NoInteractions {
-            path: inter.clone(),
-        })?;
+    let format = InteractionFormat::from_path(&inter).ok_or_else(|| DataError::NoInteractions {
+        path: inter.clone(),
+    })?;
     let item_file = (format == InteractionFormat::RecBoleInter)
         .then(|| inter.with_extension("item"))
         .filter(|p| p.is_file());

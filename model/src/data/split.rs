@@ -84,7 +84,11 @@ impl Dataset {
             .collect();
         let mut per_user: Vec<Vec<(f64, usize, u32)>> = vec![Vec::new(); user_tokens.len()];
         for r in raw {
-            per_user[user_id[r.user.as_str()]].push((r.timestamp, r.line, item_id[r.item.as_str()]));
+            per_user[user_id[r.user.as_str()]].push((
+                r.timestamp,
+                r.line,
+                item_id[r.item.as_str()],
+            ));
         }
         let users = per_user
             .into_iter()

@@ -108,6 +108,9 @@ impl SyntheticConfig {
     }
 
     pub fn dataset(&self) -> Result<Dataset, DataError> {
-        Ok(Dataset::from_interactions("synthetic", &self.interactions()?))
+        Ok(Dataset::from_interactions(
+            "synthetic",
+            &self.interactions()?,
+        ))
     }
 }

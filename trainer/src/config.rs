@@ -1,0 +1,386 @@
+//! The run configuration: one TOML file, every field defaulted, unknown keys rejected,
+//! `--set section.key=value` overrides, and validation that names the offending key.
+
+use std::path::{Path, PathBuf};
+
+use meshrec_model::config::{MlpKind, Positions};
+use meshrec_model::data::{SyntheticConfig, WindowPolicy};
+use meshrec_model::{ModelConfig, NormKind, Preset};
+use serde::{Deserialize, Serialize};
+
+/// Configuration errors; each names the file or key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("--set `{0}`: expected section.key=value")]
+    BadOverride(String),
+    #[error("invalid config `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DataSection {
+    /// A data file or a folder holding one; `synthetic` generates data from `[data.synthetic]`.
+    pub path: String,
+    pub windows: WindowPolicy,
+    /// Add genre tokens from the `.item` file to each item's representation.
+    pub side_features: bool,
+    pub synthetic: SyntheticConfig,
+}
+
+impl Default for DataSection {
+    fn default() -> Self {
+        Self {
+            path: "data/ml-100k".into(),
+            windows: WindowPolicy::All,
+            side_features: false,
+            synthetic: SyntheticConfig::default(),
+        }
+    }
+}
+
+/// `[model]`: a preset and optional overrides of its fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelSection {
+    pub preset: String,
+    pub max_len: Option<usize>,
+    pub d_model: Option<usize>,
+    pub n_layers: Option<usize>,
+    pub n_heads: Option<usize>,
+    pub d_ff: Option<usize>,
+    pub dropout: Option<f64>,
+    /// `rms` or `layer`.
+    pub norm: Option<String>,
+    /// `gelu` or `swiglu`.
+    pub mlp: Option<String>,
+    /// `learned` or `rope`.
+    pub positions: Option<String>,
+    pub init_std: Option<f64>,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            preset: "small".into(),
+            max_len: None,
+            d_model: None,
+            n_layers: None,
+            n_heads: None,
+            d_ff: None,
+            dropout: None,
+            norm: None,
+            mlp: None,
+            positions: None,
+            init_std: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainSection {
+    pub epochs: u64,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub warmup_steps: u64,
+    pub min_lr_ratio: f64,
+    pub weight_decay: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    /// Global gradient-norm clip; 0 turns it off.
+    pub clip_norm: f64,
+    pub seed: u64,
+    /// Epochs without a better valid NDCG@10 before stopping; 0 never stops early.
+    pub patience: u64,
+    /// `cpu`, `wgpu`, `cuda` or `cuda:N` (the `--device` flag and `BURN_DEVICE` override it).
+    pub device: String,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        Self {
+            epochs: 200,
+            batch_size: 256,
+            lr: 1e-3,
+            warmup_steps: 100,
+            min_lr_ratio: 0.1,
+            weight_decay: 0.01,
+            beta1: 0.9,
+            beta2: 0.98,
+            eps: 1e-8,
+            clip_norm: 1.0,
+            seed: 42,
+            patience: 10,
+            device: "cpu".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalSection {
+    pub batch_size: usize,
+    /// Evaluate on the valid split every this many epochs.
+    pub every: u64,
+}
+
+impl Default for EvalSection {
+    fn default() -> Self {
+        Self {
+            batch_size: 256,
+            every: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputSection {
+    /// The run's folder under `dir`.
+    pub name: String,
+    pub dir: PathBuf,
+}
+
+impl Default for OutputSection {
+    fn default() -> Self {
+        Self {
+            name: "run".into(),
+            dir: "runs".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    pub data: DataSection,
+    pub model: ModelSection,
+    pub train: TrainSection,
+    pub eval: EvalSection,
+    pub output: OutputSection,
+}
+
+/// Parses a `--set` value as a TOML value, falling back to a plain string.
+fn parse_value(text: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {text}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(text.to_string()))
+}
+
+impl RunConfig {
+    /// Reads `path` (if any), applies the overrides, and checks every value.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
+        let (text, origin) = match path {
+            Some(p) => (
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Io {
+                    path: p.to_path_buf(),
+                    source,
+                })?,
+                p.display().to_string(),
+            ),
+            None => (String::new(), "(defaults)".to_string()),
+        };
+        Self::from_toml(&text, &origin, overrides)
+    }
+
+    pub fn from_toml(text: &str, origin: &str, overrides: &[String]) -> Result<Self, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.into(),
+            message: e.to_string(),
+        })?;
+        for o in overrides {
+            let (key, value) = o
+                .split_once('=')
+                .ok_or_else(|| ConfigError::BadOverride(o.clone()))?;
+            let parts: Vec<&str> = key.trim().split('.').collect();
+            if parts.len() < 2 || parts.iter().any(|p| p.is_empty()) {
+                return Err(ConfigError::BadOverride(o.clone()));
+            }
+            let mut node = &mut table;
+            for part in &parts[..parts.len() - 1] {
+                let entry = node
+                    .entry(part.to_string())
+                    .or_insert_with(|| toml::Value::Table(Default::default()));
+                node = entry
+                    .as_table_mut()
+                    .ok_or_else(|| invalid(key, format!("`{part}` is not a section")))?;
+            }
+            node.insert(
+                parts[parts.len() - 1].to_string(),
+                parse_value(value.trim()),
+            );
+        }
+        let config: RunConfig =
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| ConfigError::Parse {
+                    origin: origin.into(),
+                    message: e.to_string(),
+                })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let t = &self.train;
+        if t.batch_size == 0 {
+            return Err(invalid("train.batch_size", "must be at least 1"));
+        }
+        if !(t.lr.is_finite() && t.lr > 0.0) {
+            return Err(invalid("train.lr", "must be a positive number"));
+        }
+        if !(0.0..=1.0).contains(&t.min_lr_ratio) {
+            return Err(invalid("train.min_lr_ratio", "must be in [0, 1]"));
+        }
+        if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
+            return Err(invalid("train.beta1", "betas must be in [0, 1)"));
+        }
+        if !(t.eps > 0.0) {
+            return Err(invalid("train.eps", "must be positive"));
+        }
+        if !(t.clip_norm >= 0.0) {
+            return Err(invalid("train.clip_norm", "must be zero (off) or positive"));
+        }
+        if self.eval.batch_size == 0 || self.eval.every == 0 {
+            return Err(invalid(
+                "eval.batch_size",
+                "eval.batch_size and eval.every must be at least 1",
+            ));
+        }
+        if self.output.name.is_empty()
+            || self.output.name.contains(['/', '\\'])
+            || self.output.name == ".."
+        {
+            return Err(invalid("output.name", "must be a plain folder name"));
+        }
+        // Model keys are checked against a placeholder catalogue; the real size comes from data.
+        self.model_config(1, None).map(|_| ())
+    }
+
+    /// Resolves `[model]` into a full model config for a catalogue of `num_items`.
+    pub fn model_config(
+        &self,
+        num_items: usize,
+        num_genres: Option<usize>,
+    ) -> Result<ModelConfig, ConfigError> {
+        let m = &self.model;
+        let preset = Preset::parse(&m.preset).map_err(|e| invalid(e.key, e.message))?;
+        let mut c = ModelConfig::preset(preset, num_items);
+        c.max_len = m.max_len.unwrap_or(c.max_len);
+        c.d_model = m.d_model.unwrap_or(c.d_model);
+        c.n_layers = m.n_layers.unwrap_or(c.n_layers);
+        c.n_heads = m.n_heads.unwrap_or(c.n_heads);
+        c.d_ff = m.d_ff.unwrap_or(c.d_ff);
+        c.dropout = m.dropout.unwrap_or(c.dropout);
+        c.init_std = m.init_std.unwrap_or(c.init_std);
+        if let Some(norm) = &m.norm {
+            c.norm = match norm.as_str() {
+                "rms" => NormKind::Rms,
+                "layer" => NormKind::Layer,
+                other => {
+                    return Err(invalid(
+                        "model.norm",
+                        format!("`{other}`: expected rms or layer"),
+                    ))
+                }
+            };
+        }
+        if let Some(mlp) = &m.mlp {
+            c.mlp = match mlp.as_str() {
+                "gelu" => MlpKind::Gelu,
+                "swiglu" => MlpKind::SwiGlu,
+                other => {
+                    return Err(invalid(
+                        "model.mlp",
+                        format!("`{other}`: expected gelu or swiglu"),
+                    ))
+                }
+            };
+        }
+        if let Some(pos) = &m.positions {
+            c.positions = match pos.as_str() {
+                "learned" => Positions::Learned,
+                "rope" => Positions::Rope,
+                other => {
+                    return Err(invalid(
+                        "model.positions",
+                        format!("`{other}`: expected learned or rope"),
+                    ))
+                }
+            };
+        }
+        c.num_genres = if self.data.side_features {
+            num_genres.or(Some(1))
+        } else {
+            None
+        };
+        c.validate().map_err(|e| invalid(e.key, e.message))?;
+        Ok(c)
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.output.dir.join(&self.output.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str, overrides: &[&str]) -> String {
+        let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        RunConfig::from_toml(text, "test.toml", &o)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn defaults_and_overrides() {
+        let c = RunConfig::from_toml(
+            "[train]\nepochs = 3\n",
+            "t",
+            &[
+                "model.dropout=0.1".into(),
+                "output.name=x".into(),
+                "data.path=synthetic".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.train.epochs, 3);
+        assert_eq!(c.model.dropout, Some(0.1));
+        assert_eq!(c.output.name, "x");
+        assert_eq!(c.data.path, "synthetic");
+        assert_eq!(c.train.batch_size, 256);
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        assert!(err("[train]\nepochz = 3\n", &[]).contains("epochz"));
+        assert!(err("[trian]\n", &[]).contains("trian"));
+        assert!(err("", &["model.n_heads=3"]).contains("model.n_heads"));
+        assert!(err("", &["model.max_len=0"]).contains("model.max_len"));
+        assert!(err("", &["model.preset=huge"]).contains("model.preset"));
+        assert!(err("", &["train.batch_size=0"]).contains("train.batch_size"));
+        assert!(err("", &["train.lr=-1"]).contains("train.lr"));
+        assert!(err("", &["model.norm=batch"]).contains("model.norm"));
+        assert!(err("", &["epochs"]).contains("expected section.key=value"));
+        assert!(err("[train]\nepochs = \"many\"\n", &[]).contains("epochs"));
+    }
+}
