@@ -135,7 +135,7 @@ impl ModelConfig {
         positive("model.n_layers", self.n_layers)?;
         positive("model.n_heads", self.n_heads)?;
         positive("model.d_ff", self.d_ff)?;
-        if self.d_model % self.n_heads != 0 {
+        if !self.d_model.is_multiple_of(self.n_heads) {
             return Err(ConfigError::new(
                 "model.n_heads",
                 format!(
@@ -144,7 +144,7 @@ impl ModelConfig {
                 ),
             ));
         }
-        if self.positions == Positions::Rope && self.head_dim() % 2 != 0 {
+        if self.positions == Positions::Rope && !self.head_dim().is_multiple_of(2) {
             return Err(ConfigError::new(
                 "model.positions",
                 format!(

@@ -98,6 +98,8 @@ pub fn matmul_into(dst: &mut [f32], a: MatRef<'_>, b: MatRef<'_>, accumulate: bo
 
 /// `e^x` to about 2e-7 relative error, written so that the compiler vectorises loops over it
 /// (libm's `expf` is a scalar call). Inputs below -87 flush to ~1e-38, above 88 saturate.
+// The Cephes coefficients are kept as published.
+#[allow(clippy::excessive_precision)]
 #[inline(always)]
 pub fn fast_exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;

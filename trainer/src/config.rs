@@ -252,10 +252,10 @@ impl RunConfig {
         if !(0.0..1.0).contains(&t.beta1) || !(0.0..1.0).contains(&t.beta2) {
             return Err(invalid("train.beta1", "betas must be in [0, 1)"));
         }
-        if !(t.eps > 0.0) {
+        if !(t.eps.is_finite() && t.eps > 0.0) {
             return Err(invalid("train.eps", "must be positive"));
         }
-        if !(t.clip_norm >= 0.0) {
+        if !(t.clip_norm.is_finite() && t.clip_norm >= 0.0) {
             return Err(invalid("train.clip_norm", "must be zero (off) or positive"));
         }
         if self.eval.batch_size == 0 || self.eval.every == 0 {

@@ -136,10 +136,13 @@ fn unzip(archive: &Path, members: &[&str]) -> Result<()> {
     Ok(())
 }
 
+/// One way of getting the files into `data/ml-100k/`.
+type Route<'a> = Box<dyn Fn() -> Result<()> + 'a>;
+
 /// Gets MovieLens-100K by the first route that works and verifies it.
 pub fn fetch_ml100k(from: Option<&Path>) -> Result<()> {
     let mut failures = Vec::new();
-    let routes: Vec<(&str, Box<dyn Fn() -> Result<()>>)> = match from {
+    let routes: Vec<(&str, Route<'_>)> = match from {
         Some(dir) => vec![("--from", Box::new(move || copy_from(dir)))],
         None => vec![
             ("GroupLens archive", Box::new(try_grouplens)),

@@ -339,7 +339,7 @@ pub(crate) fn decode_terngrad<O: Op>(
         // the loop has no data-dependent branch.
         let table = [0.0, s, -s, 0.0];
         let base = c * chunk;
-        if base % 4 == 0 {
+        if base.is_multiple_of(4) {
             // Byte-aligned chunk start: four codes per byte, no per-element index math.
             let bytes = &codes[base / 4..];
             for (quad, &byte) in part.chunks_mut(4).zip(bytes) {
@@ -381,7 +381,7 @@ pub(crate) fn decode_sign<O: Op>(
         check_scale(m, c, s)?;
         let base = c * chunk;
         let sb = s.to_bits();
-        if base % 8 == 0 {
+        if base.is_multiple_of(8) {
             // Byte-aligned chunk start: eight signs per byte, no per-element index math.
             let bytes = &codes[base / 8..];
             for (oct, &byte) in part.chunks_mut(8).zip(bytes) {
