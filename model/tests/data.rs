@@ -8,8 +8,14 @@ use meshrec_model::data::{
 };
 use meshrec_model::DataError;
 
+/// Read at run time (cargo sets it for tests too): a test binary in a target directory
+/// shared by several clones may have been built from another clone's path.
 fn fixture(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(
+            || Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf(),
+            Into::into,
+        )
         .join("tests/fixtures")
         .join(name)
 }
