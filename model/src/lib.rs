@@ -3,6 +3,7 @@
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod dropout;
 pub mod error;
 pub mod kernels;
 pub mod loss;

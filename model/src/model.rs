@@ -11,6 +11,7 @@ use burn::tensor::activation::{gelu, silu, softmax};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use crate::config::{MlpKind, ModelConfig, NormKind, Positions};
+use crate::dropout;
 
 /// RMSNorm or LayerNorm.
 #[derive(Module, Debug)]
@@ -151,7 +152,7 @@ impl Attention {
             future.unsqueeze::<4>().expand([b, self.heads, s, s]),
             f32::NEG_INFINITY,
         );
-        let probs = self.dropout.forward(softmax(scores, 3));
+        let probs = dropout::apply(&self.dropout, softmax(scores, 3));
         let context = probs
             .matmul(v)
             .swap_dims(1, 2)
@@ -225,7 +226,7 @@ impl Block {
 
     /// Adds a (fully reduced) branch output to the residual stream.
     pub fn residual(&self, x: Tensor<3>, branch: Tensor<3>) -> Tensor<3> {
-        x + self.residual_dropout.forward(branch)
+        x + dropout::apply(&self.residual_dropout, branch)
     }
 
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
@@ -294,7 +295,7 @@ impl ItemEmbedding {
             }
             None => x,
         };
-        self.dropout.forward(x)
+        dropout::apply(&self.dropout, x)
     }
 
     pub fn forward(&self, items: Tensor<2, Int>) -> Tensor<3> {

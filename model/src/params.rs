@@ -105,6 +105,25 @@ pub fn read_grads<M: Module>(module: &M, grads: &Gradients) -> Vec<Vec<f32>> {
     out
 }
 
+/// Adds each parameter's gradient found in `grads` into `acc` (in [`param_paths`] order);
+/// parameters that backward did not reach are left alone, so several partial backwards
+/// (graph-cut pieces, micro-batches) accumulate without allocating zeros.
+pub fn accumulate_grads<M: Module>(module: &M, grads: &Gradients, acc: &mut [Vec<f32>]) {
+    let mut index = 0usize;
+    module.visit(&mut Reader {
+        path: PathStack::default(),
+        grads: Some(grads),
+        f: |_, _, v: Option<Vec<f32>>| {
+            if let (Some(v), Some(slot)) = (v, acc.get_mut(index)) {
+                for (a, g) in slot.iter_mut().zip(&v) {
+                    *a += g;
+                }
+            }
+            index += 1;
+        },
+    });
+}
+
 struct Writer<'a> {
     values: &'a [Vec<f32>],
     next: usize,

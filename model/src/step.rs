@@ -5,7 +5,9 @@ use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::data::{Batch, EvalBatch, PAD};
-use crate::loss::{fused_cross_entropy, score_into, SingleShard, TableShard, DEFAULT_CHUNK_ROWS};
+use crate::loss::{
+    fused_cross_entropy, score_into, SingleShard, TableShard, VocabReducer, DEFAULT_CHUNK_ROWS,
+};
 use crate::metrics::{rank_of_target, RankingMetrics};
 use crate::model::Recommender;
 use crate::params::read_grads;
@@ -47,41 +49,63 @@ pub struct StepOutput {
 /// final hidden states `h` (`[batch, seq, d]`, tracked), the targets and the item table
 /// tensor (tracked), computes the loss in the fused kernel and returns the surrogate whose
 /// backward gives exactly the cross-entropy's gradients: `sum(h_rows * dh) + sum(E * dE)`.
-pub fn tied_softmax_surrogate(
+///
+/// `table` holds the item rows `first_row ..` of the full table (a vocab-parallel shard, or
+/// all of it with `first_row == 0`); the padding row 0 is never a candidate. `reducer`
+/// combines the shards' statistics and also sums the shards' partial `dh`, so the surrogate's
+/// `h` gradient is the full one on every shard. Returns `(loss_sum, targets, surrogate)`,
+/// the surrogate absent when the batch has no targets.
+pub fn tied_softmax_surrogate<R: VocabReducer>(
     h: Tensor<3>,
     targets: &[u32],
     table: Tensor<2>,
+    first_row: usize,
     grad_scale: f32,
-) -> (f64, usize, Option<Tensor<1>>) {
+    reducer: &mut R,
+) -> Result<(f64, usize, Option<Tensor<1>>), R::Error> {
     let [b, s, d] = h.dims();
     let device = h.device();
     let (positions, target_ids) = loss_positions(targets);
     if positions.is_empty() {
-        return (0.0, 0, None);
+        return Ok((0.0, 0, None));
     }
     let n = positions.len();
     let index = Tensor::<1, Int>::from_data(TensorData::new(positions, [n]), &device);
     let h_rows = h.reshape([b * s, d]).select(0, index);
     let h_host = host(h_rows.clone().detach());
-    let [v, _] = table.dims();
+    let [rows, _] = table.dims();
     let table_host = host(table.clone().detach());
-    // Row 0 of the table is padding: never a candidate.
-    let shard = TableShard::new(&table_host[d..], d, 1);
-    let out = match fused_cross_entropy(
+    let skip = usize::from(first_row == 0);
+    let shard = TableShard::new(&table_host[skip * d..], d, (first_row + skip) as u32);
+    let mut out = fused_cross_entropy(
         &h_host,
         &target_ids,
         shard,
         grad_scale,
         DEFAULT_CHUNK_ROWS,
-        &mut SingleShard,
-    ) {
+        reducer,
+    )?;
+    reducer.all_sum(&mut out.dh)?;
+    let dh = Tensor::<2>::from_data(TensorData::new(out.dh, [n, d]), &device);
+    let mut surrogate = (h_rows * dh).sum();
+    if rows > skip {
+        let de = Tensor::<2>::from_data(TensorData::new(out.d_table, [rows - skip, d]), &device);
+        surrogate = surrogate + (table.narrow(0, skip, rows - skip) * de).sum();
+    }
+    Ok((out.loss_sum, n, Some(surrogate)))
+}
+
+/// [`tied_softmax_surrogate`] over the whole, unsharded table.
+fn full_table_surrogate(
+    h: Tensor<3>,
+    targets: &[u32],
+    table: Tensor<2>,
+    grad_scale: f32,
+) -> (f64, usize, Option<Tensor<1>>) {
+    match tied_softmax_surrogate(h, targets, table, 0, grad_scale, &mut SingleShard) {
         Ok(out) => out,
         Err(never) => match never {},
-    };
-    let dh = Tensor::<2>::from_data(TensorData::new(out.dh, [n, d]), &device);
-    let de = Tensor::<2>::from_data(TensorData::new(out.d_table, [v - 1, d]), &device);
-    let surrogate = (h_rows * dh).sum() + (table.narrow(0, 1, v - 1) * de).sum();
-    (out.loss_sum, n, Some(surrogate))
+    }
 }
 
 /// Forward and backward of one (micro-)batch on one device.
@@ -94,7 +118,7 @@ pub fn forward_backward(
     let inputs = id_tensor(&batch.inputs, batch.batch_size, batch.seq_len, device);
     let h = model.hidden(inputs);
     let (loss_sum, targets, surrogate) =
-        tied_softmax_surrogate(h, &batch.targets, model.item_table(), grad_scale);
+        full_table_surrogate(h, &batch.targets, model.item_table(), grad_scale);
     let grads = match surrogate {
         Some(surrogate) => read_grads(model, &surrogate.backward()),
         None => crate::params::param_paths(model)

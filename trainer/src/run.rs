@@ -243,7 +243,7 @@ pub fn train(config: &RunConfig, device: &Device, device_name: &str) -> Result<S
         let (mut loss_sum, mut count, mut epoch_samples, mut skipped) = (0.0f64, 0u64, 0u64, 0u64);
         for batch in train_set.epoch(t.seed, epoch, t.batch_size) {
             // Dropout masks are a function of (seed, step): reproducible and resumable.
-            device.seed(t.seed ^ step.wrapping_mul(0x2545_F491_4F6C_DD1D));
+            meshrec_model::dropout::seed_dropout(t.seed ^ step.wrapping_mul(0x2545_F491_4F6C_DD1D));
             let targets = batch.num_targets();
             let mut out = forward_backward(&model, &batch, 1.0 / targets.max(1) as f32, device);
             let norm = sum_of_squares(&out.grads).sqrt();
