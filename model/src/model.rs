@@ -248,6 +248,9 @@ pub struct ItemEmbedding {
     pub dropout: Dropout,
     #[module(skip)]
     pub first_item: usize,
+    /// Rows of the full table: a shard holds fewer.
+    #[module(skip)]
+    pub vocab: usize,
 }
 
 impl ItemEmbedding {
@@ -255,7 +258,7 @@ impl ItemEmbedding {
     /// vocab-parallel masked lookup); on one device every id is in range.
     pub fn lookup(&self, items: Tensor<2, Int>) -> Tensor<3> {
         let [rows, _] = self.items.weight.dims();
-        let in_full_range = self.first_item == 0;
+        let in_full_range = self.first_item == 0 && rows == self.vocab;
         if in_full_range {
             return self.with_genres(items.clone(), self.items.forward(items));
         }
@@ -375,6 +378,7 @@ impl Recommender {
             genre_mix: mix,
             dropout: DropoutConfig::new(config.dropout).init(),
             first_item,
+            vocab: config.vocab(),
         };
         Self {
             embed,

@@ -1,1 +1,22 @@
 //! Device mesh, segments, tensor and pipeline parallelism over `meshrec-comm`.
+//!
+//! * [`mesh`] — the `dp × tp × pp` grid and its sub-communicators.
+//! * [`layout`] — where each parameter lives (partition, TP splits), shard / unshard.
+//! * [`segment`] — one model chunk on one rank: forward per micro-batch, backward by graph
+//!   cuts, Megatron's tensor-parallel all-reduces at the cuts.
+//! * [`schedule`] — GPipe, 1F1B and interleaved 1F1B as data, checked deadlock-free.
+//! * [`exec`] — runs a schedule over a rank's segments, then the model-parallel gradient
+//!   reductions.
+//! * [`timeline`] — what each stage did when; utilization, bubble, SVG.
+//! * [`check`] — the layout-equivalence check against one device.
+
+pub mod check;
+mod error;
+pub mod exec;
+pub mod layout;
+pub mod mesh;
+pub mod schedule;
+pub mod segment;
+pub mod timeline;
+
+pub use error::{MeshError, ParallelError};

@@ -1,0 +1,287 @@
+//! The invariant of the design, executable: one optimizer step of any layout on a global
+//! batch gives the same loss, gradients and updated parameters as one device. Used by the
+//! equivalence tests (local engine, every layout) and by the MPI example (`mpirun -np 4`),
+//! and by anyone who wants to check a layout before a long run.
+
+use burn::tensor::Device;
+use meshrec_comm::Communicator;
+use meshrec_model::data::Batch;
+use meshrec_model::optim::{clip_by_global_norm, sum_of_squares, AdamW, AdamWConfig};
+use meshrec_model::params::{init_normal, param_paths, read_values, ParamInfo};
+use meshrec_model::step::forward_backward;
+use meshrec_model::{ModelConfig, Recommender};
+
+use crate::error::ParallelError;
+use crate::exec::{
+    all_reduce_data_parallel, global_grad_norm, micro_batches, reduce_model_parallel_grads,
+    run_schedule, StepLoss,
+};
+use crate::layout::{shard_chunk, FullState, Layout, ParamSpec, RankState};
+use crate::mesh::Groups;
+use crate::schedule::Schedule;
+use crate::segment::Segment;
+use crate::timeline::Recorder;
+
+/// The optimizer settings of a checked step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepSettings {
+    pub adamw: AdamWConfig,
+    pub lr: f32,
+    /// Global-norm clipping threshold (0 disables).
+    pub clip_norm: f64,
+}
+
+impl Default for StepSettings {
+    fn default() -> Self {
+        Self {
+            adamw: AdamWConfig::default(),
+            lr: 1e-2,
+            clip_norm: 0.5,
+        }
+    }
+}
+
+/// One device's step: the ground truth.
+#[derive(Debug, Clone)]
+pub struct Reference {
+    pub infos: Vec<ParamInfo>,
+    pub initial: FullState,
+    pub loss: f64,
+    pub grads: FullState,
+    pub updated: FullState,
+}
+
+/// A freshly initialised full model's state (seeded, layout-independent).
+pub fn initial_state(
+    config: &ModelConfig,
+    item_genres: Option<&[Vec<u32>]>,
+    seed: u64,
+    device: &Device,
+) -> (Vec<ParamInfo>, FullState) {
+    let model = Recommender::new(config, item_genres, device);
+    let model = init_normal(model, seed, config.init_std, config.n_layers, device);
+    let infos = param_paths(&model);
+    let values = read_values(&model);
+    let state = FullState::from_ordered(&infos, values);
+    (infos, state)
+}
+
+/// Runs the step on one device from `initial`.
+pub fn reference_step(
+    config: &ModelConfig,
+    item_genres: Option<&[Vec<u32>]>,
+    initial: &FullState,
+    batch: &Batch,
+    settings: StepSettings,
+    device: &Device,
+) -> Result<Reference, ParallelError> {
+    let device = &device.clone().autodiff();
+    let model = Recommender::new(config, item_genres, device);
+    let infos = param_paths(&model);
+    let mut values = initial.to_ordered(&infos)?;
+    let model = meshrec_model::params::write_values(model, &values, device);
+    let targets = batch.num_targets().max(1);
+    let mut out = forward_backward(&model, batch, 1.0 / targets as f32, device);
+    let grads = FullState::from_ordered(&infos, out.grads.clone());
+    let norm = sum_of_squares(&out.grads).sqrt();
+    clip_by_global_norm(&mut out.grads, norm, settings.clip_norm);
+    let decay: Vec<bool> = infos.iter().map(ParamSpec::decays).collect();
+    let mut adamw = AdamW::new(settings.adamw, infos.iter().map(ParamInfo::numel));
+    adamw.update(&mut values, &out.grads, settings.lr, &decay);
+    Ok(Reference {
+        loss: out.loss_sum / targets as f64,
+        grads,
+        updated: FullState::from_ordered(&infos, values),
+        initial: initial.clone(),
+        infos,
+    })
+}
+
+/// What one rank of a layout ends the step with.
+#[derive(Debug, Clone)]
+pub struct RankOutcome {
+    pub rank: usize,
+    pub loss: StepLoss,
+    /// Gradients after the model-parallel and data-parallel reductions.
+    pub grads: RankState,
+    pub updated: RankState,
+    /// Per local chunk, the most micro-batches stashed at once.
+    pub peak_in_flight: Vec<usize>,
+}
+
+/// Builds this rank's segments of `layout` loaded with its slices of `initial`.
+pub fn build_segments(
+    config: &ModelConfig,
+    item_genres: Option<&[Vec<u32>]>,
+    layout: &Layout,
+    groups: &Groups,
+    initial: &FullState,
+    device: &Device,
+) -> Result<Vec<Segment>, ParallelError> {
+    (0..layout.virtual_stages)
+        .map(|local| {
+            let k = layout.model_chunk(groups.coord.pp, local);
+            let mut segment = Segment::new(config, item_genres, layout, groups.coord, k, device);
+            let values = shard_chunk(initial, &segment.specs, &layout.mesh, groups.coord)?;
+            segment.set_values(&values)?;
+            Ok(segment)
+        })
+        .collect()
+}
+
+/// Runs the step of `layout` on this rank (`world` spans the whole layout) with dropout
+/// off: the global batch is split over data-parallel ranks, then into micro-batches.
+pub fn layout_step(
+    world: Box<dyn Communicator>,
+    config: &ModelConfig,
+    item_genres: Option<&[Vec<u32>]>,
+    layout: &Layout,
+    schedule: &Schedule,
+    batch: &Batch,
+    initial: &FullState,
+    settings: StepSettings,
+    device: &Device,
+) -> Result<RankOutcome, ParallelError> {
+    let rank = world.rank();
+    let groups = Groups::new(world, layout.mesh)?;
+    let mut segments = build_segments(config, item_genres, layout, &groups, initial, device)?;
+    for s in &mut segments {
+        s.set_training(false);
+    }
+    let rows = meshrec_comm::chunk_range(batch.batch_size, layout.mesh.dp, groups.coord.dp);
+    let local = batch.rows(rows.start, rows.end);
+    let micro = micro_batches(&local, schedule.micro_batches);
+    let grad_scale = 1.0 / batch.num_targets().max(1) as f32;
+    let mut timeline = Recorder::new();
+    let mut loss = run_schedule(
+        &mut segments,
+        layout,
+        schedule,
+        &groups,
+        &micro,
+        grad_scale,
+        &mut timeline,
+    )?;
+    reduce_model_parallel_grads(&mut segments, &groups)?;
+    all_reduce_data_parallel(&mut segments, &groups)?;
+    if layout.mesh.dp > 1 {
+        let mut both = [loss.loss_sum as f32, loss.targets as f32];
+        groups
+            .dp
+            .all_reduce(&mut both, meshrec_comm::ReduceOp::Sum)?;
+        loss = StepLoss {
+            loss_sum: f64::from(both[0]),
+            targets: both[1].round() as usize,
+        };
+    }
+    let grads = RankState {
+        coord: groups.coord,
+        chunks: segments
+            .iter()
+            .map(|s| (s.specs.clone(), s.grads.clone()))
+            .collect(),
+    };
+    let norm = global_grad_norm(&segments, &groups)?;
+    let mut chunks = Vec::with_capacity(segments.len());
+    for s in &mut segments {
+        clip_by_global_norm(&mut s.grads, norm, settings.clip_norm);
+        let decay: Vec<bool> = s.infos.iter().map(ParamSpec::decays).collect();
+        let mut adamw = AdamW::new(settings.adamw, s.infos.iter().map(ParamInfo::numel));
+        let mut values = s.values();
+        adamw.update(&mut values, &s.grads, settings.lr, &decay);
+        chunks.push((s.specs.clone(), values));
+    }
+    Ok(RankOutcome {
+        rank,
+        loss,
+        grads,
+        updated: RankState {
+            coord: groups.coord,
+            chunks,
+        },
+        peak_in_flight: segments.iter().map(Segment::peak_in_flight).collect(),
+    })
+}
+
+/// Largest relative deviation of `got` from `want` over all parameters: per parameter,
+/// `max |got - want| / max(max |want|, floor)`. Returns the worst parameter and its error.
+pub fn worst_deviation(
+    want: &FullState,
+    got: &FullState,
+    floor: f32,
+) -> Result<(String, f32), ParallelError> {
+    let mut worst = (String::new(), 0.0f32);
+    for (path, w) in &want.values {
+        let g = got
+            .values
+            .get(path)
+            .ok_or_else(|| ParallelError::State(format!("`{path}` is missing")))?;
+        if g.len() != w.len() {
+            return Err(ParallelError::State(format!(
+                "`{path}` has {} values, want {}",
+                g.len(),
+                w.len()
+            )));
+        }
+        let scale = w.iter().fold(floor, |m, x| m.max(x.abs()));
+        let diff = w
+            .iter()
+            .zip(g)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+        let rel = if diff.is_nan() {
+            f32::INFINITY
+        } else {
+            diff / scale
+        };
+        if rel > worst.1 {
+            worst = (path.clone(), rel);
+        }
+    }
+    Ok(worst)
+}
+
+/// This rank's slices of a full state, for comparing one rank without gathering the others
+/// (what the MPI check does in each process).
+pub fn rank_slices(
+    full: &FullState,
+    rank: &RankState,
+    layout: &Layout,
+) -> Result<RankState, ParallelError> {
+    let chunks = rank
+        .chunks
+        .iter()
+        .map(|(specs, _)| {
+            Ok((
+                specs.clone(),
+                shard_chunk(full, specs, &layout.mesh, rank.coord)?,
+            ))
+        })
+        .collect::<Result<_, ParallelError>>()?;
+    Ok(RankState {
+        coord: rank.coord,
+        chunks,
+    })
+}
+
+/// Largest relative deviation between two states of one rank (same specs).
+pub fn rank_deviation(
+    want: &RankState,
+    got: &RankState,
+    floor: f32,
+) -> Result<(String, f32), ParallelError> {
+    let mut w = FullState::default();
+    let mut g = FullState::default();
+    for ((specs, wv), (_, gv)) in want.chunks.iter().zip(&got.chunks) {
+        for ((spec, a), b) in specs.iter().zip(wv).zip(gv) {
+            w.values.insert(
+                spec.local_path.clone() + &format!("@{}", spec.full_path),
+                a.clone(),
+            );
+            g.values.insert(
+                spec.local_path.clone() + &format!("@{}", spec.full_path),
+                b.clone(),
+            );
+        }
+    }
+    worst_deviation(&w, &g, floor)
+}

@@ -1,0 +1,366 @@
+//! Runs one training step of a layout on one rank: the pipeline schedule's forwards and
+//! backwards over this rank's segments with tagged point-to-point messages between stages,
+//! then the gradient reductions the layout needs inside the model-parallel group (partial
+//! TP gradients, the tied item table between the first and last stage), and the global
+//! gradient norm. Data-parallel gradient averaging is the trainer's (bucketed, overlapped,
+//! compressed); [`all_reduce_data_parallel`] is the plain reference.
+
+use std::collections::HashMap;
+
+use meshrec_comm::{Communicator, ReduceOp, Request};
+use meshrec_model::data::Batch;
+
+use crate::error::ParallelError;
+use crate::layout::{Layout, Split};
+use crate::mesh::Groups;
+use crate::schedule::{Action, Schedule};
+use crate::segment::{ForwardInput, ForwardOutput, Segment};
+use crate::timeline::{EventKind, Recorder};
+
+/// Which way a message travels.
+#[derive(Clone, Copy)]
+enum Direction {
+    Activation = 0,
+    Gradient = 1,
+}
+
+/// Tag of the message into model chunk `k` (activations) or out of it backwards
+/// (gradients) for micro-batch `mb`.
+fn tag(direction: Direction, mb: usize, k: usize) -> u32 {
+    ((mb as u32) << 10) | ((k as u32 & 0x1ff) << 1) | direction as u32
+}
+
+/// The loss of one step as seen by this rank's pipeline (summed over micro-batches; the
+/// same on every rank of the pipeline after the step).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct StepLoss {
+    pub loss_sum: f64,
+    pub targets: usize,
+}
+
+/// Splits a batch into `m` micro-batches of contiguous rows (sizes differ by at most one).
+pub fn micro_batches(batch: &Batch, m: usize) -> Vec<Batch> {
+    (0..m)
+        .map(|i| {
+            let r = meshrec_comm::chunk_range(batch.batch_size, m, i);
+            batch.rows(r.start, r.end)
+        })
+        .filter(|b| b.batch_size > 0)
+        .collect()
+}
+
+/// Messages this rank sends to itself (two chunks of one device, interleaved schedules with
+/// one pipeline rank) skip the communicator.
+#[derive(Default)]
+struct Mailbox(HashMap<u32, Vec<f32>>);
+
+/// Executes `schedule` for this rank's `segments` (its local chunks, in local order) on
+/// `micro` micro-batches; parameter gradients accumulate in the segments (scaled by
+/// `grad_scale`, typically `1 / targets of the global batch`). Records every forward,
+/// backward, send and receive in `timeline`.
+pub fn run_schedule(
+    segments: &mut [Segment],
+    layout: &Layout,
+    schedule: &Schedule,
+    groups: &Groups,
+    micro: &[Batch],
+    grad_scale: f32,
+    timeline: &mut Recorder,
+) -> Result<StepLoss, ParallelError> {
+    let pp_rank = groups.coord.pp;
+    let d_model = segment_width(segments)?;
+    let actions = schedule
+        .per_device
+        .get(pp_rank)
+        .ok_or_else(|| ParallelError::Step(format!("the schedule has no stage {pp_rank}")))?;
+    if micro.len() != schedule.micro_batches {
+        return Err(ParallelError::Step(format!(
+            "{} micro-batches given, the schedule expects {}",
+            micro.len(),
+            schedule.micro_batches
+        )));
+    }
+    let tp = groups.tp.as_ref();
+    let pp = groups.pp.as_ref();
+    let mut mailbox = Mailbox::default();
+    let mut sends: Vec<Request<()>> = Vec::new();
+    let mut loss = StepLoss::default();
+    for action in actions {
+        match *action {
+            Action::Forward {
+                micro_batch: mb,
+                chunk,
+            } => {
+                let k = layout.model_chunk(pp_rank, chunk);
+                let batch = &micro[mb];
+                let input = if layout.is_first_chunk(k) {
+                    ForwardInput::Ids(batch)
+                } else {
+                    let len = batch.batch_size * batch.seq_len * d_model;
+                    let src = layout.device_of_chunk(k - 1);
+                    let values = receive(
+                        pp,
+                        &mut mailbox,
+                        pp_rank,
+                        src,
+                        tag(Direction::Activation, mb, k),
+                        len,
+                        timeline,
+                        mb,
+                        chunk,
+                    )?;
+                    ForwardInput::Activations(values)
+                };
+                let segment = segments.get_mut(chunk).ok_or_else(|| {
+                    ParallelError::Step(format!("stage {pp_rank} has no local chunk {chunk}"))
+                })?;
+                let out = timeline.record(EventKind::Forward, Some(mb), Some(chunk), || {
+                    segment.forward(mb, batch, input, grad_scale, tp)
+                })?;
+                match out {
+                    ForwardOutput::Activations(values) => {
+                        let dst = layout.device_of_chunk(k + 1);
+                        send(
+                            pp,
+                            &mut mailbox,
+                            &mut sends,
+                            pp_rank,
+                            dst,
+                            tag(Direction::Activation, mb, k + 1),
+                            values,
+                            timeline,
+                            mb,
+                            chunk,
+                        )?;
+                    }
+                    ForwardOutput::Loss { loss_sum, targets } => {
+                        loss.loss_sum += loss_sum;
+                        loss.targets += targets;
+                    }
+                }
+            }
+            Action::Backward {
+                micro_batch: mb,
+                chunk,
+            } => {
+                let k = layout.model_chunk(pp_rank, chunk);
+                let batch = &micro[mb];
+                let grad = if layout.is_last_chunk(k) {
+                    None
+                } else {
+                    let len = batch.batch_size * batch.seq_len * d_model;
+                    let src = layout.device_of_chunk(k + 1);
+                    Some(receive(
+                        pp,
+                        &mut mailbox,
+                        pp_rank,
+                        src,
+                        tag(Direction::Gradient, mb, k),
+                        len,
+                        timeline,
+                        mb,
+                        chunk,
+                    )?)
+                };
+                let segment = segments.get_mut(chunk).ok_or_else(|| {
+                    ParallelError::Step(format!("stage {pp_rank} has no local chunk {chunk}"))
+                })?;
+                let dx = timeline.record(EventKind::Backward, Some(mb), Some(chunk), || {
+                    segment.backward(mb, grad, tp)
+                })?;
+                if let Some(dx) = dx {
+                    let dst = layout.device_of_chunk(k - 1);
+                    send(
+                        pp,
+                        &mut mailbox,
+                        &mut sends,
+                        pp_rank,
+                        dst,
+                        tag(Direction::Gradient, mb, k - 1),
+                        dx,
+                        timeline,
+                        mb,
+                        chunk,
+                    )?;
+                }
+            }
+        }
+    }
+    for request in sends {
+        request.wait()?;
+    }
+    // The loss lives on the last stage; every stage reports it.
+    if layout.mesh.pp > 1 {
+        let mut both = [loss.loss_sum as f32, loss.targets as f32];
+        pp.all_reduce(&mut both, ReduceOp::Sum)?;
+        loss = StepLoss {
+            loss_sum: f64::from(both[0]),
+            targets: both[1].round() as usize,
+        };
+    }
+    Ok(loss)
+}
+
+fn segment_width(segments: &[Segment]) -> Result<usize, ParallelError> {
+    segments
+        .first()
+        .map(|s| s.d_model())
+        .ok_or_else(|| ParallelError::Step("this rank holds no model chunk".into()))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn receive(
+    pp: &dyn Communicator,
+    mailbox: &mut Mailbox,
+    me: usize,
+    src: usize,
+    tag: u32,
+    len: usize,
+    timeline: &mut Recorder,
+    mb: usize,
+    chunk: usize,
+) -> Result<Vec<f32>, ParallelError> {
+    if src == me {
+        return mailbox.0.remove(&tag).ok_or_else(|| {
+            ParallelError::Step(format!(
+                "stage {me}: message {tag} to itself was never sent"
+            ))
+        });
+    }
+    timeline
+        .record(EventKind::Recv, Some(mb), Some(chunk), || {
+            let mut buf = vec![0.0f32; len];
+            pp.recv(src, tag, &mut buf)?;
+            Ok::<_, meshrec_comm::CommError>(buf)
+        })
+        .map_err(ParallelError::from)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn send(
+    pp: &dyn Communicator,
+    mailbox: &mut Mailbox,
+    sends: &mut Vec<Request<()>>,
+    me: usize,
+    dst: usize,
+    tag: u32,
+    values: Vec<f32>,
+    timeline: &mut Recorder,
+    mb: usize,
+    chunk: usize,
+) -> Result<(), ParallelError> {
+    if dst == me {
+        mailbox.0.insert(tag, values);
+        return Ok(());
+    }
+    let request = timeline.record(EventKind::Send, Some(mb), Some(chunk), || {
+        pp.isend(dst, tag, values)
+    })?;
+    sends.push(request);
+    Ok(())
+}
+
+/// Completes the gradients inside the model-parallel group: sums the partial gradients of
+/// replicated parameters over TP, and the tied item table between the first and the last
+/// pipeline stage. After it every rank holds exactly the gradient of its slice.
+pub fn reduce_model_parallel_grads(
+    segments: &mut [Segment],
+    groups: &Groups,
+) -> Result<(), ParallelError> {
+    if groups.mesh.tp > 1 {
+        let mut fused = Vec::new();
+        for s in segments.iter() {
+            for (spec, g) in s.specs.iter().zip(&s.grads) {
+                if spec.tp_partial_grad {
+                    fused.extend_from_slice(g);
+                }
+            }
+        }
+        if !fused.is_empty() {
+            groups.tp.all_reduce(&mut fused, ReduceOp::Sum)?;
+            let mut at = 0;
+            for s in segments.iter_mut() {
+                for (spec, g) in s.specs.iter().zip(s.grads.iter_mut()) {
+                    if spec.tp_partial_grad {
+                        let n = g.len();
+                        g.copy_from_slice(&fused[at..at + n]);
+                        at += n;
+                    }
+                }
+            }
+        }
+    }
+    // Interleaving on one pipeline rank puts the table and its tied copy in one process.
+    let table_grads: Vec<(usize, usize)> = segments
+        .iter()
+        .enumerate()
+        .flat_map(|(c, s)| {
+            s.specs
+                .iter()
+                .enumerate()
+                .filter(|(_, spec)| spec.full_path == crate::layout::TABLE_PATH)
+                .map(move |(i, _)| (c, i))
+        })
+        .collect();
+    if groups.embed.is_none() && table_grads.len() == 2 {
+        let (a, b) = (table_grads[0], table_grads[1]);
+        let sum: Vec<f32> = segments[a.0].grads[a.1]
+            .iter()
+            .zip(&segments[b.0].grads[b.1])
+            .map(|(x, y)| x + y)
+            .collect();
+        segments[a.0].grads[a.1].copy_from_slice(&sum);
+        segments[b.0].grads[b.1].copy_from_slice(&sum);
+    }
+    if let Some(embed) = &groups.embed {
+        // The first stage's table and the last stage's copy: one slice of each per rank.
+        for s in segments.iter_mut() {
+            for (spec, g) in s.specs.iter().zip(s.grads.iter_mut()) {
+                if spec.full_path == crate::layout::TABLE_PATH && spec.split == Split::Rows {
+                    embed.all_reduce(g, ReduceOp::Sum)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sums every gradient over the data-parallel group (each replica's gradient is already
+/// scaled by the global target count, so the sum is the mean gradient). The unbucketed
+/// reference the trainer's overlapped and compressed paths are checked against.
+pub fn all_reduce_data_parallel(
+    segments: &mut [Segment],
+    groups: &Groups,
+) -> Result<(), ParallelError> {
+    if groups.mesh.dp == 1 {
+        return Ok(());
+    }
+    for s in segments.iter_mut() {
+        for g in s.grads.iter_mut() {
+            groups.dp.all_reduce(g, ReduceOp::Sum)?;
+        }
+    }
+    Ok(())
+}
+
+/// The L2 norm of the full model's gradient, each element counted once (replicas on TP rank
+/// 0, tied copies never), agreed over the TP and PP groups.
+pub fn global_grad_norm(segments: &[Segment], groups: &Groups) -> Result<f64, ParallelError> {
+    let mut sum = 0.0f64;
+    for s in segments {
+        for (spec, g) in s.specs.iter().zip(&s.grads) {
+            if spec.counts_in_norm(groups.coord) {
+                sum += g.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>();
+            }
+        }
+    }
+    // The collectives are f32: ample for a clipping threshold.
+    let mut parts = [sum as f32];
+    if groups.mesh.tp > 1 {
+        groups.tp.all_reduce(&mut parts, ReduceOp::Sum)?;
+    }
+    if groups.mesh.pp > 1 {
+        groups.pp.all_reduce(&mut parts, ReduceOp::Sum)?;
+    }
+    Ok(f64::from(parts[0]).sqrt())
+}

@@ -1,0 +1,444 @@
+//! Where every parameter lives in a layout: the pipeline partition (blocks per model chunk),
+//! how each parameter is split over tensor-parallel ranks, and shard / unshard of any
+//! per-parameter state (values, gradients, optimizer moments) between the full model and
+//! the shards of a layout — the basis of checkpoint resharding.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use meshrec_comm::chunk_range;
+use meshrec_model::params::ParamInfo;
+use meshrec_model::ModelConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{MeshError, ParallelError};
+use crate::mesh::{Coord, Mesh};
+
+/// A mesh plus the pipeline partition: `partition[k]` blocks in model chunk `k`, with
+/// `pp × virtual_stages` chunks; chunk `k` lives on pipeline rank `k % pp` (Megatron's
+/// interleaved assignment; with one virtual stage chunk `k` is stage `k`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    pub mesh: Mesh,
+    pub virtual_stages: usize,
+    pub partition: Vec<usize>,
+}
+
+impl Layout {
+    /// Blocks spread as evenly as possible, earlier chunks taking the remainder.
+    pub fn uniform(mesh: Mesh, virtual_stages: usize, n_layers: usize) -> Result<Self, MeshError> {
+        let chunks = mesh.pp * virtual_stages.max(1);
+        let partition = (0..chunks)
+            .map(|k| chunk_range(n_layers, chunks, k).len())
+            .collect();
+        Self::with_partition(mesh, virtual_stages, partition, n_layers)
+    }
+
+    /// An explicit partition (from the balancer); every chunk must hold a block.
+    pub fn with_partition(
+        mesh: Mesh,
+        virtual_stages: usize,
+        partition: Vec<usize>,
+        n_layers: usize,
+    ) -> Result<Self, MeshError> {
+        let virtual_stages = virtual_stages.max(1);
+        let chunks = mesh.pp * virtual_stages;
+        if partition.len() != chunks
+            || partition.contains(&0)
+            || partition.iter().sum::<usize>() != n_layers
+        {
+            return Err(MeshError::BadPartition {
+                partition,
+                chunks,
+                n_layers,
+            });
+        }
+        Ok(Self {
+            mesh,
+            virtual_stages,
+            partition,
+        })
+    }
+
+    pub fn single(n_layers: usize) -> Self {
+        Self {
+            mesh: Mesh::single(),
+            virtual_stages: 1,
+            partition: vec![n_layers],
+        }
+    }
+
+    /// Number of model chunks (`pp × virtual_stages`).
+    pub fn chunks(&self) -> usize {
+        self.partition.len()
+    }
+
+    /// The global block indices of model chunk `k`.
+    pub fn chunk_blocks(&self, k: usize) -> Range<usize> {
+        let start: usize = self.partition[..k].iter().sum();
+        start..start + self.partition[k]
+    }
+
+    /// The model chunk of local chunk `local` on pipeline rank `pp_rank`.
+    pub fn model_chunk(&self, pp_rank: usize, local: usize) -> usize {
+        local * self.mesh.pp + pp_rank
+    }
+
+    /// The pipeline rank that holds model chunk `k`.
+    pub fn device_of_chunk(&self, k: usize) -> usize {
+        k % self.mesh.pp
+    }
+
+    pub fn is_first_chunk(&self, k: usize) -> bool {
+        k == 0
+    }
+
+    pub fn is_last_chunk(&self, k: usize) -> bool {
+        k + 1 == self.chunks()
+    }
+
+    /// Item-table rows held by tensor-parallel rank `tp` (contiguous, padding row 0 on rank 0).
+    pub fn vocab_rows(&self, config: &ModelConfig, tp: usize) -> Range<usize> {
+        chunk_range(config.vocab(), self.mesh.tp, tp)
+    }
+
+    pub fn describe(&self) -> String {
+        if self.mesh.pp == 1 {
+            self.mesh.to_string()
+        } else {
+            format!(
+                "{} v{} partition {:?}",
+                self.mesh, self.virtual_stages, self.partition
+            )
+        }
+    }
+}
+
+/// How a parameter is split over the tensor-parallel ranks. Weights are stored
+/// `[d_in, d_out]` (burn's `Linear`), so column-parallel splits dimension 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Split {
+    /// Every TP rank holds all of it.
+    Replicated,
+    /// Dimension 0 in contiguous chunks (row-parallel weights, the vocab-parallel table).
+    Rows,
+    /// Dimension 1 in contiguous chunks (column-parallel weights).
+    Cols,
+}
+
+/// One parameter of a chunk: where it comes from in the full model and how it is treated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParamSpec {
+    /// Path in the chunk module.
+    pub local_path: String,
+    /// Path in the full [`meshrec_model::Recommender`].
+    pub full_path: String,
+    pub split: Split,
+    /// A replicated parameter used inside a tensor-parallel region (a norm before a
+    /// column-parallel projection, the genre table of the masked lookup): each TP rank's
+    /// gradient is partial and the TP group sums them.
+    pub tp_partial_grad: bool,
+    /// The last stage's copy of the item table the head is tied to: its gradient is summed
+    /// with the first stage's, and the first stage's copy is the one that is kept.
+    pub tied_copy: bool,
+}
+
+impl ParamSpec {
+    /// Weight decay applies to matrices, not to norm scales or shifts.
+    pub fn decays(info: &ParamInfo) -> bool {
+        info.shape.len() > 1
+    }
+
+    /// Whether this rank counts the parameter in the global gradient norm: each element of
+    /// the full model exactly once (replicas on tp rank 0 only, tied copies never).
+    pub fn counts_in_norm(&self, coord: Coord) -> bool {
+        !self.tied_copy && (self.split != Split::Replicated || coord.tp == 0)
+    }
+}
+
+/// The name of the tied table copy in a chunk module.
+pub const HEAD_PATH: &str = "head";
+/// The full model's item table.
+pub const TABLE_PATH: &str = "embed.items.weight";
+
+/// Maps a chunk's parameter path to the full model: block indices shift by the chunk's
+/// first block, the head copy is the item table.
+pub fn spec_for(local_path: &str, first_block: usize) -> ParamSpec {
+    let full_path = if local_path == HEAD_PATH {
+        TABLE_PATH.to_string()
+    } else if let Some(rest) = local_path.strip_prefix("blocks.") {
+        let (index, tail) = rest.split_once('.').unwrap_or((rest, ""));
+        match index.parse::<usize>() {
+            Ok(i) => format!("blocks.{}.{tail}", first_block + i),
+            Err(_) => local_path.to_string(),
+        }
+    } else {
+        local_path.to_string()
+    };
+    let has = |part: &str| full_path.contains(part);
+    let split = if full_path == TABLE_PATH || has(".attn.wo.") || has(".mlp.w2.") {
+        Split::Rows
+    } else if has(".attn.wq.")
+        || has(".attn.wk.")
+        || has(".attn.wv.")
+        || has(".mlp.w1.")
+        || has(".mlp.w3.")
+    {
+        Split::Cols
+    } else {
+        Split::Replicated
+    };
+    let tp_partial_grad =
+        split == Split::Replicated && (has("attn_norm") || has("mlp_norm") || has("embed.genres"));
+    ParamSpec {
+        local_path: local_path.to_string(),
+        full_path,
+        split,
+        tp_partial_grad,
+        tied_copy: local_path == HEAD_PATH,
+    }
+}
+
+/// Per-parameter state of a full model, keyed by full path: shapes and values.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct FullState {
+    pub shapes: BTreeMap<String, Vec<usize>>,
+    pub values: BTreeMap<String, Vec<f32>>,
+}
+
+impl FullState {
+    /// From [`meshrec_model::params::param_paths`] order and values of a full model.
+    pub fn from_ordered(infos: &[ParamInfo], values: Vec<Vec<f32>>) -> Self {
+        let mut state = Self::default();
+        for (info, v) in infos.iter().zip(values) {
+            state.shapes.insert(info.path.clone(), info.shape.clone());
+            state.values.insert(info.path.clone(), v);
+        }
+        state
+    }
+
+    /// Back to `infos` order; an error names a missing path.
+    pub fn to_ordered(&self, infos: &[ParamInfo]) -> Result<Vec<Vec<f32>>, ParallelError> {
+        infos
+            .iter()
+            .map(|i| {
+                self.values
+                    .get(&i.path)
+                    .cloned()
+                    .ok_or_else(|| ParallelError::State(format!("no value for `{}`", i.path)))
+            })
+            .collect()
+    }
+}
+
+fn split_range(split: Split, shape: &[usize], parts: usize, part: usize) -> Option<Range<usize>> {
+    match split {
+        Split::Replicated => None,
+        Split::Rows => Some(chunk_range(shape[0], parts, part)),
+        Split::Cols => Some(chunk_range(*shape.get(1)?, parts, part)),
+    }
+}
+
+/// The slice of a full parameter held by TP rank `tp` of `tp_size`.
+pub fn shard_param(
+    split: Split,
+    shape: &[usize],
+    full: &[f32],
+    tp_size: usize,
+    tp: usize,
+) -> Vec<f32> {
+    match (split, split_range(split, shape, tp_size, tp)) {
+        (Split::Rows, Some(rows)) => {
+            let cols: usize = shape[1..].iter().product();
+            full[rows.start * cols..rows.end * cols].to_vec()
+        }
+        (Split::Cols, Some(cols)) => {
+            let width = shape[1];
+            full.chunks(width)
+                .flat_map(|row| row[cols.clone()].iter().copied())
+                .collect()
+        }
+        _ => full.to_vec(),
+    }
+}
+
+/// The shape of TP rank `tp`'s slice.
+pub fn shard_shape(split: Split, shape: &[usize], tp_size: usize, tp: usize) -> Vec<usize> {
+    let mut s = shape.to_vec();
+    match (split, split_range(split, shape, tp_size, tp)) {
+        (Split::Rows, Some(r)) => s[0] = r.len(),
+        (Split::Cols, Some(r)) => s[1] = r.len(),
+        _ => {}
+    }
+    s
+}
+
+/// Reassembles a full parameter from the slices of all TP ranks (in TP order).
+pub fn unshard_param(split: Split, shape: &[usize], parts: &[&[f32]]) -> Vec<f32> {
+    match split {
+        Split::Replicated => parts.first().map(|p| p.to_vec()).unwrap_or_default(),
+        Split::Rows => parts.concat(),
+        Split::Cols => {
+            let rows = shape[0];
+            let widths: Vec<usize> = (0..parts.len())
+                .map(|t| chunk_range(shape[1], parts.len(), t).len())
+                .collect();
+            let mut out = Vec::with_capacity(shape.iter().product());
+            for r in 0..rows {
+                for (part, &w) in parts.iter().zip(&widths) {
+                    out.extend_from_slice(&part[r * w..(r + 1) * w]);
+                }
+            }
+            out
+        }
+    }
+}
+
+/// The state of one rank's chunks, in each chunk's parameter order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RankState {
+    pub coord: Coord,
+    /// Per local chunk: the specs and values of its parameters.
+    pub chunks: Vec<(Vec<ParamSpec>, Vec<Vec<f32>>)>,
+}
+
+/// The slices of `full` that a rank at `coord` holds for a chunk whose parameters are
+/// `specs`.
+pub fn shard_chunk(
+    full: &FullState,
+    specs: &[ParamSpec],
+    mesh: &Mesh,
+    coord: Coord,
+) -> Result<Vec<Vec<f32>>, ParallelError> {
+    specs
+        .iter()
+        .map(|spec| {
+            let shape = full.shapes.get(&spec.full_path);
+            let values = full.values.get(&spec.full_path);
+            match (shape, values) {
+                (Some(shape), Some(values)) => {
+                    Ok(shard_param(spec.split, shape, values, mesh.tp, coord.tp))
+                }
+                _ => Err(ParallelError::State(format!(
+                    "the full state has no `{}` (needed for `{}`)",
+                    spec.full_path, spec.local_path
+                ))),
+            }
+        })
+        .collect()
+}
+
+/// Reassembles the full state from every rank's state (any order; replicas across DP are
+/// taken from dp rank 0, tied copies ignored). `shapes` are the full shapes by full path.
+pub fn unshard(
+    shapes: &BTreeMap<String, Vec<usize>>,
+    ranks: &[RankState],
+    mesh: &Mesh,
+) -> Result<FullState, ParallelError> {
+    // full path -> tp rank -> slice
+    let mut parts: BTreeMap<&str, BTreeMap<usize, (&ParamSpec, &[f32])>> = BTreeMap::new();
+    for rank in ranks.iter().filter(|r| r.coord.dp == 0) {
+        for (specs, values) in &rank.chunks {
+            for (spec, v) in specs.iter().zip(values) {
+                if spec.tied_copy {
+                    continue;
+                }
+                parts
+                    .entry(spec.full_path.as_str())
+                    .or_default()
+                    .insert(rank.coord.tp, (spec, v.as_slice()));
+            }
+        }
+    }
+    let mut full = FullState::default();
+    for (path, shape) in shapes {
+        let by_tp = parts
+            .get(path.as_str())
+            .ok_or_else(|| ParallelError::State(format!("no rank holds `{path}`")))?;
+        let spec = by_tp
+            .values()
+            .next()
+            .map(|(s, _)| *s)
+            .ok_or_else(|| ParallelError::State(format!("no rank holds `{path}`")))?;
+        let needed = if spec.split == Split::Replicated {
+            1
+        } else {
+            mesh.tp
+        };
+        let slices: Vec<&[f32]> = (0..needed)
+            .map(|t| {
+                by_tp.get(&t).map(|(_, v)| *v).ok_or_else(|| {
+                    ParallelError::State(format!("tp rank {t} is missing its slice of `{path}`"))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let value = unshard_param(spec.split, shape, &slices);
+        if value.len() != shape.iter().product::<usize>() {
+            return Err(ParallelError::State(format!(
+                "`{path}` reassembles to {} values, its shape {shape:?} needs {}",
+                value.len(),
+                shape.iter().product::<usize>()
+            )));
+        }
+        full.shapes.insert(path.clone(), shape.clone());
+        full.values.insert(path.clone(), value);
+    }
+    Ok(full)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn specs_map_local_blocks_and_splits() {
+        let s = spec_for("blocks.1.attn.wq.weight", 3);
+        assert_eq!(s.full_path, "blocks.4.attn.wq.weight");
+        assert_eq!(s.split, Split::Cols);
+        let s = spec_for("blocks.0.mlp.w2.weight", 0);
+        assert_eq!(s.split, Split::Rows);
+        let s = spec_for("blocks.0.attn_norm.gamma", 0);
+        assert!(s.tp_partial_grad && s.split == Split::Replicated);
+        let s = spec_for("final_norm.gamma", 0);
+        assert!(!s.tp_partial_grad);
+        let s = spec_for(HEAD_PATH, 0);
+        assert!(s.tied_copy && s.full_path == TABLE_PATH && s.split == Split::Rows);
+    }
+
+    #[test]
+    fn shard_then_unshard_is_identity_for_uneven_splits() {
+        let shape = [5usize, 7];
+        let full: Vec<f32> = (0..35).map(|x| x as f32).collect();
+        for split in [Split::Rows, Split::Cols, Split::Replicated] {
+            for tp in 1..=4 {
+                let parts: Vec<Vec<f32>> = (0..tp)
+                    .map(|t| shard_param(split, &shape, &full, tp, t))
+                    .collect();
+                for (t, p) in parts.iter().enumerate() {
+                    assert_eq!(
+                        p.len(),
+                        shard_shape(split, &shape, tp, t).iter().product::<usize>()
+                    );
+                }
+                let refs: Vec<&[f32]> = parts.iter().map(Vec::as_slice).collect();
+                assert_eq!(
+                    unshard_param(split, &shape, &refs),
+                    full,
+                    "{split:?} tp {tp}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn uniform_partition_and_chunk_placement() {
+        let mesh = Mesh::new(1, 1, 2).unwrap();
+        let layout = Layout::uniform(mesh, 2, 5).unwrap();
+        assert_eq!(layout.partition, vec![2, 1, 1, 1]);
+        assert_eq!(layout.chunk_blocks(1), 2..3);
+        assert_eq!(layout.model_chunk(1, 1), 3);
+        assert_eq!(layout.device_of_chunk(3), 1);
+        assert!(Layout::with_partition(mesh, 1, vec![5, 0], 5).is_err());
+        assert!(Layout::with_partition(mesh, 1, vec![2, 2], 5).is_err());
+    }
+}

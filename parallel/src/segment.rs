@@ -1,0 +1,538 @@
+//! The segment: one model chunk on one device (a contiguous run of blocks, plus the item
+//! embedding on the first chunk and the final norm and tied head on the last), run forward
+//! per micro-batch and backward by graph cuts, with Megatron's tensor-parallel
+//! all-reduces at the cuts.
+//!
+//! Every tensor-parallel region is its own graph: a fresh leaf `x.detach().require_grad()` in
+//! (detached first: a clone shares its node, and marking it would track `x` too),
+//! a partial sum out. Forward all-reduces the partial output over the TP group; backward
+//! runs `(out * g).sum().backward()` with the (replicated) upstream gradient and
+//! all-reduces the partial input gradient (Megatron's `f` and `g`). With `tp == 1` the
+//! all-reduces vanish and the same code runs on one device. Dropout in the replicated
+//! regions (embedding, residual branches) uses masks drawn from a counter-keyed stream, so
+//! every TP rank applies the same mask and a step can be replayed exactly.
+
+use std::collections::BTreeMap;
+
+use burn::module::{Module, Param};
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use meshrec_comm::{CommError, Communicator, ReduceOp};
+use meshrec_model::data::Batch;
+use meshrec_model::loss::VocabReducer;
+use meshrec_model::model::{Block, BlockDims, ItemEmbedding, Norm};
+use meshrec_model::params::{accumulate_grads, param_paths, read_values, write_values, ParamInfo};
+use meshrec_model::step::{id_tensor, tied_softmax_surrogate};
+use meshrec_model::{ModelConfig, Recommender};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::error::ParallelError;
+use crate::layout::{spec_for, Layout, ParamSpec};
+use crate::mesh::Coord;
+
+/// The burn module of one model chunk.
+#[derive(Module, Debug)]
+pub struct Chunk {
+    pub embed: Option<ItemEmbedding>,
+    pub blocks: Vec<Block>,
+    pub final_norm: Option<Norm>,
+    /// The last chunk's copy of its item-table shard, tied to the embedding of the first
+    /// chunk (absent when one chunk holds both ends).
+    pub head: Option<Param<Tensor<2>>>,
+}
+
+/// What a forward hands on: activations for the next chunk, or the loss of the last one.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ForwardOutput {
+    /// `[batch, seq, d_model]` row-major, for the next chunk.
+    Activations(Vec<f32>),
+    /// Summed loss over the micro-batch's targets, and their count.
+    Loss { loss_sum: f64, targets: usize },
+}
+
+/// The input of a forward: item ids on the first chunk, activations elsewhere.
+pub enum ForwardInput<'a> {
+    Ids(&'a Batch),
+    Activations(Vec<f32>),
+}
+
+/// One graph of a micro-batch's forward, kept for its backward. (A handful per block, so
+/// the variants' size difference costs nothing worth a box.)
+#[allow(clippy::large_enum_variant)]
+enum Piece {
+    /// ids -> masked vocab-parallel lookup (partial over TP).
+    EmbedLookup { partial: Tensor<3> },
+    /// full embedding leaf -> + positions, dropout.
+    EmbedFinish { leaf: Tensor<3>, out: Tensor<3> },
+    /// residual-stream leaf -> attention or MLP branch (partial over TP); the residual
+    /// dropout mask applied after the all-reduce.
+    Branch {
+        leaf: Tensor<3>,
+        partial: Tensor<3>,
+        mask: Option<Tensor<3>>,
+    },
+    /// final-norm leaf -> tied softmax surrogate.
+    Head {
+        leaf: Tensor<3>,
+        surrogate: Option<Tensor<1>>,
+    },
+}
+
+/// Reduces over the tensor-parallel group (nothing to do with one rank).
+struct TpReducer<'a>(&'a dyn Communicator);
+
+impl VocabReducer for TpReducer<'_> {
+    type Error = CommError;
+    fn all_max(&mut self, values: &mut [f32]) -> Result<(), CommError> {
+        if self.0.size() > 1 {
+            self.0.all_reduce(values, ReduceOp::Max)?;
+        }
+        Ok(())
+    }
+    fn all_sum(&mut self, values: &mut [f32]) -> Result<(), CommError> {
+        if self.0.size() > 1 {
+            self.0.all_reduce(values, ReduceOp::Sum)?;
+        }
+        Ok(())
+    }
+}
+
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_into_vec::<f32>()
+        .unwrap_or_default()
+}
+
+/// Sums a tensor over the TP group through host memory; untouched with one rank.
+fn tp_all_reduce(t: Tensor<3>, tp: &dyn Communicator) -> Result<Tensor<3>, ParallelError> {
+    if tp.size() == 1 {
+        return Ok(t);
+    }
+    let dims = t.dims();
+    let device = t.device();
+    let mut values = host(t);
+    tp.all_reduce(&mut values, ReduceOp::Sum)?;
+    Ok(Tensor::from_data(TensorData::new(values, dims), &device))
+}
+
+/// Identifies one dropout site of one micro-batch of one step: the mask depends on nothing
+/// else, so TP replicas agree and a resumed run draws the same masks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct DropoutKey {
+    pub seed: u64,
+    pub step: u64,
+    /// The data-parallel rank: replicas see different samples.
+    pub dp_rank: u64,
+}
+
+impl DropoutKey {
+    fn stream(&self, micro_batch: usize, block: usize, site: u64) -> ChaCha8Rng {
+        let mut key = self.seed ^ 0x9e37_79b9_7f4a_7c15;
+        for part in [
+            self.step,
+            self.dp_rank,
+            micro_batch as u64,
+            block as u64,
+            site,
+        ] {
+            key = (key ^ part).wrapping_mul(0x0100_0000_01b3).rotate_left(17);
+        }
+        ChaCha8Rng::seed_from_u64(key)
+    }
+}
+
+/// An inverted-dropout mask (`0` or `1 / (1 - p)`), `None` when `p == 0`.
+fn keyed_mask(
+    mut rng: ChaCha8Rng,
+    dims: [usize; 3],
+    prob: f64,
+    device: &Device,
+) -> Option<Tensor<3>> {
+    if prob <= 0.0 {
+        return None;
+    }
+    let keep = 1.0 - prob;
+    let scale = (1.0 / keep) as f32;
+    let n = dims.iter().product();
+    let values: Vec<f32> = (0..n)
+        .map(|_| {
+            if rng.random::<f64>() < keep {
+                scale
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Some(Tensor::from_data(TensorData::new(values, dims), device))
+}
+
+/// One model chunk on one rank, with its stashed micro-batches and gradient accumulators.
+pub struct Segment {
+    pub chunk: Chunk,
+    /// The model chunk's index (`0 .. pp × virtual_stages`).
+    pub model_chunk: usize,
+    pub first_block: usize,
+    pub is_first: bool,
+    pub is_last: bool,
+    pub infos: Vec<ParamInfo>,
+    pub specs: Vec<ParamSpec>,
+    /// Accumulated parameter gradients in [`Segment::infos`] order.
+    pub grads: Vec<Vec<f32>>,
+    pub dropout_key: DropoutKey,
+    /// First item row of this rank's vocabulary shard.
+    vocab_first: usize,
+    dropout: f64,
+    d_model: usize,
+    training: bool,
+    device: Device,
+    stash: BTreeMap<usize, Vec<Piece>>,
+    peak_in_flight: usize,
+}
+
+impl Segment {
+    /// Builds model chunk `model_chunk` of `layout` for the rank at `coord`, parameters
+    /// uninitialised (load them with [`Segment::set_values`]).
+    pub fn new(
+        config: &ModelConfig,
+        item_genres: Option<&[Vec<u32>]>,
+        layout: &Layout,
+        coord: Coord,
+        model_chunk: usize,
+        device: &Device,
+    ) -> Self {
+        // Training needs the autodiff device whatever the caller passed.
+        let device = &device.clone().autodiff();
+        let blocks = layout.chunk_blocks(model_chunk);
+        let vocab = layout.vocab_rows(config, coord.tp);
+        let dims = BlockDims::shard(config, layout.mesh.tp);
+        let is_first = layout.is_first_chunk(model_chunk);
+        let is_last = layout.is_last_chunk(model_chunk);
+        let shard = Recommender::new_shard(
+            config,
+            item_genres,
+            dims,
+            vocab.start,
+            vocab.len(),
+            blocks.len(),
+            device,
+        );
+        let head = (is_last && !is_first)
+            .then(|| Param::from_tensor(Tensor::zeros([vocab.len(), config.d_model], device)));
+        let chunk = Chunk {
+            embed: is_first.then_some(shard.embed),
+            blocks: shard.blocks,
+            final_norm: is_last.then_some(shard.final_norm),
+            head,
+        };
+        let infos = param_paths(&chunk);
+        let specs = infos
+            .iter()
+            .map(|i| spec_for(&i.path, blocks.start))
+            .collect();
+        let grads = infos.iter().map(|i| vec![0.0; i.numel()]).collect();
+        Self {
+            chunk,
+            model_chunk,
+            first_block: blocks.start,
+            is_first,
+            is_last,
+            infos,
+            specs,
+            grads,
+            dropout_key: DropoutKey::default(),
+            vocab_first: vocab.start,
+            dropout: config.dropout,
+            d_model: config.d_model,
+            training: true,
+            device: device.clone(),
+            stash: BTreeMap::new(),
+            peak_in_flight: 0,
+        }
+    }
+
+    /// Width of the activations this chunk takes and gives.
+    pub fn d_model(&self) -> usize {
+        self.d_model
+    }
+
+    /// Replaces the parameter values (in [`Segment::infos`] order).
+    pub fn set_values(&mut self, values: &[Vec<f32>]) -> Result<(), ParallelError> {
+        if values.len() != self.infos.len()
+            || values
+                .iter()
+                .zip(&self.infos)
+                .any(|(v, i)| v.len() != i.numel())
+        {
+            return Err(ParallelError::State(format!(
+                "chunk {} expects {} parameters of sizes {:?}",
+                self.model_chunk,
+                self.infos.len(),
+                self.infos.iter().map(ParamInfo::numel).collect::<Vec<_>>()
+            )));
+        }
+        let chunk = std::mem::replace(&mut self.chunk, Chunk::empty());
+        self.chunk = write_values(chunk, values, &self.device);
+        Ok(())
+    }
+
+    pub fn values(&self) -> Vec<Vec<f32>> {
+        read_values(&self.chunk)
+    }
+
+    pub fn zero_grads(&mut self) {
+        for g in &mut self.grads {
+            g.fill(0.0);
+        }
+    }
+
+    /// Dropout on (training) or off (evaluation, equivalence tests).
+    pub fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    /// Micro-batches whose forward ran and whose backward has not.
+    pub fn in_flight(&self) -> usize {
+        self.stash.len()
+    }
+
+    /// The most micro-batches stashed at once since the last [`Segment::reset_peak`]: the
+    /// activation memory a schedule really needed.
+    pub fn peak_in_flight(&self) -> usize {
+        self.peak_in_flight
+    }
+
+    pub fn reset_peak(&mut self) {
+        self.peak_in_flight = self.stash.len();
+    }
+
+    fn prob(&self) -> f64 {
+        if self.training {
+            self.dropout
+        } else {
+            0.0
+        }
+    }
+
+    /// Runs the chunk forward for micro-batch `mb` and stashes its graphs. On the last chunk
+    /// also computes the loss (scaled for backward by `grad_scale`).
+    pub fn forward(
+        &mut self,
+        mb: usize,
+        batch: &Batch,
+        input: ForwardInput<'_>,
+        grad_scale: f32,
+        tp: &dyn Communicator,
+    ) -> Result<ForwardOutput, ParallelError> {
+        let (b, s) = (batch.batch_size, batch.seq_len);
+        let prob = self.prob();
+        let mut pieces = Vec::with_capacity(2 * self.chunk.blocks.len() + 3);
+        let mut x = match input {
+            ForwardInput::Ids(batch) => {
+                let embed = self.chunk.embed.as_ref().ok_or_else(|| {
+                    ParallelError::Step(format!(
+                        "chunk {} got ids but holds no embedding",
+                        self.model_chunk
+                    ))
+                })?;
+                let ids = id_tensor(&batch.inputs, b, s, &self.device);
+                let partial = embed.lookup(ids);
+                let full = tp_all_reduce(partial.clone().detach(), tp)?;
+                pieces.push(Piece::EmbedLookup { partial });
+                let leaf = full.detach().require_grad();
+                let mut out = leaf.clone();
+                if let Some(pos) = &embed.positions {
+                    let idx = Tensor::<1, Int>::arange(0..s as i64, &self.device).unsqueeze::<2>();
+                    out = out + pos.forward(idx);
+                }
+                let d = out.dims()[2];
+                if let Some(mask) = keyed_mask(
+                    self.dropout_key.stream(mb, usize::MAX, 0),
+                    [b, s, d],
+                    prob,
+                    &self.device,
+                ) {
+                    out = out * mask;
+                }
+                let next = out.clone().detach();
+                pieces.push(Piece::EmbedFinish { leaf, out });
+                next
+            }
+            ForwardInput::Activations(values) => {
+                let d = values.len() / (b * s).max(1);
+                if values.len() != b * s * d || d == 0 {
+                    return Err(ParallelError::Step(format!(
+                        "chunk {} received {} activation values for a {b}×{s} micro-batch",
+                        self.model_chunk,
+                        values.len()
+                    )));
+                }
+                Tensor::from_data(TensorData::new(values, [b, s, d]), &self.device)
+            }
+        };
+        for (i, block) in self.chunk.blocks.iter().enumerate() {
+            let global = self.first_block + i;
+            for site in 0..2u64 {
+                let leaf = x.clone().detach().require_grad();
+                let partial = if site == 0 {
+                    block.attention_branch(leaf.clone())
+                } else {
+                    block.mlp_branch(leaf.clone())
+                };
+                let reduced = tp_all_reduce(partial.clone().detach(), tp)?;
+                let mask = keyed_mask(
+                    self.dropout_key.stream(mb, global, site + 1),
+                    reduced.dims(),
+                    prob,
+                    &self.device,
+                );
+                x = match &mask {
+                    Some(m) => x + reduced * m.clone(),
+                    None => x + reduced,
+                };
+                pieces.push(Piece::Branch {
+                    leaf,
+                    partial,
+                    mask,
+                });
+            }
+        }
+        let output = if self.is_last {
+            let norm = self.chunk.final_norm.as_ref().ok_or_else(|| {
+                ParallelError::Step(format!("last chunk {} has no final norm", self.model_chunk))
+            })?;
+            let leaf = x.detach().require_grad();
+            let h = norm.forward(leaf.clone());
+            let table = match (&self.chunk.head, &self.chunk.embed) {
+                (Some(head), _) => head.val(),
+                (None, Some(embed)) => embed.items.weight.val(),
+                (None, None) => {
+                    return Err(ParallelError::Step(format!(
+                        "last chunk {} holds no item table",
+                        self.model_chunk
+                    )))
+                }
+            };
+            let (loss_sum, targets, surrogate) = tied_softmax_surrogate(
+                h,
+                &batch.targets,
+                table,
+                self.vocab_first,
+                grad_scale,
+                &mut TpReducer(tp),
+            )?;
+            pieces.push(Piece::Head { leaf, surrogate });
+            ForwardOutput::Loss { loss_sum, targets }
+        } else {
+            ForwardOutput::Activations(host(x))
+        };
+        if self.stash.insert(mb, pieces).is_some() {
+            return Err(ParallelError::Step(format!(
+                "chunk {} ran forward twice for micro-batch {mb} without a backward",
+                self.model_chunk
+            )));
+        }
+        self.peak_in_flight = self.peak_in_flight.max(self.stash.len());
+        Ok(output)
+    }
+
+    /// Runs the backward of micro-batch `mb` given the gradient of its output (`None` on
+    /// the last chunk, whose loss is the start), accumulating parameter gradients. Returns
+    /// the gradient of the chunk's input (`None` on the first chunk).
+    pub fn backward(
+        &mut self,
+        mb: usize,
+        grad_output: Option<Vec<f32>>,
+        tp: &dyn Communicator,
+    ) -> Result<Option<Vec<f32>>, ParallelError> {
+        let pieces = self.stash.remove(&mb).ok_or_else(|| {
+            ParallelError::Step(format!(
+                "chunk {} has no forward stashed for micro-batch {mb}",
+                self.model_chunk
+            ))
+        })?;
+        let mut g: Option<Tensor<3>> = None;
+        if let Some(values) = grad_output {
+            let dims = match pieces.last() {
+                Some(Piece::Branch { leaf, .. }) | Some(Piece::EmbedFinish { leaf, .. }) => {
+                    leaf.dims()
+                }
+                _ => {
+                    return Err(ParallelError::Step(format!(
+                        "chunk {} got an output gradient but ends in the head",
+                        self.model_chunk
+                    )))
+                }
+            };
+            if values.len() != dims.iter().product::<usize>() {
+                return Err(ParallelError::Step(format!(
+                    "chunk {} received {} gradient values, expected {:?}",
+                    self.model_chunk,
+                    values.len(),
+                    dims
+                )));
+            }
+            g = Some(Tensor::from_data(
+                TensorData::new(values, dims),
+                &self.device,
+            ));
+        }
+        for piece in pieces.into_iter().rev() {
+            g = match piece {
+                Piece::Head { leaf, surrogate } => match surrogate {
+                    Some(surrogate) => {
+                        let grads = surrogate.backward();
+                        accumulate_grads(&self.chunk, &grads, &mut self.grads);
+                        leaf.grad(&grads)
+                    }
+                    None => Some(leaf.zeros_like().without_autodiff()),
+                },
+                Piece::Branch {
+                    leaf,
+                    partial,
+                    mask,
+                } => {
+                    let g = upstream(g, self.model_chunk)?;
+                    let g_branch = match mask {
+                        Some(m) => g.clone() * m,
+                        None => g.clone(),
+                    };
+                    let grads = (partial * g_branch).sum().backward();
+                    accumulate_grads(&self.chunk, &grads, &mut self.grads);
+                    let partial_dx = leaf.grad(&grads).unwrap_or_else(|| g.zeros_like());
+                    Some(g + tp_all_reduce(partial_dx, tp)?)
+                }
+                Piece::EmbedFinish { leaf, out } => {
+                    let g = upstream(g, self.model_chunk)?;
+                    let grads = (out * g.clone()).sum().backward();
+                    accumulate_grads(&self.chunk, &grads, &mut self.grads);
+                    Some(leaf.grad(&grads).unwrap_or(g))
+                }
+                Piece::EmbedLookup { partial } => {
+                    let g = upstream(g, self.model_chunk)?;
+                    let grads = (partial * g).sum().backward();
+                    accumulate_grads(&self.chunk, &grads, &mut self.grads);
+                    None
+                }
+            };
+        }
+        Ok(if self.is_first { None } else { g.map(host) })
+    }
+}
+
+fn upstream(g: Option<Tensor<3>>, chunk: usize) -> Result<Tensor<3>, ParallelError> {
+    g.ok_or_else(|| {
+        ParallelError::Step(format!("chunk {chunk}: backward has no upstream gradient"))
+    })
+}
+
+impl Chunk {
+    fn empty() -> Self {
+        Self {
+            embed: None,
+            blocks: Vec::new(),
+            final_norm: None,
+            head: None,
+        }
+    }
+}

@@ -1,0 +1,198 @@
+//! The design's invariant on the local engine: every TP × PP layout, schedule and
+//! micro-batch count gives one device's loss, gradients and AdamW update (tiny preset,
+//! dropout off), and 1F1B never stashes more than `pp` micro-batches.
+
+use meshrec_comm::LocalCluster;
+use meshrec_model::data::Batch;
+use meshrec_model::device::test_device;
+use meshrec_model::{ModelConfig, Preset};
+use meshrec_parallel::check::{
+    initial_state, layout_step, reference_step, worst_deviation, Reference, StepSettings,
+};
+use meshrec_parallel::layout::{unshard, Layout, RankState};
+use meshrec_parallel::mesh::Mesh;
+use meshrec_parallel::schedule::{Schedule, ScheduleKind};
+
+const TOLERANCE: f32 = 1e-4;
+const NUM_ITEMS: usize = 41;
+
+fn config() -> ModelConfig {
+    let mut c = ModelConfig::preset(Preset::Tiny, NUM_ITEMS);
+    c.dropout = 0.0;
+    c.num_genres = Some(5);
+    c
+}
+
+fn genres() -> Vec<Vec<u32>> {
+    (0..=NUM_ITEMS as u32)
+        .map(|i| vec![i % 5, (i * 7) % 5])
+        .collect()
+}
+
+/// Eight sequences of length 8, some shorter (right-padded), ids over the whole catalogue.
+fn batch() -> Batch {
+    let (b, s) = (8, 8);
+    let mut inputs = vec![0u32; b * s];
+    let mut targets = vec![0u32; b * s];
+    for r in 0..b {
+        let len = s - (r % 3);
+        for t in 0..len {
+            inputs[r * s + t] = 1 + ((r * 13 + t * 5) % NUM_ITEMS) as u32;
+            targets[r * s + t] = 1 + ((r * 13 + t * 5 + 3) % NUM_ITEMS) as u32;
+        }
+    }
+    Batch {
+        batch_size: b,
+        seq_len: s,
+        inputs,
+        targets,
+    }
+}
+
+fn reference(config: &ModelConfig) -> Reference {
+    let device = test_device();
+    let (_, initial) = initial_state(config, Some(&genres()), 3, &device);
+    reference_step(
+        config,
+        Some(&genres()),
+        &initial,
+        &batch(),
+        StepSettings::default(),
+        &device,
+    )
+    .unwrap()
+}
+
+/// Runs `layout` with `kind` on `m` micro-batches and checks it against `want`; returns the
+/// peak number of stashed micro-batches on any chunk.
+fn check_layout(
+    config: &ModelConfig,
+    want: &Reference,
+    layout: &Layout,
+    kind: ScheduleKind,
+    m: usize,
+) -> usize {
+    let schedule = Schedule::new(kind, layout.mesh.pp, m, layout.virtual_stages).unwrap();
+    let world = layout.mesh.world_size();
+    let genres = genres();
+    let outcomes = LocalCluster::run(world, |comm| {
+        let device = test_device();
+        layout_step(
+            Box::new(comm),
+            config,
+            Some(&genres),
+            layout,
+            &schedule,
+            &batch(),
+            &want.initial,
+            StepSettings::default(),
+            &device,
+        )
+    })
+    .unwrap();
+    let outcomes: Vec<_> = outcomes
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("{} {kind:?} m{m}: {e}", layout.describe()));
+    let what = format!("{} {kind:?} m{m}", layout.describe());
+    for o in &outcomes {
+        let loss = o.loss.loss_sum / o.loss.targets as f64;
+        assert!(
+            ((loss - want.loss) / want.loss).abs() < f64::from(TOLERANCE),
+            "{what}: rank {} loss {loss} vs {}",
+            o.rank,
+            want.loss
+        );
+    }
+    let grads: Vec<RankState> = outcomes.iter().map(|o| o.grads.clone()).collect();
+    let got = unshard(&want.grads.shapes, &grads, &layout.mesh).unwrap();
+    let (path, err) = worst_deviation(&want.grads, &got, 1e-6).unwrap();
+    assert!(
+        err < TOLERANCE,
+        "{what}: gradient of `{path}` off by {err:e} (relative)"
+    );
+    let updated: Vec<RankState> = outcomes.iter().map(|o| o.updated.clone()).collect();
+    let got = unshard(&want.updated.shapes, &updated, &layout.mesh).unwrap();
+    let (path, err) = worst_deviation(&want.updated, &got, 1e-6).unwrap();
+    assert!(
+        err < TOLERANCE,
+        "{what}: updated `{path}` off by {err:e} (relative)"
+    );
+    outcomes
+        .iter()
+        .flat_map(|o| o.peak_in_flight.iter().copied())
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn every_tp_pp_layout_schedule_and_micro_batch_count_matches_one_device() {
+    let config = config();
+    let want = reference(&config);
+    for tp in [1, 2, 4] {
+        for pp in [1, 2, 3] {
+            let layout =
+                Layout::uniform(Mesh::new(1, tp, pp).unwrap(), 1, config.n_layers).unwrap();
+            for kind in [ScheduleKind::GPipe, ScheduleKind::OneFOneB] {
+                for m in [1, 2, 4, 8] {
+                    let peak = check_layout(&config, &want, &layout, kind, m);
+                    if kind == ScheduleKind::OneFOneB {
+                        assert!(peak <= pp, "1F1B stashed {peak} micro-batches with pp {pp}");
+                    } else {
+                        assert_eq!(peak, m, "GPipe keeps every micro-batch");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn uneven_partitions_and_interleaved_schedules_match_one_device() {
+    let config = config();
+    let want = reference(&config);
+    // 4 blocks over 3 stages, heavy last stage; and over 2 stages, 3 + 1.
+    for (pp, partition) in [(3, vec![1, 1, 2]), (2, vec![3, 1])] {
+        for tp in [1, 2] {
+            let layout = Layout::with_partition(
+                Mesh::new(1, tp, pp).unwrap(),
+                1,
+                partition.clone(),
+                config.n_layers,
+            )
+            .unwrap();
+            check_layout(&config, &want, &layout, ScheduleKind::OneFOneB, 4);
+        }
+    }
+    // Interleaved: two chunks per device, micro-batches a multiple of pp.
+    for tp in [1, 2] {
+        let layout = Layout::uniform(Mesh::new(1, tp, 2).unwrap(), 2, config.n_layers).unwrap();
+        for m in [2, 4, 8] {
+            check_layout(&config, &want, &layout, ScheduleKind::Interleaved, m);
+        }
+    }
+    // One pipeline rank holding every chunk: messages to itself.
+    let layout = Layout::uniform(Mesh::new(1, 1, 1).unwrap(), 4, config.n_layers).unwrap();
+    check_layout(&config, &want, &layout, ScheduleKind::Interleaved, 2);
+}
+
+#[test]
+fn data_parallel_and_full_hybrid_match_one_device() {
+    let config = config();
+    let want = reference(&config);
+    let layout = Layout::uniform(Mesh::new(2, 2, 2).unwrap(), 1, config.n_layers).unwrap();
+    check_layout(&config, &want, &layout, ScheduleKind::OneFOneB, 2);
+    let layout = Layout::uniform(Mesh::new(2, 1, 1).unwrap(), 1, config.n_layers).unwrap();
+    check_layout(&config, &want, &layout, ScheduleKind::GPipe, 1);
+}
+
+#[test]
+fn rope_and_swiglu_layouts_match_one_device() {
+    let mut config = config();
+    config.positions = meshrec_model::config::Positions::Rope;
+    config.mlp = meshrec_model::config::MlpKind::SwiGlu;
+    config.norm = meshrec_model::NormKind::Layer;
+    let want = reference(&config);
+    let layout = Layout::uniform(Mesh::new(1, 2, 2).unwrap(), 1, config.n_layers).unwrap();
+    check_layout(&config, &want, &layout, ScheduleKind::OneFOneB, 2);
+}
