@@ -22,6 +22,36 @@ use crate::schedule::Schedule;
 use crate::segment::Segment;
 use crate::timeline::Recorder;
 
+/// The case the equivalence suite and the MPI check run: the `tiny` preset (4 blocks, 4
+/// heads, so TP up to 4 and PP up to 4) with genre side-features, dropout off, and a batch
+/// of eight right-padded sequences over a 41-item catalogue.
+pub fn tiny_case() -> (ModelConfig, Vec<Vec<u32>>, Batch) {
+    const NUM_ITEMS: usize = 41;
+    let mut config = ModelConfig::preset(meshrec_model::Preset::Tiny, NUM_ITEMS);
+    config.dropout = 0.0;
+    config.num_genres = Some(5);
+    let genres = (0..=NUM_ITEMS as u32)
+        .map(|i| vec![i % 5, (i * 7) % 5])
+        .collect();
+    let (b, s) = (8, 8);
+    let mut inputs = vec![0u32; b * s];
+    let mut targets = vec![0u32; b * s];
+    for r in 0..b {
+        let len = s - (r % 3);
+        for t in 0..len {
+            inputs[r * s + t] = 1 + ((r * 13 + t * 5) % NUM_ITEMS) as u32;
+            targets[r * s + t] = 1 + ((r * 13 + t * 5 + 3) % NUM_ITEMS) as u32;
+        }
+    }
+    let batch = Batch {
+        batch_size: b,
+        seq_len: s,
+        inputs,
+        targets,
+    };
+    (config, genres, batch)
+}
+
 /// The optimizer settings of a checked step.
 #[derive(Debug, Clone, Copy)]
 pub struct StepSettings {
@@ -32,9 +62,15 @@ pub struct StepSettings {
 }
 
 impl Default for StepSettings {
+    /// PyTorch's AdamW but `eps = 1e-5` (burn's default): Adam's first step is about
+    /// `lr · sign(g)`, so with a tiny `eps` float rounding of a near-zero gradient (other
+    /// summation orders on other layouts and backends) could flip a full-size update.
     fn default() -> Self {
         Self {
-            adamw: AdamWConfig::default(),
+            adamw: AdamWConfig {
+                eps: 1e-5,
+                ..AdamWConfig::default()
+            },
             lr: 1e-2,
             clip_norm: 0.5,
         }

@@ -37,7 +37,7 @@ pub struct Event {
     pub end_s: f64,
 }
 
-/// Records events against one origin.
+/// Records events in seconds since one origin, on the monotonic clock.
 #[derive(Debug, Clone)]
 pub struct Recorder {
     origin: Instant,
@@ -68,11 +68,12 @@ impl Recorder {
         self.origin
     }
 
+    /// Seconds since the origin, monotonic.
     pub fn now_s(&self) -> f64 {
         self.origin.elapsed().as_secs_f64()
     }
 
-    /// Runs `f` and records how long it took.
+    /// Runs `f` and records an event of `kind` spanning it.
     pub fn record<T>(
         &mut self,
         kind: EventKind,
@@ -93,6 +94,7 @@ impl Recorder {
         out
     }
 
+    /// Adds an event timed elsewhere (against the same origin).
     pub fn push(&mut self, event: Event) {
         self.events.push(event);
     }
@@ -101,6 +103,7 @@ impl Recorder {
         &self.events
     }
 
+    /// The events so far, leaving the recorder empty (same origin).
     pub fn take(&mut self) -> Vec<Event> {
         std::mem::take(&mut self.events)
     }
@@ -118,11 +121,17 @@ pub struct StageTimeline {
     pub events: Vec<Event>,
 }
 
-/// Time covered by events of the given kinds, overlapping intervals counted once.
+/// Time covered by events of the given kinds, overlapping intervals counted once; empty,
+/// reversed or non-finite intervals count nothing.
 pub fn busy_s(events: &[Event], kinds: &[EventKind]) -> f64 {
     let mut spans: Vec<(f64, f64)> = events
         .iter()
-        .filter(|e| kinds.contains(&e.kind) && e.end_s > e.start_s)
+        .filter(|e| {
+            kinds.contains(&e.kind)
+                && e.start_s.is_finite()
+                && e.end_s.is_finite()
+                && e.end_s > e.start_s
+        })
         .map(|e| (e.start_s, e.end_s))
         .collect();
     spans.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -155,6 +164,11 @@ pub struct StepStats {
     pub bubble: f64,
 }
 
+/// Utilization and bubble of a step of `wall_s` seconds from the stages' events.
+/// Utilization of a stage: compute-busy time (forward, backward, optimizer; overlaps
+/// counted once) over `wall_s`, capped at 1. Bubble: mean over stages of
+/// `1 - (forward + backward busy) / wall_s`, the idle fraction of a pipeline stage inside
+/// the step. All zero when there are no stages or `wall_s` is not a positive number.
 pub fn step_stats(timelines: &[StageTimeline], wall_s: f64) -> StepStats {
     const COMPUTE: [EventKind; 3] = [
         EventKind::Forward,
@@ -162,7 +176,7 @@ pub fn step_stats(timelines: &[StageTimeline], wall_s: f64) -> StepStats {
         EventKind::Optimizer,
     ];
     const PIPELINE: [EventKind; 2] = [EventKind::Forward, EventKind::Backward];
-    if timelines.is_empty() || wall_s <= 0.0 {
+    if timelines.is_empty() || !(wall_s.is_finite() && wall_s > 0.0) {
         return StepStats {
             wall_s,
             utilization_mean: 0.0,
@@ -196,8 +210,25 @@ pub struct TimelineError {
     pub reason: String,
 }
 
-/// Draws a Gantt chart: one row per stage, forwards and backwards as labelled boxes
-/// (micro-batch number, `.chunk` when interleaved), communication as thin bars.
+/// How an event kind is drawn: colour, legend name and the vertical extent inside its
+/// row (compute as full boxes, communication as thin bars at the bottom).
+fn style(kind: EventKind) -> (RGBColor, &'static str, f64, f64) {
+    match kind {
+        EventKind::Forward => (RGBColor(66, 133, 244), "forward", 0.2, 0.9),
+        EventKind::Backward => (RGBColor(52, 168, 83), "backward", 0.2, 0.9),
+        EventKind::Optimizer => (RGBColor(120, 120, 120), "optimizer", 0.2, 0.9),
+        EventKind::Send => (RGBColor(251, 188, 5), "send", 0.02, 0.14),
+        EventKind::Recv => (RGBColor(255, 112, 67), "recv", 0.02, 0.14),
+        EventKind::AllReduce => (RGBColor(234, 67, 53), "all-reduce", 0.02, 0.14),
+        EventKind::Other => (RGBColor(190, 190, 190), "other", 0.02, 0.14),
+    }
+}
+
+/// Draws a Gantt chart of one step: one row per stage (top to bottom in the order
+/// given), forwards and backwards as coloured boxes labelled with their micro-batch
+/// (`mb.chunk` when some event has a chunk above 0), the optimizer as a grey box,
+/// sends, receives and all-reduces as thin bars, time in ms. Creates the parent
+/// directory if missing.
 pub fn write_svg(
     path: &Path,
     title: &str,
@@ -207,78 +238,129 @@ pub fn write_svg(
         path: path.display().to_string(),
         reason,
     };
-    if let Some(dir) = path.parent() {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| fail(e.to_string()))?;
     }
+    let finite = |e: &&Event| e.start_s.is_finite() && e.end_s.is_finite();
     let end_ms = timelines
         .iter()
-        .flat_map(|t| t.events.iter().map(|e| e.end_s * 1e3))
+        .flat_map(|t| t.events.iter().filter(finite).map(|e| e.end_s * 1e3))
         .fold(0.0f64, f64::max)
         .max(1e-3);
     let rows = timelines.len().max(1);
-    let height = 80 + 44 * rows as u32;
+    let height = 110 + 44 * rows as u32;
     let root = SVGBackend::new(path, (1200, height)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
+    // Rows are ROW units high on an integer axis whose key points are the row centres.
+    const ROW: i32 = 100;
+    let to_y = |row_from_bottom: usize, at: f64| {
+        row_from_bottom as i32 * ROW + (at * f64::from(ROW)).round() as i32
+    };
+    let rows_i = i32::try_from(rows).map_err(|_| fail(format!("{rows} rows")))?;
+    let row_centres: Vec<i32> = (0..rows_i).map(|i| i * ROW + ROW / 2).collect();
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 18))
         .margin(10)
-        .x_label_area_size(30)
+        .x_label_area_size(36)
         .y_label_area_size(90)
-        .build_cartesian_2d(0.0..end_ms, 0.0..rows as f64)
+        .build_cartesian_2d(
+            0.0..end_ms * 1.12,
+            (0..rows_i * ROW).with_key_points(row_centres),
+        )
         .map_err(|e| fail(e.to_string()))?;
+    let row_label = |y: &i32| {
+        let from_top = rows.saturating_sub(1 + (y / ROW).max(0) as usize);
+        timelines
+            .get(from_top)
+            .map(|t| t.label.clone())
+            .unwrap_or_default()
+    };
     chart
         .configure_mesh()
         .disable_y_mesh()
-        .y_labels(rows)
-        .y_label_formatter(&|y| {
-            let i = rows.saturating_sub(1 + y.floor() as usize);
-            timelines
-                .get(i)
-                .map(|t| t.label.clone())
-                .unwrap_or_default()
-        })
-        .x_desc("ms")
+        .y_label_formatter(&row_label)
+        .x_desc("time (ms)")
         .draw()
         .map_err(|e| fail(e.to_string()))?;
-    let chunks = timelines
+    let interleaved = timelines
         .iter()
         .flat_map(|t| t.events.iter().filter_map(|e| e.chunk))
-        .max()
-        .unwrap_or(0);
-    for (i, t) in timelines.iter().enumerate() {
-        let y0 = (rows - 1 - i) as f64;
-        for e in &t.events {
-            let (x0, x1) = (e.start_s * 1e3, e.end_s * 1e3);
-            let (color, lo, hi) = match e.kind {
-                EventKind::Forward => (RGBColor(66, 133, 244), 0.15, 0.85),
-                EventKind::Backward => (RGBColor(52, 168, 83), 0.15, 0.85),
-                EventKind::Optimizer => (RGBColor(150, 150, 150), 0.15, 0.85),
-                EventKind::AllReduce => (RGBColor(234, 67, 53), 0.02, 0.12),
-                EventKind::Send | EventKind::Recv => (RGBColor(251, 188, 5), 0.02, 0.12),
-                EventKind::Other => (RGBColor(200, 200, 200), 0.02, 0.12),
-            };
-            chart
-                .draw_series(std::iter::once(Rectangle::new(
-                    [(x0, y0 + lo), (x1, y0 + hi)],
-                    color.filled(),
-                )))
-                .map_err(|e| fail(e.to_string()))?;
-            if matches!(e.kind, EventKind::Forward | EventKind::Backward) {
-                let label = match (e.micro_batch, e.chunk) {
-                    (Some(mb), Some(c)) if chunks > 0 => format!("{mb}.{c}"),
-                    (Some(mb), _) => mb.to_string(),
-                    _ => String::new(),
-                };
-                chart
-                    .draw_series(std::iter::once(Text::new(
-                        label,
-                        (x0 + (x1 - x0) * 0.1, y0 + 0.6),
-                        ("sans-serif", 11).into_font().color(&WHITE),
-                    )))
-                    .map_err(|e| fail(e.to_string()))?;
-            }
+        .any(|c| c > 0);
+    let kinds = [
+        EventKind::Forward,
+        EventKind::Backward,
+        EventKind::Optimizer,
+        EventKind::Send,
+        EventKind::Recv,
+        EventKind::AllReduce,
+        EventKind::Other,
+    ];
+    for kind in kinds {
+        let (color, name, lo, hi) = style(kind);
+        let corners: Vec<[(f64, i32); 2]> = timelines
+            .iter()
+            .enumerate()
+            .flat_map(|(i, t)| {
+                let row = rows - 1 - i;
+                t.events
+                    .iter()
+                    .filter(finite)
+                    .filter(move |e| e.kind == kind)
+                    .map(move |e| {
+                        [
+                            (e.start_s * 1e3, to_y(row, lo)),
+                            (e.end_s * 1e3, to_y(row, hi)),
+                        ]
+                    })
+            })
+            .collect();
+        if corners.is_empty() {
+            continue;
         }
+        let boxes = corners.iter().map(|c| Rectangle::new(*c, color.filled()));
+        chart
+            .draw_series(boxes)
+            .map_err(|e| fail(e.to_string()))?
+            .label(name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.filled()));
+        // White outlines keep back-to-back boxes of one kind apart.
+        chart
+            .draw_series(
+                corners
+                    .iter()
+                    .map(|c| Rectangle::new(*c, WHITE.stroke_width(1))),
+            )
+            .map_err(|e| fail(e.to_string()))?;
     }
+    for (i, t) in timelines.iter().enumerate() {
+        let row = rows - 1 - i;
+        let labels = t
+            .events
+            .iter()
+            .filter(finite)
+            .filter(|e| matches!(e.kind, EventKind::Forward | EventKind::Backward))
+            .filter_map(|e| {
+                let mb = e.micro_batch?;
+                let label = match e.chunk {
+                    Some(c) if interleaved => format!("{mb}.{c}"),
+                    _ => mb.to_string(),
+                };
+                let x = e.start_s * 1e3 + (e.end_s - e.start_s) * 1e3 * 0.1;
+                Some(Text::new(
+                    label,
+                    (x, to_y(row, 0.68)),
+                    ("sans-serif", 11).into_font().color(&WHITE),
+                ))
+            });
+        chart.draw_series(labels).map_err(|e| fail(e.to_string()))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(|e| fail(e.to_string()))?;
     root.present().map_err(|e| fail(e.to_string()))?;
     Ok(())
 }
@@ -297,73 +379,204 @@ mod tests {
         }
     }
 
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-12
+    }
+
+    /// The contents of the `<text>` elements of an SVG document.
+    fn texts(svg: &str) -> Vec<String> {
+        svg.split("<text")
+            .skip(1)
+            .filter_map(|t| {
+                t.split_once('>')
+                    .and_then(|(_, rest)| rest.split("</text>").next())
+            })
+            .map(|s| s.trim().to_string())
+            .collect()
+    }
+
     #[test]
     fn busy_time_merges_overlaps() {
         let events = [
             ev(EventKind::Forward, 0, 0.0, 1.0),
             ev(EventKind::Backward, 0, 0.5, 2.0),
+            ev(EventKind::Forward, 1, 0.2, 0.4), // inside the first
             ev(EventKind::Forward, 1, 3.0, 4.0),
+            ev(EventKind::Backward, 1, 4.0, 4.5), // touching
             ev(EventKind::Send, 1, 4.0, 9.0),
+            ev(EventKind::Forward, 2, 6.0, 5.0), // reversed: nothing
+            ev(EventKind::Forward, 2, f64::NAN, 7.0), // not a number: nothing
         ];
-        assert!((busy_s(&events, &[EventKind::Forward, EventKind::Backward]) - 3.0).abs() < 1e-12);
-        assert!((busy_s(&events, &[EventKind::Send]) - 5.0).abs() < 1e-12);
+        let fb = [EventKind::Forward, EventKind::Backward];
+        assert!(close(busy_s(&events, &fb), 2.0 + 1.5));
+        assert!(close(busy_s(&events, &[EventKind::Forward]), 1.0 + 1.0));
+        assert!(close(busy_s(&events, &[EventKind::Send]), 5.0));
+        assert_eq!(busy_s(&events, &[EventKind::AllReduce]), 0.0);
+        assert_eq!(busy_s(&[], &fb), 0.0);
+        // Order of the events does not matter.
+        let mut reversed = events.to_vec();
+        reversed.reverse();
+        assert!(close(busy_s(&reversed, &fb), 3.5));
     }
 
     #[test]
     fn stats_of_a_two_stage_step() {
-        // Stage 0 computes 3 of 4 s, stage 1 computes 2 of 4 s.
+        // Wall 4 s. Stage 0: forward 0–1, backward 2–4, optimizer 3.5–4 (overlaps the
+        // backward): compute 3 s, pipeline 3 s. Stage 1: forward 1–2, backward 2–3,
+        // optimizer 3–3.5, receive 0–1 (not compute): compute 2.5 s, pipeline 2 s.
         let a = StageTimeline {
             rank: 0,
             label: "s0".into(),
             events: vec![
                 ev(EventKind::Forward, 0, 0.0, 1.0),
                 ev(EventKind::Backward, 0, 2.0, 4.0),
+                ev(EventKind::Optimizer, 0, 3.5, 4.0),
             ],
         };
         let b = StageTimeline {
             rank: 1,
             label: "s1".into(),
             events: vec![
+                ev(EventKind::Recv, 0, 0.0, 1.0),
                 ev(EventKind::Forward, 0, 1.0, 2.0),
                 ev(EventKind::Backward, 0, 2.0, 3.0),
-                ev(EventKind::Recv, 0, 0.0, 1.0),
+                ev(EventKind::Optimizer, 0, 3.0, 3.5),
             ],
         };
-        let s = step_stats(&[a, b], 4.0);
-        assert!((s.utilization_mean - 0.625).abs() < 1e-12);
-        assert!((s.utilization_min - 0.5).abs() < 1e-12);
-        assert!((s.bubble - 0.375).abs() < 1e-12);
+        let s = step_stats(&[a.clone(), b.clone()], 4.0);
+        assert!(close(s.wall_s, 4.0));
+        assert!(
+            close(s.utilization_mean, (3.0 / 4.0 + 2.5 / 4.0) / 2.0),
+            "{s:?}"
+        );
+        assert!(close(s.utilization_min, 2.5 / 4.0), "{s:?}");
+        assert!(
+            close(s.bubble, ((1.0 - 3.0 / 4.0) + (1.0 - 2.0 / 4.0)) / 2.0),
+            "{s:?}"
+        );
+
+        let none = step_stats(&[], 4.0);
+        assert_eq!((none.utilization_mean, none.bubble), (0.0, 0.0));
+        for wall in [0.0, -1.0, f64::NAN] {
+            let s = step_stats(&[a.clone(), b.clone()], wall);
+            assert_eq!(
+                (s.utilization_mean, s.utilization_min, s.bubble),
+                (0.0, 0.0, 0.0)
+            );
+        }
+        // Busy beyond the wall time is capped: utilization 1, bubble 0.
+        let s = step_stats(&[a], 1.0);
+        assert!(
+            close(s.utilization_min, 1.0) && close(s.bubble, 0.0),
+            "{s:?}"
+        );
+    }
+
+    #[test]
+    fn events_serialize_in_snake_case() {
+        let e = Event {
+            kind: EventKind::AllReduce,
+            micro_batch: None,
+            chunk: Some(1),
+            start_s: 0.5,
+            end_s: 0.75,
+        };
+        let json = serde_json::to_string(&e).unwrap();
+        assert!(json.contains("\"kind\":\"all_reduce\""), "{json}");
+        assert_eq!(serde_json::from_str::<Event>(&json).unwrap(), e);
+        let t = StageTimeline {
+            rank: 3,
+            label: "stage 3".into(),
+            events: vec![e],
+        };
+        let back: StageTimeline =
+            serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
+        assert_eq!(back, t);
     }
 
     #[test]
     fn svg_has_a_label_per_forward() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sub/t.svg");
+        let path = dir.path().join("sub/dir/t.svg");
+        // Micro-batches 1..=3 over 1–4 s: the ms axis ticks are never 1, 2 or 3.
+        let mut events: Vec<Event> = (1..=3)
+            .map(|mb| ev(EventKind::Forward, mb, mb as f64, mb as f64 + 0.5))
+            .collect();
+        events.push(ev(EventKind::Send, 3, 3.5, 3.6));
+        events.push(ev(EventKind::Backward, 7, 3.6, 4.0));
+        let t0 = StageTimeline {
+            rank: 0,
+            label: "stage 0".into(),
+            events,
+        };
+        let t1 = StageTimeline {
+            rank: 1,
+            label: "stage 1".into(),
+            events: vec![ev(EventKind::AllReduce, 0, 0.0, 0.5)],
+        };
+        write_svg(&path, "a <test> & more", &[t0, t1]).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.contains("<svg"));
+        let labels = texts(&svg);
+        for mb in ["1", "2", "3", "7"] {
+            let n = labels.iter().filter(|l| *l == mb).count();
+            assert_eq!(n, 1, "label {mb}: {labels:?}");
+        }
+        for want in [
+            "stage 0",
+            "stage 1",
+            "forward",
+            "backward",
+            "send",
+            "all-reduce",
+            "time (ms)",
+        ] {
+            assert!(
+                labels.iter().any(|l| l == want),
+                "{want} missing: {labels:?}"
+            );
+        }
+        assert!(svg.contains("&lt;test&gt; &amp; more"));
+    }
+
+    #[test]
+    fn svg_labels_chunks_when_interleaved_and_handles_empty_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("i.svg");
         let t = StageTimeline {
             rank: 0,
             label: "stage 0".into(),
-            events: (0..3)
-                .map(|mb| ev(EventKind::Forward, mb, mb as f64, mb as f64 + 0.5))
-                .collect(),
+            events: vec![
+                Event {
+                    chunk: Some(1),
+                    ..ev(EventKind::Forward, 4, 0.0, 0.001)
+                },
+                ev(EventKind::Forward, 5, 0.001, 0.002),
+            ],
         };
-        write_svg(&path, "test", &[t]).unwrap();
-        let text = std::fs::read_to_string(&path).unwrap();
-        assert!(text.contains("<svg"));
-        let labels: Vec<&str> = text
-            .split("<text")
-            .skip(1)
-            .filter_map(|t| {
-                t.split_once('>')
-                    .and_then(|(_, rest)| rest.split("</text>").next())
-            })
-            .map(str::trim)
-            .collect();
-        for mb in 0..3 {
-            assert!(
-                labels.contains(&mb.to_string().as_str()),
-                "label {mb} missing: {labels:?}"
-            );
-        }
+        write_svg(&path, "interleaved", &[t]).unwrap();
+        let labels = texts(&std::fs::read_to_string(&path).unwrap());
+        assert!(
+            labels.iter().any(|l| l == "4.1") && labels.iter().any(|l| l == "5.0"),
+            "{labels:?}"
+        );
+
+        let empty = dir.path().join("empty.svg");
+        write_svg(&empty, "nothing", &[]).unwrap();
+        assert!(std::fs::read_to_string(&empty).unwrap().contains("<svg"));
+    }
+
+    #[test]
+    fn svg_errors_name_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("file");
+        std::fs::write(&blocker, "not a directory").unwrap();
+        let path = blocker.join("t.svg");
+        let err = write_svg(&path, "x", &[]).unwrap_err();
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
     }
 
     #[test]
@@ -376,5 +589,17 @@ mod tests {
         assert_eq!(x, 7);
         let e = r.events()[0];
         assert!(e.end_s - e.start_s >= 0.005);
+        assert!(e.start_s >= 0.0 && r.now_s() >= e.end_s);
+        r.push(ev(EventKind::Send, 0, 1.0, 2.0));
+        assert_eq!(r.events().len(), 2);
+        let taken = r.take();
+        assert_eq!(taken.len(), 2);
+        assert!(r.events().is_empty());
+        r.push(ev(EventKind::Send, 0, 1.0, 2.0));
+        r.clear();
+        assert!(r.events().is_empty());
+        let origin = Instant::now();
+        let later = Recorder::starting_at(origin);
+        assert_eq!(later.origin(), origin);
     }
 }

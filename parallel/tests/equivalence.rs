@@ -5,48 +5,26 @@
 use meshrec_comm::LocalCluster;
 use meshrec_model::data::Batch;
 use meshrec_model::device::test_device;
-use meshrec_model::{ModelConfig, Preset};
+use meshrec_model::ModelConfig;
 use meshrec_parallel::check::{
-    initial_state, layout_step, reference_step, worst_deviation, Reference, StepSettings,
+    initial_state, layout_step, reference_step, tiny_case, worst_deviation, Reference, StepSettings,
 };
 use meshrec_parallel::layout::{unshard, Layout, RankState};
 use meshrec_parallel::mesh::Mesh;
 use meshrec_parallel::schedule::{Schedule, ScheduleKind};
 
 const TOLERANCE: f32 = 1e-4;
-const NUM_ITEMS: usize = 41;
 
 fn config() -> ModelConfig {
-    let mut c = ModelConfig::preset(Preset::Tiny, NUM_ITEMS);
-    c.dropout = 0.0;
-    c.num_genres = Some(5);
-    c
+    tiny_case().0
 }
 
 fn genres() -> Vec<Vec<u32>> {
-    (0..=NUM_ITEMS as u32)
-        .map(|i| vec![i % 5, (i * 7) % 5])
-        .collect()
+    tiny_case().1
 }
 
-/// Eight sequences of length 8, some shorter (right-padded), ids over the whole catalogue.
 fn batch() -> Batch {
-    let (b, s) = (8, 8);
-    let mut inputs = vec![0u32; b * s];
-    let mut targets = vec![0u32; b * s];
-    for r in 0..b {
-        let len = s - (r % 3);
-        for t in 0..len {
-            inputs[r * s + t] = 1 + ((r * 13 + t * 5) % NUM_ITEMS) as u32;
-            targets[r * s + t] = 1 + ((r * 13 + t * 5 + 3) % NUM_ITEMS) as u32;
-        }
-    }
-    Batch {
-        batch_size: b,
-        seq_len: s,
-        inputs,
-        targets,
-    }
+    tiny_case().2
 }
 
 fn reference(config: &ModelConfig) -> Reference {

@@ -32,7 +32,7 @@ enum Cmd {
         #[arg(long = "set")]
         set: Vec<String>,
     },
-    /// Run a benchmark: train, comm, compress.
+    /// Run a benchmark: train, comm, compress, pipeline, tp.
     Bench { name: String },
     /// Everything CI checks: fmt, clippy, tests (CPU and wgpu), cuda type-check, MPI tests.
     Ci,
@@ -153,7 +153,29 @@ fn bench(name: &str) -> Result<()> {
         "compress" => run(cargo()
             .args(["bench", "-p", "meshrec-compress", "--bench", "compress"])
             .env("MESHREC_BENCH_DIR", bench_dir())),
-        other => bail!("unknown benchmark `{other}` (known: train, comm, compress)"),
+        // One core per pipeline stage, so a stage's idle time is the schedule's bubble.
+        "pipeline" => run(cargo()
+            .args([
+                "run",
+                "--release",
+                "-p",
+                "meshrec-parallel",
+                "--example",
+                "bench_pipeline",
+            ])
+            .env("RAYON_NUM_THREADS", "1")
+            .env("MESHREC_BENCH_DIR", bench_dir())),
+        "tp" => run(cargo()
+            .args([
+                "run",
+                "--release",
+                "-p",
+                "meshrec-parallel",
+                "--example",
+                "bench_tp",
+            ])
+            .env("MESHREC_BENCH_DIR", bench_dir())),
+        other => bail!("unknown benchmark `{other}` (known: train, comm, compress, pipeline, tp)"),
     }
 }
 
@@ -164,7 +186,7 @@ fn ci() -> Result<()> {
         "--workspace",
         "--all-targets",
         "--features",
-        "meshrec-comm/mpi",
+        "meshrec-comm/mpi,meshrec-parallel/mpi",
         "--",
         "-D",
         "warnings",
@@ -183,6 +205,26 @@ fn ci() -> Result<()> {
             "wgpu",
             "--test",
             "model",
+        ])
+        .env("MESHREC_TEST_DEVICE", "wgpu")
+        .env("XDG_RUNTIME_DIR", &runtime))?;
+    // The layout-equivalence suite on wgpu too: hybrid, uneven, interleaved, RoPE/SwiGLU
+    // layouts (the full TP × PP × schedule × micro-batch grid takes minutes on a software
+    // Vulkan driver and runs on the CPU backend above).
+    run(cargo()
+        .args([
+            "test",
+            "-p",
+            "meshrec-parallel",
+            "--no-default-features",
+            "--features",
+            "wgpu",
+            "--test",
+            "equivalence",
+            "--",
+            "data_parallel_and_full_hybrid",
+            "uneven_partitions_and_interleaved",
+            "rope_and_swiglu",
         ])
         .env("MESHREC_TEST_DEVICE", "wgpu")
         .env("XDG_RUNTIME_DIR", &runtime))?;
@@ -213,6 +255,23 @@ fn ci() -> Result<()> {
         run(Command::new("mpirun")
             .args(["--allow-run-as-root", "--oversubscribe", "-np", np])
             .arg(&selftest))?;
+    }
+    // The layout-equivalence check across processes: tp 2 × pp 2 on the MPI engine. Built in
+    // the dev profile, whose dependencies the tests above already compiled (optimised).
+    run(cargo().args([
+        "build",
+        "-p",
+        "meshrec-parallel",
+        "--features",
+        "mpi",
+        "--example",
+        "mpi_equivalence",
+    ]))?;
+    let equivalence = target_dir().join("debug/examples/mpi_equivalence");
+    for np in ["4", "2"] {
+        run(Command::new("mpirun")
+            .args(["--allow-run-as-root", "--oversubscribe", "-np", np])
+            .arg(&equivalence))?;
     }
     println!("xtask ci: all checks passed");
     Ok(())
