@@ -34,6 +34,41 @@ pub fn rank_of_target(scores: &[f32], target: u32, exclude: &[u32]) -> usize {
     above + 1
 }
 
+/// [`rank_of_target`] split over vocabulary shards: `scores` covers the items
+/// `first_item .. first_item + scores.len()` and `target_score` is the target's score
+/// (agreed across shards). Returns how many of this shard's candidates rank above the
+/// target (ties against it), padding, target and history excluded. The rank is the sum over
+/// shards plus one; with a NaN target score every candidate counts, so the sum matches
+/// the unsharded worst rank.
+pub fn above_target_on_shard(
+    scores: &[f32],
+    first_item: u32,
+    target: u32,
+    target_score: f32,
+    exclude: &[u32],
+) -> usize {
+    let first = first_item as usize;
+    let t = target as usize;
+    let is_candidate = |global: usize| global != 0 && global != t;
+    let beats = |s: f32| target_score.is_nan() || s >= target_score;
+    let mut above = scores
+        .iter()
+        .enumerate()
+        .filter(|&(i, &s)| is_candidate(first + i) && beats(s))
+        .count();
+    let mut seen = Vec::with_capacity(exclude.len());
+    for &e in exclude {
+        let e = e as usize;
+        if let Some(&s) = e.checked_sub(first).and_then(|local| scores.get(local)) {
+            if is_candidate(e) && beats(s) && !seen.contains(&e) {
+                seen.push(e);
+                above -= 1;
+            }
+        }
+    }
+    above
+}
+
 /// Sums of per-user metrics; `report` divides by the number of users.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RankingMetrics {
@@ -103,6 +138,35 @@ mod tests {
         assert_eq!(rank_of_target(&scores, 1, &[2, 3, 3, 1]), 1);
         // a history item scoring below the target changes nothing
         assert_eq!(rank_of_target(&scores, 1, &[4]), 3);
+    }
+
+    #[test]
+    fn shard_counts_sum_to_the_full_rank() {
+        let scores: Vec<f32> = (0..23).map(|i| ((i * 37 % 11) as f32) * 0.5).collect();
+        for target in 1..23u32 {
+            let history = [3, 5, 5, target, 17, 22];
+            let full = rank_of_target(&scores, target, &history);
+            for shards in 1..=4 {
+                let sum: usize = (0..shards)
+                    .map(|k| {
+                        let r = k * scores.len() / shards..(k + 1) * scores.len() / shards;
+                        above_target_on_shard(
+                            &scores[r.clone()],
+                            r.start as u32,
+                            target,
+                            scores[target as usize],
+                            &history,
+                        )
+                    })
+                    .sum();
+                assert_eq!(sum + 1, full, "target {target}, {shards} shards");
+            }
+        }
+        let nan = [0.0, 1.0, f32::NAN, 2.0];
+        assert_eq!(
+            above_target_on_shard(&nan, 0, 2, f32::NAN, &[]) + 1,
+            rank_of_target(&nan, 2, &[])
+        );
     }
 
     #[test]

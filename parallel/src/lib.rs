@@ -8,10 +8,12 @@
 //! * [`exec`] — runs a schedule over a rank's segments, then the model-parallel gradient
 //!   reductions.
 //! * [`timeline`] — what each stage did when; utilization, bubble, SVG.
+//! * [`eval`] — full-ranking evaluation on vocabulary shards.
 //! * [`check`] — the layout-equivalence check against one device.
 
 pub mod check;
 mod error;
+pub mod eval;
 pub mod exec;
 pub mod layout;
 pub mod mesh;

@@ -166,11 +166,78 @@ impl Default for OutputSection {
     }
 }
 
+/// The device mesh and pipeline schedule of a run (all 1: one device).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ParallelSection {
+    pub dp: usize,
+    pub tp: usize,
+    pub pp: usize,
+    /// Micro-batches per global batch (per data-parallel rank).
+    pub micro_batches: usize,
+    /// `gpipe`, `1f1b` or `interleaved`.
+    pub schedule: String,
+    /// Model chunks per pipeline rank (interleaved only).
+    pub virtual_stages: usize,
+    /// `local` (one thread per device in this process) or `mpi` (one process per device,
+    /// launched by `mpirun`).
+    pub comm: String,
+}
+
+impl Default for ParallelSection {
+    fn default() -> Self {
+        Self {
+            dp: 1,
+            tp: 1,
+            pp: 1,
+            micro_batches: 1,
+            schedule: "1f1b".into(),
+            virtual_stages: 1,
+            comm: "local".into(),
+        }
+    }
+}
+
+impl ParallelSection {
+    pub fn world_size(&self) -> usize {
+        self.dp * self.tp * self.pp
+    }
+
+    pub fn schedule_kind(&self) -> Result<meshrec_parallel::schedule::ScheduleKind, ConfigError> {
+        self.schedule
+            .parse()
+            .map_err(|e: meshrec_parallel::schedule::ScheduleError| {
+                invalid("parallel.schedule", e.to_string())
+            })
+    }
+}
+
+/// Data-parallel gradient synchronisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DpSection {
+    /// `sync` (all-reduce every step).
+    pub mode: String,
+    /// Size of a gradient all-reduce bucket in MB (PyTorch DDP's 25).
+    pub bucket_mb: f64,
+}
+
+impl Default for DpSection {
+    fn default() -> Self {
+        Self {
+            mode: "sync".into(),
+            bucket_mb: 25.0,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunConfig {
     pub data: DataSection,
     pub model: ModelSection,
+    pub parallel: ParallelSection,
+    pub dp: DpSection,
     pub train: TrainSection,
     pub eval: EvalSection,
     pub output: OutputSection,
@@ -269,6 +336,45 @@ impl RunConfig {
             || self.output.name == ".."
         {
             return Err(invalid("output.name", "must be a plain folder name"));
+        }
+        let p = &self.parallel;
+        for (key, v) in [
+            ("parallel.dp", p.dp),
+            ("parallel.tp", p.tp),
+            ("parallel.pp", p.pp),
+            ("parallel.micro_batches", p.micro_batches),
+            ("parallel.virtual_stages", p.virtual_stages),
+        ] {
+            if v == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        let kind = p.schedule_kind()?;
+        meshrec_parallel::schedule::Schedule::new(kind, p.pp, p.micro_batches, p.virtual_stages)
+            .map_err(|e| invalid("parallel.schedule", e.to_string()))?;
+        if p.comm != "local" && p.comm != "mpi" {
+            return Err(invalid(
+                "parallel.comm",
+                format!("`{}`: expected local or mpi", p.comm),
+            ));
+        }
+        if p.dp > 1 && t.batch_size < p.dp * p.micro_batches {
+            return Err(invalid(
+                "train.batch_size",
+                format!(
+                    "{} rows cannot fill dp {} × micro_batches {}",
+                    t.batch_size, p.dp, p.micro_batches
+                ),
+            ));
+        }
+        if self.dp.mode != "sync" {
+            return Err(invalid(
+                "dp.mode",
+                format!("`{}`: expected sync", self.dp.mode),
+            ));
+        }
+        if !(self.dp.bucket_mb.is_finite() && self.dp.bucket_mb > 0.0) {
+            return Err(invalid("dp.bucket_mb", "must be a positive number of MB"));
         }
         // Model keys are checked against a placeholder catalogue; the real size comes from data.
         self.model_config(1, None).map(|_| ())

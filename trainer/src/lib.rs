@@ -1,4 +1,5 @@
 //! meshrec trainer library: run configuration, the training run, metrics and checkpoints.
 
 pub mod config;
+pub mod hybrid;
 pub mod run;

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use meshrec_model::data::{EvalSet, EvalSplit};
 use meshrec_model::device::parse_device;
 use meshrec_trainer::config::RunConfig;
-use meshrec_trainer::run;
+use meshrec_trainer::{hybrid, run};
 
 #[derive(Parser)]
 #[command(
@@ -31,6 +31,9 @@ struct Common {
     /// `cpu`, `wgpu`, `cuda` or `cuda:N`; beats `train.device` in the config.
     #[arg(long, env = "BURN_DEVICE")]
     device: Option<String>,
+    /// `local` (threads) or `mpi` (processes under `mpirun`); beats `parallel.comm`.
+    #[arg(long)]
+    comm: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -59,7 +62,11 @@ enum Command {
 }
 
 fn setup(common: &Common) -> anyhow::Result<(RunConfig, burn::tensor::Device, String)> {
-    let config = RunConfig::load(common.config.as_deref(), &common.set)?;
+    let mut overrides = common.set.clone();
+    if let Some(comm) = &common.comm {
+        overrides.push(format!("parallel.comm={comm}"));
+    }
+    let config = RunConfig::load(common.config.as_deref(), &overrides)?;
     let name = common
         .device
         .clone()
@@ -104,7 +111,15 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Train(common) => {
             let (config, device, name) = setup(&common)?;
-            let summary = run::train(&config, &device, &name)?;
+            let summary = match (config.parallel.comm.as_str(), config.parallel.world_size()) {
+                ("local", 1) => run::train(&config, &device, &name)?,
+                ("local", _) => hybrid::train_local(&config, &device, &name)?,
+                _ => match hybrid::train_mpi(&config, &device, &name)? {
+                    Some(summary) => summary,
+                    // Only world rank 0 reports.
+                    None => return Ok(()),
+                },
+            };
             print_table(
                 &format!(
                     "{} on {}: best epoch {} of {}, {:.0} samples/s",

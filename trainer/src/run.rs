@@ -9,7 +9,7 @@ use std::time::Instant;
 use burn::store::{ModuleSnapshot, SafetensorsStore};
 use burn::tensor::Device;
 use indicatif::{ProgressBar, ProgressStyle};
-use meshrec_model::data::{Dataset, EvalSet, EvalSplit, TrainSet};
+use meshrec_model::data::{Batch, Dataset, EvalSet, EvalSplit, TrainSet};
 use meshrec_model::metrics::RankingMetrics;
 use meshrec_model::optim::{clip_by_global_norm, sum_of_squares, AdamW, AdamWConfig, LrSchedule};
 use meshrec_model::params::{init_normal, param_paths, read_values, write_values};
@@ -32,6 +32,8 @@ pub enum RunError {
     Checkpoint { path: PathBuf, message: String },
     #[error("no training sequences: every user has fewer than two training items")]
     NoTrainingData,
+    #[error("parallel run: {0}")]
+    Parallel(String),
 }
 
 fn io_err(path: &Path, e: impl std::fmt::Display) -> RunError {
@@ -175,39 +177,158 @@ pub fn load_checkpoint(model: &mut Recommender, path: &Path) -> Result<(), RunEr
 
 /// Trains to convergence (early stopping on valid NDCG@10), evaluates the best checkpoint on
 /// the test split and writes the run's files. `device` must have autodiff enabled.
+/// One optimizer step's outcome on the global batch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepResult {
+    pub loss_sum: f64,
+    pub targets: usize,
+    /// The gradient was not finite: the optimizer step was skipped.
+    pub skipped: bool,
+}
+
+/// What the training loop needs from whatever runs the steps: one device, or one rank of a
+/// device mesh. Calls are collective on a mesh: every rank makes them in the same order.
+pub trait Stepper {
+    /// One optimizer step on the global batch at learning rate `lr`.
+    fn step(&mut self, batch: &Batch, step: u64, lr: f32) -> Result<StepResult, RunError>;
+    /// The full model with the current parameters (gathered from the shards on a mesh).
+    fn full_model(&mut self) -> Result<Recommender, RunError>;
+    /// Whether this rank evaluates, writes the run's files and logs.
+    fn is_leader(&self) -> bool;
+    /// The leader's `flags`, on every rank (decisions such as early stopping).
+    fn agree(&mut self, flags: [bool; 2]) -> Result<[bool; 2], RunError>;
+}
+
+/// The single-device stepper: the model in burn, parameters and AdamW on the host.
+pub struct SingleDevice {
+    model: Recommender,
+    values: Vec<Vec<f32>>,
+    optimizer: AdamW,
+    decay: Vec<bool>,
+    clip_norm: f64,
+    seed: u64,
+    device: Device,
+}
+
+impl SingleDevice {
+    pub fn new(model: Recommender, config: &RunConfig, device: &Device) -> Self {
+        let infos = param_paths(&model);
+        Self {
+            values: read_values(&model),
+            optimizer: AdamW::new(adamw_config(config), infos.iter().map(|p| p.numel())),
+            decay: infos.iter().map(|p| p.shape.len() > 1).collect(),
+            clip_norm: config.train.clip_norm,
+            seed: config.train.seed,
+            model,
+            device: device.clone(),
+        }
+    }
+}
+
+/// The AdamW settings of `[train]`.
+pub fn adamw_config(config: &RunConfig) -> AdamWConfig {
+    let t = &config.train;
+    AdamWConfig {
+        beta1: t.beta1,
+        beta2: t.beta2,
+        eps: t.eps,
+        weight_decay: t.weight_decay,
+    }
+}
+
+/// The dropout stream of `step`: reproducible and resumable.
+pub fn dropout_seed(seed: u64, step: u64) -> u64 {
+    seed ^ step.wrapping_mul(0x2545_F491_4F6C_DD1D)
+}
+
+impl Stepper for SingleDevice {
+    fn step(&mut self, batch: &Batch, step: u64, lr: f32) -> Result<StepResult, RunError> {
+        meshrec_model::dropout::seed_dropout(dropout_seed(self.seed, step));
+        let targets = batch.num_targets();
+        let mut out = forward_backward(
+            &self.model,
+            batch,
+            1.0 / targets.max(1) as f32,
+            &self.device,
+        );
+        let norm = sum_of_squares(&out.grads).sqrt();
+        let skipped = !norm.is_finite();
+        if !skipped {
+            clip_by_global_norm(&mut out.grads, norm, self.clip_norm);
+            self.optimizer
+                .update(&mut self.values, &out.grads, lr, &self.decay);
+            // A module clone shares its tensors: cheap.
+            self.model = write_values(self.model.clone(), &self.values, &self.device);
+        }
+        Ok(StepResult {
+            loss_sum: out.loss_sum,
+            targets: out.targets,
+            skipped,
+        })
+    }
+
+    fn full_model(&mut self) -> Result<Recommender, RunError> {
+        Ok(self.model.clone())
+    }
+
+    fn is_leader(&self) -> bool {
+        true
+    }
+
+    fn agree(&mut self, flags: [bool; 2]) -> Result<[bool; 2], RunError> {
+        Ok(flags)
+    }
+}
+
+/// Trains on one device.
 pub fn train(config: &RunConfig, device: &Device, device_name: &str) -> Result<Summary, RunError> {
-    let start = Instant::now();
     let dataset = load_dataset(config)?;
-    let (model_config, mut model) = build_model(config, &dataset, device)?;
-    let train_set = TrainSet::new(&dataset, model_config.max_len, config.data.windows)?;
+    let (model_config, model) = build_model(config, &dataset, device)?;
+    let mut stepper = SingleDevice::new(model, config, device);
+    let summary = train_with(
+        config,
+        &dataset,
+        &model_config,
+        &mut stepper,
+        device,
+        device_name,
+    )?;
+    summary.ok_or(RunError::NoTrainingData)
+}
+
+/// The training loop over any [`Stepper`]: epochs in seeded order, the learning-rate
+/// schedule, evaluation with early stopping, the best checkpoint, `metrics.jsonl` and
+/// `summary.json` (written by the leader, which alone returns the summary).
+pub fn train_with(
+    config: &RunConfig,
+    dataset: &Dataset,
+    model_config: &ModelConfig,
+    stepper: &mut dyn Stepper,
+    device: &Device,
+    device_name: &str,
+) -> Result<Option<Summary>, RunError> {
+    let start = Instant::now();
+    let leader = stepper.is_leader();
+    let train_set = TrainSet::new(dataset, model_config.max_len, config.data.windows)?;
     if train_set.is_empty() {
         return Err(RunError::NoTrainingData);
     }
-    let valid = EvalSet::new(&dataset, model_config.max_len, EvalSplit::Valid);
-    let test = EvalSet::new(&dataset, model_config.max_len, EvalSplit::Test);
+    let valid = EvalSet::new(dataset, model_config.max_len, EvalSplit::Valid);
+    let test = EvalSet::new(dataset, model_config.max_len, EvalSplit::Test);
     let run_dir = config.run_dir();
-    std::fs::create_dir_all(&run_dir).map_err(|e| io_err(&run_dir, e))?;
     let metrics_path = run_dir.join("metrics.jsonl");
-    let mut metrics_file =
-        std::fs::File::create(&metrics_path).map_err(|e| io_err(&metrics_path, e))?;
     let checkpoint = run_dir.join("best.safetensors");
-    let config_copy = run_dir.join("config.toml");
-    std::fs::write(&config_copy, toml::to_string(config).unwrap_or_default())
-        .map_err(|e| io_err(&config_copy, e))?;
-
-    let infos = param_paths(&model);
-    let params: u64 = infos.iter().map(|p| p.numel() as u64).sum();
-    let decay: Vec<bool> = infos.iter().map(|p| p.shape.len() > 1).collect();
+    let mut metrics_file = None;
+    if leader {
+        std::fs::create_dir_all(&run_dir).map_err(|e| io_err(&run_dir, e))?;
+        metrics_file =
+            Some(std::fs::File::create(&metrics_path).map_err(|e| io_err(&metrics_path, e))?);
+        let config_copy = run_dir.join("config.toml");
+        std::fs::write(&config_copy, toml::to_string(config).unwrap_or_default())
+            .map_err(|e| io_err(&config_copy, e))?;
+    }
+    let params = model_config.num_params();
     let t = &config.train;
-    let mut optimizer = AdamW::new(
-        AdamWConfig {
-            beta1: t.beta1,
-            beta2: t.beta2,
-            eps: t.eps,
-            weight_decay: t.weight_decay,
-        },
-        infos.iter().map(|p| p.numel()),
-    );
     let batches_per_epoch = train_set.len().div_ceil(t.batch_size) as u64;
     let schedule = LrSchedule {
         lr: t.lr,
@@ -215,25 +336,30 @@ pub fn train(config: &RunConfig, device: &Device, device_name: &str) -> Result<S
         total_steps: batches_per_epoch * t.epochs,
         min_ratio: t.min_lr_ratio,
     };
-    tracing::info!(
-        users = dataset.num_users(),
-        items = dataset.num_items,
-        sequences = train_set.len(),
-        targets = train_set.num_targets(),
-        params,
-        "training {} on {}",
-        config.model.preset,
-        dataset.name
-    );
+    if leader {
+        tracing::info!(
+            users = dataset.num_users(),
+            items = dataset.num_items,
+            sequences = train_set.len(),
+            targets = train_set.num_targets(),
+            params,
+            "training {} on {}",
+            config.model.preset,
+            dataset.name
+        );
+    }
 
-    let mut values = read_values(&model);
     let mut step = 0u64;
     let (mut best_ndcg, mut best_epoch, mut since_best) = (f64::NEG_INFINITY, 0u64, 0u64);
     let mut best_valid = BTreeMap::new();
     let (mut train_seconds, mut samples, mut tokens) = (0.0f64, 0u64, 0u64);
     let mut epochs_run = 0;
     for epoch in 0..t.epochs {
-        let bar = ProgressBar::new(batches_per_epoch);
+        let bar = if leader {
+            ProgressBar::new(batches_per_epoch)
+        } else {
+            ProgressBar::hidden()
+        };
         bar.set_style(
             ProgressStyle::with_template("epoch {prefix} {bar:30} {pos}/{len} {msg}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -242,17 +368,9 @@ pub fn train(config: &RunConfig, device: &Device, device_name: &str) -> Result<S
         let epoch_start = Instant::now();
         let (mut loss_sum, mut count, mut epoch_samples, mut skipped) = (0.0f64, 0u64, 0u64, 0u64);
         for batch in train_set.epoch(t.seed, epoch, t.batch_size) {
-            // Dropout masks are a function of (seed, step): reproducible and resumable.
-            meshrec_model::dropout::seed_dropout(t.seed ^ step.wrapping_mul(0x2545_F491_4F6C_DD1D));
-            let targets = batch.num_targets();
-            let mut out = forward_backward(&model, &batch, 1.0 / targets.max(1) as f32, device);
-            let norm = sum_of_squares(&out.grads).sqrt();
             let lr = schedule.at(step);
-            if norm.is_finite() {
-                clip_by_global_norm(&mut out.grads, norm, t.clip_norm);
-                optimizer.update(&mut values, &out.grads, lr as f32, &decay);
-                model = write_values(model, &values, device);
-            } else {
+            let out = stepper.step(&batch, step, lr as f32)?;
+            if out.skipped {
                 skipped += 1;
                 tracing::warn!(step, "non-finite gradient norm: step skipped");
             }
@@ -273,52 +391,67 @@ pub fn train(config: &RunConfig, device: &Device, device_name: &str) -> Result<S
         samples += epoch_samples;
         tokens += count;
         epochs_run = epoch + 1;
-        let valid_report = if (epoch + 1) % config.eval.every == 0 || epoch + 1 == t.epochs {
-            evaluate(&model, &valid, config.eval.batch_size, device).report()
+        let evaluate_now = (epoch + 1) % config.eval.every == 0 || epoch + 1 == t.epochs;
+        let model = if evaluate_now {
+            Some(stepper.full_model()?)
         } else {
-            BTreeMap::new()
+            None
         };
-        let record = EpochRecord {
-            epoch: epoch + 1,
-            step,
-            loss: loss_sum / count.max(1) as f64,
-            lr: schedule.at(step.saturating_sub(1)),
-            samples_per_s: epoch_samples as f64 / seconds,
-            tokens_per_s: count as f64 / seconds,
-            skipped_steps: skipped,
-            valid: valid_report.clone(),
-        };
-        let line = serde_json::to_string(&record).map_err(|e| io_err(&metrics_path, e))?;
-        writeln!(metrics_file, "{line}").map_err(|e| io_err(&metrics_path, e))?;
-        tracing::info!(
-            epoch = epoch + 1,
-            loss = format!("{:.4}", record.loss),
-            samples_per_s = format!("{:.0}", record.samples_per_s),
-            ndcg10 = format!(
-                "{:.4}",
-                valid_report.get("ndcg@10").copied().unwrap_or(f64::NAN)
-            ),
-            "epoch done"
-        );
-        if let Some(&ndcg) = valid_report.get("ndcg@10") {
-            if ndcg > best_ndcg {
-                best_ndcg = ndcg;
-                best_epoch = epoch + 1;
-                best_valid = valid_report;
-                since_best = 0;
-                save_checkpoint(&model, &checkpoint)?;
-            } else {
-                since_best += 1;
-                if t.patience > 0 && since_best >= t.patience {
-                    tracing::info!(
-                        best_epoch,
-                        "early stop: no better valid NDCG@10 for {} evaluations",
-                        t.patience
-                    );
-                    break;
+        let mut flags = [false, false];
+        if let (true, Some(model)) = (leader, &model) {
+            let valid_report = evaluate(model, &valid, config.eval.batch_size, device).report();
+            let record = EpochRecord {
+                epoch: epoch + 1,
+                step,
+                loss: loss_sum / count.max(1) as f64,
+                lr: schedule.at(step.saturating_sub(1)),
+                samples_per_s: epoch_samples as f64 / seconds,
+                tokens_per_s: count as f64 / seconds,
+                skipped_steps: skipped,
+                valid: valid_report.clone(),
+            };
+            if let Some(file) = metrics_file.as_mut() {
+                let line = serde_json::to_string(&record).map_err(|e| io_err(&metrics_path, e))?;
+                writeln!(file, "{line}").map_err(|e| io_err(&metrics_path, e))?;
+            }
+            tracing::info!(
+                epoch = epoch + 1,
+                loss = format!("{:.4}", record.loss),
+                samples_per_s = format!("{:.0}", record.samples_per_s),
+                ndcg10 = format!(
+                    "{:.4}",
+                    valid_report.get("ndcg@10").copied().unwrap_or(f64::NAN)
+                ),
+                "epoch done"
+            );
+            if let Some(&ndcg) = valid_report.get("ndcg@10") {
+                if ndcg > best_ndcg {
+                    best_ndcg = ndcg;
+                    best_epoch = epoch + 1;
+                    best_valid = valid_report;
+                    since_best = 0;
+                    save_checkpoint(model, &checkpoint)?;
+                    flags[0] = true;
+                } else {
+                    since_best += 1;
+                    if t.patience > 0 && since_best >= t.patience {
+                        tracing::info!(
+                            best_epoch,
+                            "early stop: no better valid NDCG@10 for {} evaluations",
+                            t.patience
+                        );
+                        flags[1] = true;
+                    }
                 }
             }
         }
+        if evaluate_now && stepper.agree(flags)?[1] {
+            break;
+        }
+    }
+    let mut model = stepper.full_model()?;
+    if !leader {
+        return Ok(None);
     }
     load_checkpoint(&mut model, &checkpoint)?;
     let test_report = evaluate(&model, &test, config.eval.batch_size, device).report();
@@ -341,7 +474,7 @@ pub fn train(config: &RunConfig, device: &Device, device_name: &str) -> Result<S
     let summary_path = run_dir.join("summary.json");
     let text = serde_json::to_string_pretty(&summary).map_err(|e| io_err(&summary_path, e))?;
     std::fs::write(&summary_path, text).map_err(|e| io_err(&summary_path, e))?;
-    Ok(summary)
+    Ok(Some(summary))
 }
 
 /// Throughput of training steps alone (no evaluation), after `warmup` steps: the figure of

@@ -186,7 +186,7 @@ fn ci() -> Result<()> {
         "--workspace",
         "--all-targets",
         "--features",
-        "meshrec-comm/mpi,meshrec-parallel/mpi",
+        "meshrec-comm/mpi,meshrec-parallel/mpi,meshrec-trainer/mpi",
         "--",
         "-D",
         "warnings",

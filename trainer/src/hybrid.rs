@@ -1,0 +1,363 @@
+//! A rank of a DP × TP × PP mesh as a [`Stepper`]: its model chunks, their host AdamW
+//! state, the pipeline schedule, and the gradient synchronisation (model-parallel
+//! reductions, then the data-parallel all-reduce in buckets). Runs one thread per device on
+//! the local engine, or one process per device under `mpirun`.
+
+use burn::tensor::Device;
+use meshrec_comm::{bucket::all_reduce_bucketed, Communicator, LocalCluster, ReduceOp};
+use meshrec_model::data::{Batch, Dataset};
+use meshrec_model::optim::{clip_by_global_norm, AdamW};
+use meshrec_model::params::{param_paths, write_values, ParamInfo};
+use meshrec_model::{ModelConfig, Recommender};
+use meshrec_parallel::check::{build_segments, initial_state};
+use meshrec_parallel::exec::{
+    global_grad_norm, micro_batches, reduce_model_parallel_grads, run_schedule,
+};
+use meshrec_parallel::layout::{unshard, FullState, Layout, ParamSpec, RankState};
+use meshrec_parallel::mesh::{Groups, Mesh};
+use meshrec_parallel::schedule::Schedule;
+use meshrec_parallel::segment::{DropoutKey, Segment};
+use meshrec_parallel::timeline::Recorder;
+use meshrec_parallel::ParallelError;
+
+use crate::config::RunConfig;
+use crate::run::{
+    adamw_config, build_model, dropout_seed, load_dataset, train_with, RunError, StepResult,
+    Stepper, Summary,
+};
+
+impl From<ParallelError> for RunError {
+    fn from(e: ParallelError) -> Self {
+        RunError::Parallel(e.to_string())
+    }
+}
+
+impl From<meshrec_comm::CommError> for RunError {
+    fn from(e: meshrec_comm::CommError) -> Self {
+        RunError::Parallel(e.to_string())
+    }
+}
+
+/// One rank of the mesh.
+pub struct MeshRank {
+    groups: Groups,
+    layout: Layout,
+    schedule: Schedule,
+    segments: Vec<Segment>,
+    optimizers: Vec<AdamW>,
+    decay: Vec<Vec<bool>>,
+    /// Every rank's parameter specs, to reassemble the full model.
+    all_specs: Vec<RankState>,
+    full_infos: Vec<ParamInfo>,
+    full_shapes: std::collections::BTreeMap<String, Vec<usize>>,
+    model_config: ModelConfig,
+    genres: Option<Vec<Vec<u32>>>,
+    clip_norm: f64,
+    seed: u64,
+    bucket_bytes: usize,
+    device: Device,
+}
+
+impl MeshRank {
+    /// Builds this rank's chunks, initialised exactly as the one-device model would be.
+    pub fn new(
+        world: Box<dyn Communicator>,
+        config: &RunConfig,
+        model_config: &ModelConfig,
+        genres: Option<Vec<Vec<u32>>>,
+        device: &Device,
+    ) -> Result<Self, RunError> {
+        let p = &config.parallel;
+        let mesh = Mesh::new(p.dp, p.tp, p.pp).map_err(ParallelError::from)?;
+        mesh.validate(world.size(), model_config, p.virtual_stages)
+            .map_err(ParallelError::from)?;
+        let layout = Layout::uniform(mesh, p.virtual_stages, model_config.n_layers)
+            .map_err(ParallelError::from)?;
+        let schedule = Schedule::new(p.schedule_kind()?, p.pp, p.micro_batches, p.virtual_stages)
+            .map_err(ParallelError::from)?;
+        let groups = Groups::new(world, mesh)?;
+        let (full_infos, initial) =
+            initial_state(model_config, genres.as_deref(), config.train.seed, device);
+        let segments = build_segments(
+            model_config,
+            genres.as_deref(),
+            &layout,
+            &groups,
+            &initial,
+            device,
+        )?;
+        let optimizers = segments
+            .iter()
+            .map(|s| AdamW::new(adamw_config(config), s.infos.iter().map(ParamInfo::numel)))
+            .collect();
+        let decay = segments
+            .iter()
+            .map(|s| s.infos.iter().map(ParamSpec::decays).collect())
+            .collect();
+        // The specs of every rank (built, not communicated: each rank derives the layout).
+        let all_specs = (0..mesh.world_size())
+            .map(|r| {
+                let coord = mesh.coord(r);
+                let chunks = (0..layout.virtual_stages)
+                    .map(|local| {
+                        let k = layout.model_chunk(coord.pp, local);
+                        let s = Segment::new(
+                            model_config,
+                            genres.as_deref(),
+                            &layout,
+                            coord,
+                            k,
+                            device,
+                        );
+                        (s.specs, Vec::new())
+                    })
+                    .collect();
+                RankState { coord, chunks }
+            })
+            .collect();
+        Ok(Self {
+            groups,
+            layout,
+            schedule,
+            segments,
+            optimizers,
+            decay,
+            all_specs,
+            full_shapes: initial.shapes,
+            full_infos,
+            model_config: model_config.clone(),
+            genres,
+            clip_norm: config.train.clip_norm,
+            seed: config.train.seed,
+            bucket_bytes: (config.dp.bucket_mb * 1024.0 * 1024.0) as usize,
+            device: device.clone(),
+        })
+    }
+}
+
+impl Stepper for MeshRank {
+    fn step(&mut self, batch: &Batch, step: u64, lr: f32) -> Result<StepResult, RunError> {
+        let coord = self.groups.coord;
+        // Attention dropout (inside the TP shards) from this rank's stream; replicated-region
+        // dropout keyed so TP replicas agree.
+        meshrec_model::dropout::seed_dropout(
+            dropout_seed(self.seed, step)
+                ^ (self.groups.world.rank() as u64).wrapping_mul(0x9e37_79b9),
+        );
+        for s in &mut self.segments {
+            s.zero_grads();
+            s.dropout_key = DropoutKey {
+                seed: self.seed,
+                step,
+                dp_rank: coord.dp as u64,
+            };
+        }
+        let rows = meshrec_comm::chunk_range(batch.batch_size, self.layout.mesh.dp, coord.dp);
+        let local = batch.rows(rows.start, rows.end);
+        let micro = micro_batches(&local, self.schedule.micro_batches);
+        if micro.len() != self.schedule.micro_batches {
+            return Err(RunError::Parallel(format!(
+                "a batch of {} rows cannot feed dp {} × {} micro-batches (lower parallel.micro_batches or raise train.batch_size)",
+                batch.batch_size, self.layout.mesh.dp, self.schedule.micro_batches
+            )));
+        }
+        let global_targets = batch.num_targets();
+        let grad_scale = 1.0 / global_targets.max(1) as f32;
+        let loss = run_schedule(
+            &mut self.segments,
+            &self.layout,
+            &self.schedule,
+            &self.groups,
+            &micro,
+            grad_scale,
+            &mut Recorder::new(),
+        )?;
+        reduce_model_parallel_grads(&mut self.segments, &self.groups)?;
+        if self.layout.mesh.dp > 1 {
+            let mut grads: Vec<&mut [f32]> = self
+                .segments
+                .iter_mut()
+                .flat_map(|s| s.grads.iter_mut().map(Vec::as_mut_slice))
+                .collect();
+            all_reduce_bucketed(
+                self.groups.dp.as_ref(),
+                &mut grads,
+                self.bucket_bytes,
+                ReduceOp::Sum,
+            )?;
+        }
+        let mut loss_parts = [loss.loss_sum as f32];
+        if self.layout.mesh.dp > 1 {
+            self.groups.dp.all_reduce(&mut loss_parts, ReduceOp::Sum)?;
+        }
+        let norm = global_grad_norm(&self.segments, &self.groups)?;
+        let skipped = !norm.is_finite();
+        if !skipped {
+            for ((s, opt), decay) in self
+                .segments
+                .iter_mut()
+                .zip(&mut self.optimizers)
+                .zip(&self.decay)
+            {
+                clip_by_global_norm(&mut s.grads, norm, self.clip_norm);
+                let mut values = s.values();
+                opt.update(&mut values, &s.grads, lr, decay);
+                s.set_values(&values)?;
+            }
+        }
+        Ok(StepResult {
+            loss_sum: f64::from(loss_parts[0]),
+            targets: global_targets,
+            skipped,
+        })
+    }
+
+    fn full_model(&mut self) -> Result<Recommender, RunError> {
+        let mine: Vec<f32> = self
+            .segments
+            .iter()
+            .flat_map(|s| s.values().into_iter().flatten())
+            .collect();
+        let gathered = self.groups.world.all_gatherv(&mine)?;
+        let mut ranks = Vec::with_capacity(gathered.len());
+        for (state, flat) in self.all_specs.iter().zip(gathered) {
+            let mut at = 0usize;
+            let mut chunks = Vec::new();
+            for (specs, _) in &state.chunks {
+                let mut values = Vec::with_capacity(specs.len());
+                for spec in specs {
+                    let shape = self.full_shapes.get(&spec.full_path).ok_or_else(|| {
+                        RunError::Parallel(format!("unknown parameter `{}`", spec.full_path))
+                    })?;
+                    let n = meshrec_parallel::layout::shard_shape(
+                        spec.split,
+                        shape,
+                        self.layout.mesh.tp,
+                        state.coord.tp,
+                    )
+                    .iter()
+                    .product::<usize>();
+                    let slice = flat.get(at..at + n).ok_or_else(|| {
+                        RunError::Parallel(format!("rank {:?} sent too few values", state.coord))
+                    })?;
+                    values.push(slice.to_vec());
+                    at += n;
+                }
+                chunks.push((specs.clone(), values));
+            }
+            ranks.push(RankState {
+                coord: state.coord,
+                chunks,
+            });
+        }
+        let full: FullState = unshard(&self.full_shapes, &ranks, &self.layout.mesh)?;
+        let model = Recommender::new(&self.model_config, self.genres.as_deref(), &self.device);
+        let values = full.to_ordered(&self.full_infos)?;
+        debug_assert_eq!(param_paths(&model).len(), values.len());
+        Ok(write_values(model, &values, &self.device))
+    }
+
+    fn is_leader(&self) -> bool {
+        self.groups.world.rank() == 0
+    }
+
+    fn agree(&mut self, flags: [bool; 2]) -> Result<[bool; 2], RunError> {
+        let mut v = flags.map(|f| if f { 1.0f32 } else { 0.0 });
+        self.groups.world.broadcast(&mut v, 0)?;
+        Ok(v.map(|x| x > 0.5))
+    }
+}
+
+/// Trains the whole mesh of `[parallel]` in this process, one thread per device on the
+/// local engine; returns the leader's summary.
+pub fn train_local(
+    config: &RunConfig,
+    device: &Device,
+    device_name: &str,
+) -> Result<Summary, RunError> {
+    let dataset = load_dataset(config)?;
+    let (model_config, _) = build_model(config, &dataset, device)?;
+    let world = config.parallel.world_size();
+    let results = LocalCluster::run(world, |comm| {
+        rank_main(
+            Box::new(comm),
+            config,
+            &dataset,
+            &model_config,
+            device,
+            device_name,
+        )
+    })
+    .map_err(|e| RunError::Parallel(e.to_string()))?;
+    let mut summary = None;
+    for (rank, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(Some(s)) => summary = Some(s),
+            Ok(None) => {}
+            Err(e) => return Err(RunError::Parallel(format!("rank {rank}: {e}"))),
+        }
+    }
+    summary.ok_or_else(|| RunError::Parallel("the leader returned no summary".into()))
+}
+
+/// One rank's whole run (any engine).
+pub fn rank_main(
+    world: Box<dyn Communicator>,
+    config: &RunConfig,
+    dataset: &Dataset,
+    model_config: &ModelConfig,
+    device: &Device,
+    device_name: &str,
+) -> Result<Option<Summary>, RunError> {
+    let genres = dataset.features.as_ref().map(|f| f.item_genres.clone());
+    let mut rank = MeshRank::new(world, config, model_config, genres, device)?;
+    train_with(
+        config,
+        dataset,
+        model_config,
+        &mut rank,
+        device,
+        device_name,
+    )
+}
+
+/// This process's rank of a run launched by `mpirun -np N meshrec train --comm mpi`; world
+/// rank 0 returns the summary.
+#[cfg(feature = "mpi")]
+pub fn train_mpi(
+    config: &RunConfig,
+    device: &Device,
+    device_name: &str,
+) -> Result<Option<Summary>, RunError> {
+    use meshrec_comm::mpi::{MpiConfig, MpiRuntime};
+    let runtime = MpiRuntime::init().map_err(|e| RunError::Parallel(format!("MPI init: {e}")))?;
+    let world = runtime.world(MpiConfig::default());
+    if world.size() != config.parallel.world_size() {
+        return Err(RunError::Parallel(format!(
+            "mpirun started {} processes but [parallel] dp {} × tp {} × pp {} needs {}",
+            world.size(),
+            config.parallel.dp,
+            config.parallel.tp,
+            config.parallel.pp,
+            config.parallel.world_size()
+        )));
+    }
+    let dataset = load_dataset(config)?;
+    let (model_config, _) = build_model(config, &dataset, device)?;
+    rank_main(
+        Box::new(world),
+        config,
+        &dataset,
+        &model_config,
+        device,
+        device_name,
+    )
+}
+
+/// Without the `mpi` feature there is no MPI engine to run on.
+#[cfg(not(feature = "mpi"))]
+pub fn train_mpi(_: &RunConfig, _: &Device, _: &str) -> Result<Option<Summary>, RunError> {
+    Err(RunError::Parallel(
+        "parallel.comm = \"mpi\" needs a build with `--features mpi`".into(),
+    ))
+}

@@ -1,0 +1,109 @@
+//! Hybrid runs on the local engine: the same data order and, with dropout off, the same
+//! loss curve and metrics as one device, whatever the layout; invalid layouts are refused
+//! with the key at fault.
+
+use meshrec_model::device::test_device;
+use meshrec_trainer::config::RunConfig;
+use meshrec_trainer::{hybrid, run};
+
+fn config(dir: &std::path::Path, name: &str, layout: &[&str]) -> RunConfig {
+    let mut overrides: Vec<String> = [
+        "data.path=synthetic",
+        "data.synthetic.users=60",
+        "data.synthetic.items=30",
+        "data.synthetic.mean_length=10.0",
+        "model.preset=tiny",
+        "model.dropout=0.0",
+        "train.epochs=2",
+        "train.batch_size=16",
+        "train.warmup_steps=2",
+        "train.patience=0",
+        &format!("output.dir=\"{}\"", dir.display()),
+        &format!("output.name={name}"),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    overrides.extend(layout.iter().map(|s| s.to_string()));
+    RunConfig::from_toml("", "test", &overrides).unwrap()
+}
+
+fn losses(dir: &std::path::Path, name: &str) -> Vec<f64> {
+    std::fs::read_to_string(dir.join(name).join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn hybrid_layouts_train_like_one_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = test_device().autodiff();
+    let single = run::train(&config(dir.path(), "single", &[]), &device, "cpu").unwrap();
+    let want = losses(dir.path(), "single");
+    for (name, layout) in [
+        (
+            "dp2tp2pp2",
+            &[
+                "parallel.dp=2",
+                "parallel.tp=2",
+                "parallel.pp=2",
+                "parallel.micro_batches=2",
+            ][..],
+        ),
+        (
+            "tp2pp2v",
+            &[
+                "parallel.tp=2",
+                "parallel.pp=2",
+                "parallel.micro_batches=2",
+                "parallel.schedule=interleaved",
+                "parallel.virtual_stages=2",
+            ][..],
+        ),
+    ] {
+        let summary =
+            hybrid::train_local(&config(dir.path(), name, layout), &device, "cpu").unwrap();
+        let got = losses(dir.path(), name);
+        assert_eq!(got.len(), want.len(), "{name}");
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                ((g - w) / w).abs() < 1e-3,
+                "{name}: epoch loss {g} vs one device {w}"
+            );
+        }
+        let (g, w) = (summary.test["ndcg@10"], single.test["ndcg@10"]);
+        assert!((g - w).abs() < 0.02, "{name}: test NDCG@10 {g} vs {w}");
+    }
+}
+
+#[test]
+fn impossible_layouts_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let overrides: Vec<String> = [
+        "parallel.schedule=interleaved",
+        "parallel.pp=2",
+        "parallel.micro_batches=3",
+        "parallel.virtual_stages=2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let err = RunConfig::from_toml("", "test", &overrides)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("parallel.schedule") && err.contains("multiple of pp"),
+        "{err}"
+    );
+    let cfg = config(dir.path(), "x", &["parallel.tp=3"]);
+    let err = hybrid::train_local(&cfg, &test_device().autodiff(), "cpu")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("n_heads"), "{err}");
+}
