@@ -311,6 +311,16 @@ pub fn rank_main(
 ) -> Result<Option<Summary>, RunError> {
     let genres = dataset.features.as_ref().map(|f| f.item_genres.clone());
     let mut rank = MeshRank::new(world, config, model_config, genres, device)?;
+    if rank.is_leader() {
+        tracing::info!(
+            layout = rank.layout.describe(),
+            schedule = %rank.schedule.kind,
+            micro_batches = rank.schedule.micro_batches,
+            comm = config.parallel.comm,
+            "mesh of {} ranks",
+            rank.layout.mesh.world_size()
+        );
+    }
     train_with(
         config,
         dataset,

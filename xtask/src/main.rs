@@ -273,6 +273,43 @@ fn ci() -> Result<()> {
             .args(["--allow-run-as-root", "--oversubscribe", "-np", np])
             .arg(&equivalence))?;
     }
+    // A hybrid training run across processes: tp 2 × pp 2 on the MPI engine, tiny model.
+    run(cargo().args([
+        "build",
+        "-p",
+        "meshrec-trainer",
+        "--features",
+        "mpi",
+        "--bin",
+        "meshrec",
+    ]))?;
+    let out = std::env::temp_dir().join("meshrec-ci-mpi-run");
+    let _ = std::fs::remove_dir_all(&out);
+    let mut train = Command::new("mpirun");
+    train
+        .args(["--allow-run-as-root", "--oversubscribe", "-np", "4"])
+        .arg(target_dir().join("debug/meshrec"))
+        .args(["train", "--comm", "mpi"]);
+    for set in [
+        "data.path=synthetic",
+        "data.synthetic.users=60",
+        "data.synthetic.items=30",
+        "model.preset=tiny",
+        "train.epochs=2",
+        "train.batch_size=16",
+        "parallel.tp=2",
+        "parallel.pp=2",
+        "parallel.micro_batches=2",
+        "output.name=mpi",
+    ] {
+        train.args(["--set", set]);
+    }
+    train.args(["--set", &format!("output.dir=\"{}\"", out.display())]);
+    run(&mut train)?;
+    let summary = out.join("mpi/summary.json");
+    if !summary.is_file() {
+        bail!("the MPI training run wrote no {}", summary.display());
+    }
     println!("xtask ci: all checks passed");
     Ok(())
 }
