@@ -17,13 +17,13 @@ use meshrec_parallel::layout::{unshard, FullState, Layout, ParamSpec, RankState}
 use meshrec_parallel::mesh::{Groups, Mesh};
 use meshrec_parallel::schedule::Schedule;
 use meshrec_parallel::segment::{DropoutKey, Segment};
-use meshrec_parallel::timeline::Recorder;
+use meshrec_parallel::timeline::{busy_s, EventKind, Recorder};
 use meshrec_parallel::ParallelError;
 
 use crate::config::RunConfig;
 use crate::run::{
-    adamw_config, build_model, dropout_seed, load_dataset, train_with, RunError, StepResult,
-    Stepper, Summary,
+    adamw_config, build_model, dropout_seed, load_dataset, train_with, ParallelStepStats, RunError,
+    StepResult, Stepper, Summary,
 };
 
 impl From<ParallelError> for RunError {
@@ -135,6 +135,41 @@ impl MeshRank {
     }
 }
 
+impl MeshRank {
+    /// Utilization and bubble agreed over all ranks (the step's wall is the slowest rank's),
+    /// and the bytes this rank sent per group.
+    fn step_stats(&self, recorder: &Recorder) -> Result<ParallelStepStats, RunError> {
+        let world = self.groups.world.as_ref();
+        let events = recorder.events();
+        let mut wall = [recorder.now_s() as f32];
+        world.all_reduce(&mut wall, ReduceOp::Max)?;
+        let wall = f64::from(wall[0]).max(1e-9);
+        let pipeline = busy_s(events, &[EventKind::Forward, EventKind::Backward]) / wall;
+        let compute = busy_s(
+            events,
+            &[
+                EventKind::Forward,
+                EventKind::Backward,
+                EventKind::Optimizer,
+            ],
+        ) / wall;
+        let mut sums = [(1.0 - pipeline) as f32, compute as f32];
+        world.all_reduce(&mut sums, ReduceOp::Sum)?;
+        let mut min = [compute as f32];
+        world.all_reduce(&mut min, ReduceOp::Min)?;
+        let n = world.size() as f64;
+        let bytes = |c: &dyn Communicator| c.stats().total().bytes_sent;
+        Ok(ParallelStepStats {
+            utilization_mean: f64::from(sums[1]) / n,
+            utilization_min: f64::from(min[0]),
+            bubble: f64::from(sums[0]) / n,
+            comm_bytes_dp: bytes(self.groups.dp.as_ref()),
+            comm_bytes_tp: bytes(self.groups.tp.as_ref()),
+            comm_bytes_pp: bytes(self.groups.pp.as_ref()),
+        })
+    }
+}
+
 impl Stepper for MeshRank {
     fn step(&mut self, batch: &Batch, step: u64, lr: f32) -> Result<StepResult, RunError> {
         let coord = self.groups.coord;
@@ -163,6 +198,10 @@ impl Stepper for MeshRank {
         }
         let global_targets = batch.num_targets();
         let grad_scale = 1.0 / global_targets.max(1) as f32;
+        for group in [&self.groups.dp, &self.groups.tp, &self.groups.pp] {
+            group.reset_stats();
+        }
+        let mut recorder = Recorder::new();
         let loss = run_schedule(
             &mut self.segments,
             &self.layout,
@@ -170,21 +209,27 @@ impl Stepper for MeshRank {
             &self.groups,
             &micro,
             grad_scale,
-            &mut Recorder::new(),
+            &mut recorder,
         )?;
-        reduce_model_parallel_grads(&mut self.segments, &self.groups)?;
+        let (segments, groups) = (&mut self.segments, &self.groups);
+        recorder.record(EventKind::AllReduce, None, None, || {
+            reduce_model_parallel_grads(segments, groups)
+        })?;
         if self.layout.mesh.dp > 1 {
             let mut grads: Vec<&mut [f32]> = self
                 .segments
                 .iter_mut()
                 .flat_map(|s| s.grads.iter_mut().map(Vec::as_mut_slice))
                 .collect();
-            all_reduce_bucketed(
-                self.groups.dp.as_ref(),
-                &mut grads,
-                self.bucket_bytes,
-                ReduceOp::Sum,
-            )?;
+            // Not yet overlapped with backward: the buckets are reduced after it.
+            recorder.record(EventKind::AllReduce, None, None, || {
+                all_reduce_bucketed(
+                    self.groups.dp.as_ref(),
+                    &mut grads,
+                    self.bucket_bytes,
+                    ReduceOp::Sum,
+                )
+            })?;
         }
         let mut loss_parts = [loss.loss_sum as f32];
         if self.layout.mesh.dp > 1 {
@@ -193,22 +238,25 @@ impl Stepper for MeshRank {
         let norm = global_grad_norm(&self.segments, &self.groups)?;
         let skipped = !norm.is_finite();
         if !skipped {
-            for ((s, opt), decay) in self
-                .segments
-                .iter_mut()
-                .zip(&mut self.optimizers)
-                .zip(&self.decay)
-            {
-                clip_by_global_norm(&mut s.grads, norm, self.clip_norm);
-                let mut values = s.values();
-                opt.update(&mut values, &s.grads, lr, decay);
-                s.set_values(&values)?;
-            }
+            let clip = self.clip_norm;
+            let (segments, optimizers, decay) =
+                (&mut self.segments, &mut self.optimizers, &self.decay);
+            recorder.record(EventKind::Optimizer, None, None, || {
+                for ((s, opt), decay) in segments.iter_mut().zip(optimizers.iter_mut()).zip(decay) {
+                    clip_by_global_norm(&mut s.grads, norm, clip);
+                    let mut values = s.values();
+                    opt.update(&mut values, &s.grads, lr, decay);
+                    s.set_values(&values)?;
+                }
+                Ok::<_, ParallelError>(())
+            })?;
         }
+        let parallel = self.step_stats(&recorder)?;
         Ok(StepResult {
             loss_sum: f64::from(loss_parts[0]),
             targets: global_targets,
             skipped,
+            parallel: Some(parallel),
         })
     }
 

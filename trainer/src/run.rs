@@ -85,6 +85,9 @@ pub struct EpochRecord {
     pub tokens_per_s: f64,
     pub skipped_steps: u64,
     pub valid: BTreeMap<String, f64>,
+    /// Means per step over the epoch, on a mesh.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<ParallelStepStats>,
 }
 
 /// `summary.json`.
@@ -104,6 +107,9 @@ pub struct Summary {
     pub valid: BTreeMap<String, f64>,
     pub test: BTreeMap<String, f64>,
     pub checkpoint: PathBuf,
+    /// Means per step over the run, on a mesh.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<ParallelStepStats>,
 }
 
 /// Full-ranking metrics of a model on one split.
@@ -184,6 +190,45 @@ pub struct StepResult {
     pub targets: usize,
     /// The gradient was not finite: the optimizer step was skipped.
     pub skipped: bool,
+    /// Measured on a mesh: utilization, bubble, bytes by group.
+    pub parallel: Option<ParallelStepStats>,
+}
+
+/// What one step of a mesh measured (DESIGN.md's definitions), agreed over the ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
+pub struct ParallelStepStats {
+    /// Per rank compute-busy / wall: mean and min over ranks.
+    pub utilization_mean: f64,
+    pub utilization_min: f64,
+    /// Mean over ranks of the idle fraction outside forward and backward.
+    pub bubble: f64,
+    /// Bytes rank 0 sent in the step, by group.
+    pub comm_bytes_dp: u64,
+    pub comm_bytes_tp: u64,
+    pub comm_bytes_pp: u64,
+}
+
+impl ParallelStepStats {
+    fn add(&mut self, other: &Self) {
+        self.utilization_mean += other.utilization_mean;
+        self.utilization_min += other.utilization_min;
+        self.bubble += other.bubble;
+        self.comm_bytes_dp += other.comm_bytes_dp;
+        self.comm_bytes_tp += other.comm_bytes_tp;
+        self.comm_bytes_pp += other.comm_bytes_pp;
+    }
+
+    fn mean_of(sum: &Self, steps: u64) -> Self {
+        let n = steps.max(1);
+        Self {
+            utilization_mean: sum.utilization_mean / n as f64,
+            utilization_min: sum.utilization_min / n as f64,
+            bubble: sum.bubble / n as f64,
+            comm_bytes_dp: sum.comm_bytes_dp / n,
+            comm_bytes_tp: sum.comm_bytes_tp / n,
+            comm_bytes_pp: sum.comm_bytes_pp / n,
+        }
+    }
 }
 
 /// What the training loop needs from whatever runs the steps: one device, or one rank of a
@@ -264,6 +309,7 @@ impl Stepper for SingleDevice {
             loss_sum: out.loss_sum,
             targets: out.targets,
             skipped,
+            parallel: None,
         })
     }
 
@@ -354,6 +400,7 @@ pub fn train_with(
     let mut best_valid = BTreeMap::new();
     let (mut train_seconds, mut samples, mut tokens) = (0.0f64, 0u64, 0u64);
     let mut epochs_run = 0;
+    let (mut run_parallel, mut run_parallel_steps) = (None::<ParallelStepStats>, 0u64);
     for epoch in 0..t.epochs {
         let bar = if leader {
             ProgressBar::new(batches_per_epoch)
@@ -367,9 +414,16 @@ pub fn train_with(
         bar.set_prefix(format!("{}", epoch + 1));
         let epoch_start = Instant::now();
         let (mut loss_sum, mut count, mut epoch_samples, mut skipped) = (0.0f64, 0u64, 0u64, 0u64);
+        let (mut epoch_parallel, mut epoch_steps) = (None::<ParallelStepStats>, 0u64);
         for batch in train_set.epoch(t.seed, epoch, t.batch_size) {
             let lr = schedule.at(step);
             let out = stepper.step(&batch, step, lr as f32)?;
+            epoch_steps += 1;
+            if let Some(p) = &out.parallel {
+                epoch_parallel.get_or_insert_with(Default::default).add(p);
+                run_parallel.get_or_insert_with(Default::default).add(p);
+                run_parallel_steps += 1;
+            }
             if out.skipped {
                 skipped += 1;
                 tracing::warn!(step, "non-finite gradient norm: step skipped");
@@ -409,6 +463,7 @@ pub fn train_with(
                 tokens_per_s: count as f64 / seconds,
                 skipped_steps: skipped,
                 valid: valid_report.clone(),
+                parallel: epoch_parallel.map(|p| ParallelStepStats::mean_of(&p, epoch_steps)),
             };
             if let Some(file) = metrics_file.as_mut() {
                 let line = serde_json::to_string(&record).map_err(|e| io_err(&metrics_path, e))?;
@@ -470,6 +525,7 @@ pub fn train_with(
         valid: best_valid,
         test: test_report,
         checkpoint,
+        parallel: run_parallel.map(|p| ParallelStepStats::mean_of(&p, run_parallel_steps)),
     };
     let summary_path = run_dir.join("summary.json");
     let text = serde_json::to_string_pretty(&summary).map_err(|e| io_err(&summary_path, e))?;

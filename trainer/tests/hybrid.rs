@@ -77,6 +77,34 @@ fn hybrid_layouts_train_like_one_device() {
                 "{name}: epoch loss {g} vs one device {w}"
             );
         }
+        // Every epoch reports the mesh's measurements.
+        let text = std::fs::read_to_string(dir.path().join(name).join("metrics.jsonl")).unwrap();
+        for line in text.lines() {
+            let p = &serde_json::from_str::<serde_json::Value>(line).unwrap()["parallel"];
+            let bubble = p["bubble"].as_f64().unwrap();
+            let (umean, umin) = (
+                p["utilization_mean"].as_f64().unwrap(),
+                p["utilization_min"].as_f64().unwrap(),
+            );
+            assert!((0.0..1.0).contains(&bubble), "{name}: bubble {bubble}");
+            assert!(
+                0.0 < umin && umin <= umean && umean <= 1.0,
+                "{name}: utilization {umin} {umean}"
+            );
+            assert!(
+                p["comm_bytes_tp"].as_u64().unwrap() > 0,
+                "{name}: no TP traffic"
+            );
+            assert!(
+                p["comm_bytes_pp"].as_u64().unwrap() > 0,
+                "{name}: no PP traffic"
+            );
+            assert_eq!(
+                p["comm_bytes_dp"].as_u64().unwrap() > 0,
+                name.starts_with("dp2"),
+                "{name}: DP traffic"
+            );
+        }
         let (g, w) = (summary.test["ndcg@10"], single.test["ndcg@10"]);
         assert!((g - w).abs() < 0.02, "{name}: test NDCG@10 {g} vs {w}");
     }
