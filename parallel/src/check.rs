@@ -13,8 +13,8 @@ use meshrec_model::{ModelConfig, Recommender};
 
 use crate::error::ParallelError;
 use crate::exec::{
-    all_reduce_data_parallel, global_grad_norm, micro_batches, reduce_model_parallel_grads,
-    run_schedule, StepLoss,
+    global_grad_norm, micro_batches, reduce_model_parallel_grads, run_schedule_releasing,
+    OverlappedDp, StepLoss,
 };
 use crate::layout::{shard_chunk, FullState, Layout, ParamSpec, RankState};
 use crate::mesh::Groups;
@@ -189,7 +189,12 @@ pub fn layout_step(
     let micro = micro_batches(&local, schedule.micro_batches);
     let grad_scale = 1.0 / batch.num_targets().max(1) as f32;
     let mut timeline = Recorder::new();
-    let mut loss = run_schedule(
+    // Data parallelism as DDP does it: buckets reduced while backward still runs (small
+    // buckets here, so the tiny model spans several).
+    let mut overlap = OverlappedDp::new(4096)?;
+    let dp = groups.dp.as_ref();
+    let mut ready = |chunk: usize, param: usize, g: &[f32]| overlap.push(dp, chunk, param, g);
+    let mut loss = run_schedule_releasing(
         &mut segments,
         layout,
         schedule,
@@ -197,9 +202,10 @@ pub fn layout_step(
         &micro,
         grad_scale,
         &mut timeline,
+        Some(&mut ready),
     )?;
+    overlap.finish(dp, &mut segments)?;
     reduce_model_parallel_grads(&mut segments, &groups)?;
-    all_reduce_data_parallel(&mut segments, &groups)?;
     if layout.mesh.dp > 1 {
         let mut both = [loss.loss_sum as f32, loss.targets as f32];
         groups

@@ -2,12 +2,12 @@
 //! backwards over this rank's segments with tagged point-to-point messages between stages,
 //! then the gradient reductions the layout needs inside the model-parallel group (partial
 //! TP gradients, the tied item table between the first and last stage), and the global
-//! gradient norm. Data-parallel gradient averaging is the trainer's (bucketed, overlapped,
-//! compressed); [`all_reduce_data_parallel`] is the plain reference.
+//! gradient norm; and DDP's data-parallel reduction overlapped with backward
+//! ([`OverlappedDp`] fed by [`run_schedule_releasing`]).
 
 use std::collections::HashMap;
 
-use meshrec_comm::{Communicator, ReduceOp, Request};
+use meshrec_comm::{BucketHandle, Communicator, GradBucketer, ReduceOp, Request};
 use meshrec_model::data::Batch;
 
 use crate::error::ParallelError;
@@ -67,6 +67,28 @@ pub fn run_schedule(
     grad_scale: f32,
     timeline: &mut Recorder,
 ) -> Result<StepLoss, ParallelError> {
+    run_schedule_releasing(
+        segments, layout, schedule, groups, micro, grad_scale, timeline, None,
+    )
+}
+
+/// A parameter gradient complete for the step: (local chunk, parameter index, gradient).
+pub type ChunkGradReady<'a> = &'a mut dyn FnMut(usize, usize, &[f32]) -> Result<(), ParallelError>;
+
+/// [`run_schedule`] that hands every parameter gradient to `ready` the moment it is final
+/// (during each chunk's last backward), so data-parallel reduction overlaps the rest of the
+/// backward pass as in DDP.
+#[allow(clippy::too_many_arguments)]
+pub fn run_schedule_releasing(
+    segments: &mut [Segment],
+    layout: &Layout,
+    schedule: &Schedule,
+    groups: &Groups,
+    micro: &[Batch],
+    grad_scale: f32,
+    timeline: &mut Recorder,
+    mut ready: Option<ChunkGradReady<'_>>,
+) -> Result<StepLoss, ParallelError> {
     let pp_rank = groups.coord.pp;
     let d_model = segment_width(segments)?;
     let actions = schedule
@@ -85,7 +107,16 @@ pub fn run_schedule(
     let mut mailbox = Mailbox::default();
     let mut sends: Vec<Request<()>> = Vec::new();
     let mut loss = StepLoss::default();
-    for action in actions {
+    // The position of each local chunk's last backward in this stage's list.
+    let mut last_backward = vec![usize::MAX; segments.len()];
+    for (i, a) in actions.iter().enumerate() {
+        if let Action::Backward { chunk, .. } = *a {
+            if let Some(slot) = last_backward.get_mut(chunk) {
+                *slot = i;
+            }
+        }
+    }
+    for (position, action) in actions.iter().enumerate() {
         match *action {
             Action::Forward {
                 micro_batch: mb,
@@ -165,9 +196,17 @@ pub fn run_schedule(
                 let segment = segments.get_mut(chunk).ok_or_else(|| {
                     ParallelError::Step(format!("stage {pp_rank} has no local chunk {chunk}"))
                 })?;
-                let dx = timeline.record(EventKind::Backward, Some(mb), Some(chunk), || {
-                    segment.backward(mb, grad, tp)
-                })?;
+                let releasing = last_backward[chunk] == position;
+                let dx =
+                    timeline.record(EventKind::Backward, Some(mb), Some(chunk), || {
+                        match (releasing, ready.as_mut()) {
+                            (true, Some(ready)) => {
+                                let mut per_param = |p: usize, g: &[f32]| ready(chunk, p, g);
+                                segment.backward_releasing(mb, grad, tp, Some(&mut per_param))
+                            }
+                            _ => segment.backward(mb, grad, tp),
+                        }
+                    })?;
                 if let Some(dx) = dx {
                     let dst = layout.device_of_chunk(k - 1);
                     send(
@@ -325,22 +364,68 @@ pub fn reduce_model_parallel_grads(
     Ok(())
 }
 
-/// Sums every gradient over the data-parallel group (each replica's gradient is already
-/// scaled by the global target count, so the sum is the mean gradient). The unbucketed
-/// reference the trainer's overlapped and compressed paths are checked against.
-pub fn all_reduce_data_parallel(
-    segments: &mut [Segment],
-    groups: &Groups,
-) -> Result<(), ParallelError> {
-    if groups.mesh.dp == 1 {
-        return Ok(());
+/// DDP's overlap: gradients go into buckets as backward finalises them (through
+/// [`run_schedule_releasing`]) and each full bucket's all-reduce over the data-parallel
+/// group starts at once, while the rest of backward runs; [`OverlappedDp::finish`] waits
+/// for the buckets and writes the sums back.
+pub struct OverlappedDp {
+    bucketer: GradBucketer,
+    handles: Vec<BucketHandle>,
+    /// Bucket id -> (local chunk, parameter).
+    ids: Vec<(usize, usize)>,
+}
+
+impl OverlappedDp {
+    pub fn new(bucket_bytes: usize) -> Result<Self, ParallelError> {
+        Ok(Self {
+            bucketer: GradBucketer::new(bucket_bytes, ReduceOp::Sum)?,
+            handles: Vec::new(),
+            ids: Vec::new(),
+        })
     }
-    for s in segments.iter_mut() {
-        for g in s.grads.iter_mut() {
-            groups.dp.all_reduce(g, ReduceOp::Sum)?;
+
+    /// Takes one final gradient (the callback of [`run_schedule_releasing`]).
+    pub fn push(
+        &mut self,
+        dp: &dyn Communicator,
+        chunk: usize,
+        param: usize,
+        grad: &[f32],
+    ) -> Result<(), ParallelError> {
+        let id = self.ids.len();
+        self.ids.push((chunk, param));
+        self.handles.extend(self.bucketer.push(dp, id, grad)?);
+        Ok(())
+    }
+
+    /// Launches the last bucket, waits for all, and writes the reduced gradients back.
+    /// Every parameter of every segment must have been pushed exactly once.
+    pub fn finish(
+        mut self,
+        dp: &dyn Communicator,
+        segments: &mut [Segment],
+    ) -> Result<(), ParallelError> {
+        let expected: usize = segments.iter().map(|s| s.grads.len()).sum();
+        let mut seen = self.ids.clone();
+        seen.sort_unstable();
+        seen.dedup();
+        if seen.len() != self.ids.len() || self.ids.len() != expected {
+            return Err(ParallelError::Step(format!(
+                "data-parallel overlap saw {} gradients ({} distinct) of {expected}",
+                self.ids.len(),
+                seen.len()
+            )));
         }
+        self.handles.extend(self.bucketer.flush(dp)?);
+        for handle in self.handles {
+            let bucket = handle.wait()?;
+            for (id, values) in bucket.iter() {
+                let (chunk, param) = self.ids[id];
+                segments[chunk].grads[param].copy_from_slice(values);
+            }
+        }
+        Ok(())
     }
-    Ok(())
 }
 
 /// The L2 norm of the full model's gradient, each element counted once (replicas on TP rank

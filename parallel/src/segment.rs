@@ -188,6 +188,33 @@ pub struct Segment {
     device: Device,
     stash: BTreeMap<usize, Vec<Piece>>,
     peak_in_flight: usize,
+    /// Per parameter, the forward index of the first piece that uses it: its gradient is
+    /// complete once backward has passed that piece.
+    release_piece: Vec<usize>,
+}
+
+/// A callback told that parameter `index` (in [`Segment::infos`] order) has its final
+/// gradient for the step: what data parallelism needs to start reducing it during backward.
+pub type GradReady<'a> = &'a mut dyn FnMut(usize, &[f32]) -> Result<(), ParallelError>;
+
+/// The forward index of the first graph piece using parameter `path` of a chunk with
+/// `n_blocks` blocks (pieces: embedding lookup and finish on the first chunk, attention and
+/// MLP per block, the head on the last).
+fn release_piece(path: &str, is_first: bool, n_blocks: usize) -> usize {
+    let base = if is_first { 2 } else { 0 };
+    if path.starts_with("embed.positions") {
+        return 1;
+    }
+    if path.starts_with("embed.") {
+        return 0;
+    }
+    if let Some(rest) = path.strip_prefix("blocks.") {
+        let (index, tail) = rest.split_once('.').unwrap_or((rest, ""));
+        let i = index.parse::<usize>().unwrap_or(0);
+        let mlp = tail.starts_with("mlp");
+        return base + 2 * i + usize::from(mlp);
+    }
+    base + 2 * n_blocks
 }
 
 impl Segment {
@@ -231,6 +258,10 @@ impl Segment {
             .map(|i| spec_for(&i.path, blocks.start))
             .collect();
         let grads = infos.iter().map(|i| vec![0.0; i.numel()]).collect();
+        let release_piece = infos
+            .iter()
+            .map(|i| release_piece(&i.path, is_first, blocks.len()))
+            .collect();
         Self {
             chunk,
             model_chunk,
@@ -248,6 +279,7 @@ impl Segment {
             device: device.clone(),
             stash: BTreeMap::new(),
             peak_in_flight: 0,
+            release_piece,
         }
     }
 
@@ -445,6 +477,18 @@ impl Segment {
         grad_output: Option<Vec<f32>>,
         tp: &dyn Communicator,
     ) -> Result<Option<Vec<f32>>, ParallelError> {
+        self.backward_releasing(mb, grad_output, tp, None)
+    }
+
+    /// [`Segment::backward`] that also hands each parameter's gradient to `ready` as soon as
+    /// the pieces using it are done (call it on the step's last backward of this chunk).
+    pub fn backward_releasing(
+        &mut self,
+        mb: usize,
+        grad_output: Option<Vec<f32>>,
+        tp: &dyn Communicator,
+        mut ready: Option<GradReady<'_>>,
+    ) -> Result<Option<Vec<f32>>, ParallelError> {
         let pieces = self.stash.remove(&mb).ok_or_else(|| {
             ParallelError::Step(format!(
                 "chunk {} has no forward stashed for micro-batch {mb}",
@@ -477,7 +521,7 @@ impl Segment {
                 &self.device,
             ));
         }
-        for piece in pieces.into_iter().rev() {
+        for (index, piece) in pieces.into_iter().enumerate().rev() {
             g = match piece {
                 Piece::Head { leaf, surrogate } => match surrogate {
                     Some(surrogate) => {
@@ -515,6 +559,16 @@ impl Segment {
                     None
                 }
             };
+            if let Some(ready) = ready.as_mut() {
+                for (p, _) in self
+                    .release_piece
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &r)| r == index)
+                {
+                    ready(p, &self.grads[p])?;
+                }
+            }
         }
         Ok(if self.is_first { None } else { g.map(host) })
     }

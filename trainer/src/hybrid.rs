@@ -4,7 +4,7 @@
 //! the local engine, or one process per device under `mpirun`.
 
 use burn::tensor::Device;
-use meshrec_comm::{bucket::all_reduce_bucketed, Communicator, LocalCluster, ReduceOp};
+use meshrec_comm::{Communicator, LocalCluster, ReduceOp};
 use meshrec_model::data::{Batch, Dataset};
 use meshrec_model::optim::{clip_by_global_norm, AdamW};
 use meshrec_model::params::{param_paths, write_values, ParamInfo};
@@ -12,6 +12,7 @@ use meshrec_model::{ModelConfig, Recommender};
 use meshrec_parallel::check::{build_segments, initial_state};
 use meshrec_parallel::exec::{
     global_grad_norm, micro_batches, reduce_model_parallel_grads, run_schedule,
+    run_schedule_releasing, OverlappedDp,
 };
 use meshrec_parallel::layout::{unshard, FullState, Layout, ParamSpec, RankState};
 use meshrec_parallel::mesh::{Groups, Mesh};
@@ -202,35 +203,46 @@ impl Stepper for MeshRank {
             group.reset_stats();
         }
         let mut recorder = Recorder::new();
-        let loss = run_schedule(
-            &mut self.segments,
-            &self.layout,
-            &self.schedule,
-            &self.groups,
-            &micro,
-            grad_scale,
-            &mut recorder,
-        )?;
+        // DDP: each gradient joins a bucket the moment backward finalises it, and full
+        // buckets are all-reduced over DP while the rest of backward runs.
+        let overlap = (self.layout.mesh.dp > 1)
+            .then(|| OverlappedDp::new(self.bucket_bytes))
+            .transpose()?;
+        let dp = self.groups.dp.as_ref();
+        let loss = match overlap {
+            Some(mut overlap) => {
+                let mut ready =
+                    |chunk: usize, param: usize, g: &[f32]| overlap.push(dp, chunk, param, g);
+                let loss = run_schedule_releasing(
+                    &mut self.segments,
+                    &self.layout,
+                    &self.schedule,
+                    &self.groups,
+                    &micro,
+                    grad_scale,
+                    &mut recorder,
+                    Some(&mut ready),
+                )?;
+                let segments = &mut self.segments;
+                recorder.record(EventKind::AllReduce, None, None, || {
+                    overlap.finish(dp, segments)
+                })?;
+                loss
+            }
+            None => run_schedule(
+                &mut self.segments,
+                &self.layout,
+                &self.schedule,
+                &self.groups,
+                &micro,
+                grad_scale,
+                &mut recorder,
+            )?,
+        };
         let (segments, groups) = (&mut self.segments, &self.groups);
         recorder.record(EventKind::AllReduce, None, None, || {
             reduce_model_parallel_grads(segments, groups)
         })?;
-        if self.layout.mesh.dp > 1 {
-            let mut grads: Vec<&mut [f32]> = self
-                .segments
-                .iter_mut()
-                .flat_map(|s| s.grads.iter_mut().map(Vec::as_mut_slice))
-                .collect();
-            // Not yet overlapped with backward: the buckets are reduced after it.
-            recorder.record(EventKind::AllReduce, None, None, || {
-                all_reduce_bucketed(
-                    self.groups.dp.as_ref(),
-                    &mut grads,
-                    self.bucket_bytes,
-                    ReduceOp::Sum,
-                )
-            })?;
-        }
         let mut loss_parts = [loss.loss_sum as f32];
         if self.layout.mesh.dp > 1 {
             self.groups.dp.all_reduce(&mut loss_parts, ReduceOp::Sum)?;
