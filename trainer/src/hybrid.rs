@@ -1,6 +1,6 @@
 //! A rank of a DP × TP × PP mesh as a [`Stepper`]: its model chunks, their host AdamW
-//! state, the pipeline schedule, and the gradient synchronisation (model-parallel
-//! reductions, then the data-parallel all-reduce in buckets). Runs one thread per device on
+//! state, the pipeline schedule, and the gradient synchronisation (the data-parallel
+//! all-reduce in buckets overlapped with backward, then the model-parallel reductions). Runs one thread per device on
 //! the local engine, or one process per device under `mpirun`.
 
 use burn::tensor::Device;
