@@ -155,6 +155,9 @@ pub struct OutputSection {
     /// The run's folder under `dir`.
     pub name: String,
     pub dir: PathBuf,
+    /// On a mesh, draw this many steps (after two warm-up steps) of every rank's timeline
+    /// into `timeline.svg` and `timeline.json` (`--timeline` sets 3).
+    pub timeline_steps: u64,
 }
 
 impl Default for OutputSection {
@@ -162,6 +165,7 @@ impl Default for OutputSection {
         Self {
             name: "run".into(),
             dir: "runs".into(),
+            timeline_steps: 0,
         }
     }
 }

@@ -18,7 +18,7 @@ use meshrec_parallel::layout::{unshard, FullState, Layout, ParamSpec, RankState}
 use meshrec_parallel::mesh::{Groups, Mesh};
 use meshrec_parallel::schedule::Schedule;
 use meshrec_parallel::segment::{DropoutKey, Segment};
-use meshrec_parallel::timeline::{busy_s, EventKind, Recorder};
+use meshrec_parallel::timeline::{busy_s, write_svg, Event, EventKind, Recorder, StageTimeline};
 use meshrec_parallel::ParallelError;
 
 use crate::config::RunConfig;
@@ -57,6 +57,17 @@ pub struct MeshRank {
     seed: u64,
     bucket_bytes: usize,
     device: Device,
+    /// Steps whose timelines are drawn, and where.
+    timeline: Option<TimelineCapture>,
+}
+
+/// The steps of the run whose per-rank timelines go to `timeline.svg` / `timeline.json`.
+struct TimelineCapture {
+    first_step: u64,
+    steps: u64,
+    dir: std::path::PathBuf,
+    /// Per captured step, every rank's events (on the leader).
+    captured: Vec<Vec<StageTimeline>>,
 }
 
 impl MeshRank {
@@ -132,11 +143,84 @@ impl MeshRank {
             seed: config.train.seed,
             bucket_bytes: (config.dp.bucket_mb * 1024.0 * 1024.0) as usize,
             device: device.clone(),
+            timeline: (config.output.timeline_steps > 0).then(|| TimelineCapture {
+                first_step: 2,
+                steps: config.output.timeline_steps,
+                dir: config.run_dir(),
+                captured: Vec::new(),
+            }),
         })
     }
 }
 
 impl MeshRank {
+    /// Gathers every rank's events of `step` to the leader; after the last captured step
+    /// the leader draws them.
+    fn capture_timeline(&mut self, step: u64, events: &[Event]) -> Result<(), RunError> {
+        let world = self.groups.world.as_ref();
+        let mine = serde_json::to_vec(events).map_err(|e| RunError::Parallel(e.to_string()))?;
+        let all = world.all_gatherv_bytes(&mine)?;
+        let (leader, mesh) = (world.rank() == 0, self.layout.mesh);
+        let Some(capture) = self.timeline.as_mut() else {
+            return Ok(());
+        };
+        if !leader {
+            return Ok(());
+        }
+        let mut stages = Vec::with_capacity(all.len());
+        for (rank, bytes) in all.iter().enumerate() {
+            let events: Vec<Event> = serde_json::from_slice(bytes)
+                .map_err(|e| RunError::Parallel(format!("rank {rank}'s timeline: {e}")))?;
+            let c = mesh.coord(rank);
+            stages.push(StageTimeline {
+                rank,
+                label: format!("r{rank} dp{} tp{} pp{}", c.dp, c.tp, c.pp),
+                events,
+            });
+        }
+        capture.captured.push(stages);
+        if step + 1 == capture.first_step + capture.steps {
+            // Steps side by side: shift each captured step after the previous one.
+            let mut merged: Vec<StageTimeline> = capture.captured[0].clone();
+            let mut offset = 0.0;
+            for (i, step_stages) in capture.captured.iter().enumerate() {
+                let end = step_stages
+                    .iter()
+                    .flat_map(|s| s.events.iter().map(|e| e.end_s))
+                    .fold(0.0, f64::max);
+                if i > 0 {
+                    for (m, s) in merged.iter_mut().zip(step_stages) {
+                        m.events.extend(s.events.iter().map(|e| Event {
+                            start_s: e.start_s + offset,
+                            end_s: e.end_s + offset,
+                            ..*e
+                        }));
+                    }
+                }
+                offset += end;
+            }
+            let svg = capture.dir.join("timeline.svg");
+            let title = format!(
+                "{} · {} · {} micro-batches · steps {}..{}",
+                self.layout.describe(),
+                self.schedule.kind,
+                self.schedule.micro_batches,
+                capture.first_step,
+                step
+            );
+            write_svg(&svg, &title, &merged).map_err(|e| RunError::Parallel(e.to_string()))?;
+            let json = capture.dir.join("timeline.json");
+            let text = serde_json::to_string(&capture.captured)
+                .map_err(|e| RunError::Parallel(e.to_string()))?;
+            std::fs::write(&json, text).map_err(|e| RunError::Io {
+                path: json.clone(),
+                message: e.to_string(),
+            })?;
+            tracing::info!(svg = %svg.display(), "timeline written");
+        }
+        Ok(())
+    }
+
     /// Utilization and bubble agreed over all ranks (the step's wall is the slowest rank's),
     /// and the bytes this rank sent per group.
     fn step_stats(&self, recorder: &Recorder) -> Result<ParallelStepStats, RunError> {
@@ -202,6 +286,14 @@ impl Stepper for MeshRank {
         for group in [&self.groups.dp, &self.groups.tp, &self.groups.pp] {
             group.reset_stats();
         }
+        let capturing = self
+            .timeline
+            .as_ref()
+            .is_some_and(|t| (t.first_step..t.first_step + t.steps).contains(&step));
+        if capturing {
+            // One start for all ranks, so their rows line up.
+            self.groups.world.barrier()?;
+        }
         let mut recorder = Recorder::new();
         // DDP: each gradient joins a bucket the moment backward finalises it, and full
         // buckets are all-reduced over DP while the rest of backward runs.
@@ -264,6 +356,9 @@ impl Stepper for MeshRank {
             })?;
         }
         let parallel = self.step_stats(&recorder)?;
+        if capturing {
+            self.capture_timeline(step, recorder.events())?;
+        }
         Ok(StepResult {
             loss_sum: f64::from(loss_parts[0]),
             targets: global_targets,

@@ -34,6 +34,9 @@ struct Common {
     /// `local` (threads) or `mpi` (processes under `mpirun`); beats `parallel.comm`.
     #[arg(long)]
     comm: Option<String>,
+    /// Draw three steps of every rank's timeline into the run folder (`timeline.svg`).
+    #[arg(long)]
+    timeline: bool,
 }
 
 #[derive(Subcommand)]
@@ -65,6 +68,9 @@ fn setup(common: &Common) -> anyhow::Result<(RunConfig, burn::tensor::Device, St
     let mut overrides = common.set.clone();
     if let Some(comm) = &common.comm {
         overrides.push(format!("parallel.comm={comm}"));
+    }
+    if common.timeline {
+        overrides.push("output.timeline_steps=3".into());
     }
     let config = RunConfig::load(common.config.as_deref(), &overrides)?;
     let name = common

@@ -54,6 +54,7 @@ fn hybrid_layouts_train_like_one_device() {
                 "parallel.tp=2",
                 "parallel.pp=2",
                 "parallel.micro_batches=2",
+                "output.timeline_steps=2",
             ][..],
         ),
         (
@@ -104,6 +105,37 @@ fn hybrid_layouts_train_like_one_device() {
                 name.starts_with("dp2"),
                 "{name}: DP traffic"
             );
+        }
+        if name == "dp2tp2pp2" {
+            // The timeline of steps 2 and 3: every rank's forwards and backwards, drawn.
+            let run = dir.path().join(name);
+            let svg = std::fs::read_to_string(run.join("timeline.svg")).unwrap();
+            assert!(
+                svg.contains("<svg") && svg.contains("r7 dp1 tp1 pp1"),
+                "rank rows missing"
+            );
+            let steps: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(run.join("timeline.json")).unwrap())
+                    .unwrap();
+            let steps = steps.as_array().unwrap();
+            assert_eq!(steps.len(), 2);
+            for stages in steps {
+                assert_eq!(stages.as_array().unwrap().len(), 8);
+                for stage in stages.as_array().unwrap() {
+                    let kinds: Vec<&str> = stage["events"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|e| e["kind"].as_str().unwrap())
+                        .collect();
+                    assert_eq!(
+                        kinds.iter().filter(|k| **k == "forward").count(),
+                        2,
+                        "one forward per micro-batch"
+                    );
+                    assert_eq!(kinds.iter().filter(|k| **k == "backward").count(), 2);
+                }
+            }
         }
         let (g, w) = (summary.test["ndcg@10"], single.test["ndcg@10"]);
         assert!((g - w).abs() < 0.02, "{name}: test NDCG@10 {g} vs {w}");
