@@ -220,10 +220,13 @@ impl ParallelSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DpSection {
-    /// `sync` (all-reduce every step).
+    /// `sync` (gradients all-reduced every step) or `local_sgd` (each replica steps on its
+    /// own gradients; parameters averaged every `sync_every` steps).
     pub mode: String,
     /// Size of a gradient all-reduce bucket in MB (PyTorch DDP's 25).
     pub bucket_mb: f64,
+    /// Local SGD: steps between parameter averages.
+    pub sync_every: u64,
 }
 
 impl Default for DpSection {
@@ -231,6 +234,7 @@ impl Default for DpSection {
         Self {
             mode: "sync".into(),
             bucket_mb: 25.0,
+            sync_every: 8,
         }
     }
 }
@@ -371,11 +375,14 @@ impl RunConfig {
                 ),
             ));
         }
-        if self.dp.mode != "sync" {
+        if self.dp.mode != "sync" && self.dp.mode != "local_sgd" {
             return Err(invalid(
                 "dp.mode",
-                format!("`{}`: expected sync", self.dp.mode),
+                format!("`{}`: expected sync or local_sgd", self.dp.mode),
             ));
+        }
+        if self.dp.sync_every == 0 {
+            return Err(invalid("dp.sync_every", "must be at least 1"));
         }
         if !(self.dp.bucket_mb.is_finite() && self.dp.bucket_mb > 0.0) {
             return Err(invalid("dp.bucket_mb", "must be a positive number of MB"));

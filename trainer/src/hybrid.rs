@@ -59,6 +59,9 @@ pub struct MeshRank {
     device: Device,
     /// Steps whose timelines are drawn, and where.
     timeline: Option<TimelineCapture>,
+    /// Local SGD: average parameters over DP every this many steps instead of all-reducing
+    /// gradients every step.
+    local_sgd_every: Option<u64>,
 }
 
 /// The steps of the run whose per-rank timelines go to `timeline.svg` / `timeline.json`.
@@ -143,6 +146,7 @@ impl MeshRank {
             seed: config.train.seed,
             bucket_bytes: (config.dp.bucket_mb * 1024.0 * 1024.0) as usize,
             device: device.clone(),
+            local_sgd_every: (config.dp.mode == "local_sgd").then_some(config.dp.sync_every),
             timeline: (config.output.timeline_steps > 0).then(|| TimelineCapture {
                 first_step: 2,
                 steps: config.output.timeline_steps,
@@ -282,7 +286,11 @@ impl Stepper for MeshRank {
             )));
         }
         let global_targets = batch.num_targets();
-        let grad_scale = 1.0 / global_targets.max(1) as f32;
+        // Local SGD: each replica follows the mean gradient of its own rows.
+        let grad_scale = match self.local_sgd_every {
+            Some(_) => 1.0 / local.num_targets().max(1) as f32,
+            None => 1.0 / global_targets.max(1) as f32,
+        };
         for group in [&self.groups.dp, &self.groups.tp, &self.groups.pp] {
             group.reset_stats();
         }
@@ -297,7 +305,7 @@ impl Stepper for MeshRank {
         let mut recorder = Recorder::new();
         // DDP: each gradient joins a bucket the moment backward finalises it, and full
         // buckets are all-reduced over DP while the rest of backward runs.
-        let overlap = (self.layout.mesh.dp > 1)
+        let overlap = (self.layout.mesh.dp > 1 && self.local_sgd_every.is_none())
             .then(|| OverlappedDp::new(self.bucket_bytes))
             .transpose()?;
         let dp = self.groups.dp.as_ref();
@@ -355,6 +363,15 @@ impl Stepper for MeshRank {
                 Ok::<_, ParallelError>(())
             })?;
         }
+        if let Some(every) = self.local_sgd_every {
+            if (step + 1) % every == 0 {
+                let segments = &mut self.segments;
+                let dp = self.groups.dp.as_ref();
+                recorder.record(EventKind::AllReduce, None, None, || {
+                    average_parameters(segments, dp)
+                })?;
+            }
+        }
         let parallel = self.step_stats(&recorder)?;
         if capturing {
             self.capture_timeline(step, recorder.events())?;
@@ -368,6 +385,10 @@ impl Stepper for MeshRank {
     }
 
     fn full_model(&mut self) -> Result<Recommender, RunError> {
+        if self.local_sgd_every.is_some() {
+            // Evaluate and checkpoint the replicas' average.
+            average_parameters(&mut self.segments, self.groups.dp.as_ref())?;
+        }
         let mine: Vec<f32> = self
             .segments
             .iter()
@@ -421,6 +442,24 @@ impl Stepper for MeshRank {
         self.groups.world.broadcast(&mut v, 0)?;
         Ok(v.map(|x| x > 0.5))
     }
+}
+
+/// Local SGD's synchronisation: every parameter replaced by its mean over the DP group.
+fn average_parameters(
+    segments: &mut [Segment],
+    dp: &dyn Communicator,
+) -> Result<(), ParallelError> {
+    if dp.size() == 1 {
+        return Ok(());
+    }
+    for s in segments.iter_mut() {
+        let mut values = s.values();
+        for v in values.iter_mut() {
+            dp.all_reduce(v, ReduceOp::Avg)?;
+        }
+        s.set_values(&values)?;
+    }
+    Ok(())
 }
 
 /// Trains the whole mesh of `[parallel]` in this process, one thread per device on the

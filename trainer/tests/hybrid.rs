@@ -167,3 +167,41 @@ fn impossible_layouts_name_the_key() {
         .to_string();
     assert!(err.contains("n_heads"), "{err}");
 }
+
+#[test]
+fn local_sgd_trains_and_moves_fewer_dp_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = test_device().autodiff();
+    let dp_bytes = |name: &str| -> Vec<u64> {
+        std::fs::read_to_string(dir.path().join(name).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["parallel"]["comm_bytes_dp"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    let mesh = [
+        "parallel.dp=2",
+        "parallel.pp=2",
+        "parallel.micro_batches=2",
+        "train.epochs=3",
+    ];
+    hybrid::train_local(&config(dir.path(), "sync", &mesh), &device, "cpu").unwrap();
+    let mut local: Vec<&str> = mesh.to_vec();
+    local.extend(["dp.mode=local_sgd", "dp.sync_every=4"]);
+    let summary =
+        hybrid::train_local(&config(dir.path(), "local", &local), &device, "cpu").unwrap();
+    let losses = losses(dir.path(), "local");
+    assert!(
+        losses.windows(2).all(|w| w[1] < w[0]),
+        "local SGD loss does not fall: {losses:?}"
+    );
+    assert!(summary.test["ndcg@10"] > 0.0);
+    let (sync, local) = (dp_bytes("sync"), dp_bytes("local"));
+    for (s, l) in sync.iter().zip(&local) {
+        assert!(l < s, "local SGD sent {l} DP bytes per step, sync {s}");
+    }
+}
