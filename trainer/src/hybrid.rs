@@ -364,7 +364,7 @@ impl Stepper for MeshRank {
             })?;
         }
         if let Some(every) = self.local_sgd_every {
-            if (step + 1) % every == 0 {
+            if (step + 1).is_multiple_of(every) {
                 let segments = &mut self.segments;
                 let dp = self.groups.dp.as_ref();
                 recorder.record(EventKind::AllReduce, None, None, || {
