@@ -6,26 +6,13 @@ use meshrec_model::device::test_device;
 use meshrec_trainer::config::RunConfig;
 use meshrec_trainer::{hybrid, run};
 
+mod common;
+
+/// Dropout off (so layouts can match one device exactly), two epochs, then `layout`.
 fn config(dir: &std::path::Path, name: &str, layout: &[&str]) -> RunConfig {
-    let mut overrides: Vec<String> = [
-        "data.path=synthetic",
-        "data.synthetic.users=60",
-        "data.synthetic.items=30",
-        "data.synthetic.mean_length=10.0",
-        "model.preset=tiny",
-        "model.dropout=0.0",
-        "train.epochs=2",
-        "train.batch_size=16",
-        "train.warmup_steps=2",
-        "train.patience=0",
-        &format!("output.dir=\"{}\"", dir.display()),
-        &format!("output.name={name}"),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    overrides.extend(layout.iter().map(|s| s.to_string()));
-    RunConfig::from_toml("", "test", &overrides).unwrap()
+    let mut extra = vec!["model.dropout=0.0", "train.epochs=2"];
+    extra.extend_from_slice(layout);
+    common::synthetic_config(dir, name, &extra)
 }
 
 fn losses(dir: &std::path::Path, name: &str) -> Vec<f64> {

@@ -6,24 +6,10 @@ use meshrec_model::device::test_device;
 use meshrec_trainer::config::RunConfig;
 use meshrec_trainer::run;
 
+mod common;
+
 fn config(dir: &std::path::Path, name: &str) -> RunConfig {
-    let overrides: Vec<String> = [
-        "data.path=synthetic",
-        "data.synthetic.users=60",
-        "data.synthetic.items=30",
-        "data.synthetic.mean_length=10.0",
-        "model.preset=tiny",
-        "train.epochs=3",
-        "train.batch_size=16",
-        "train.warmup_steps=2",
-        "train.patience=0",
-        &format!("output.dir=\"{}\"", dir.display()),
-        &format!("output.name={name}"),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    RunConfig::from_toml("", "test", &overrides).unwrap()
+    common::synthetic_config(dir, name, &[])
 }
 
 #[test]

@@ -179,6 +179,14 @@ fn bench(name: &str) -> Result<()> {
     }
 }
 
+/// `mpirun` as CI runs it here: as root, with more ranks than cores allowed.
+fn mpirun(np: &str, program: &Path) -> Command {
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["--allow-run-as-root", "--oversubscribe", "-np", np])
+        .arg(program);
+    cmd
+}
+
 fn ci() -> Result<()> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     run(cargo().args([
@@ -252,9 +260,7 @@ fn ci() -> Result<()> {
     ]))?;
     let selftest = target_dir().join("release/examples/mpi_selftest");
     for np in ["3", "4"] {
-        run(Command::new("mpirun")
-            .args(["--allow-run-as-root", "--oversubscribe", "-np", np])
-            .arg(&selftest))?;
+        run(&mut mpirun(np, &selftest))?;
     }
     // The layout-equivalence check across processes: tp 2 × pp 2 on the MPI engine. Built in
     // the dev profile, whose dependencies the tests above already compiled (optimised).
@@ -269,9 +275,7 @@ fn ci() -> Result<()> {
     ]))?;
     let equivalence = target_dir().join("debug/examples/mpi_equivalence");
     for np in ["4", "2"] {
-        run(Command::new("mpirun")
-            .args(["--allow-run-as-root", "--oversubscribe", "-np", np])
-            .arg(&equivalence))?;
+        run(&mut mpirun(np, &equivalence))?;
     }
     // A hybrid training run across processes: tp 2 × pp 2 on the MPI engine, tiny model.
     run(cargo().args([
@@ -285,11 +289,8 @@ fn ci() -> Result<()> {
     ]))?;
     let out = std::env::temp_dir().join("meshrec-ci-mpi-run");
     let _ = std::fs::remove_dir_all(&out);
-    let mut train = Command::new("mpirun");
-    train
-        .args(["--allow-run-as-root", "--oversubscribe", "-np", "4"])
-        .arg(target_dir().join("debug/meshrec"))
-        .args(["train", "--comm", "mpi"]);
+    let mut train = mpirun("4", &target_dir().join("debug/meshrec"));
+    train.args(["train", "--comm", "mpi"]);
     for set in [
         "data.path=synthetic",
         "data.synthetic.users=60",
