@@ -11,8 +11,8 @@ use meshrec_model::params::{param_paths, write_values, ParamInfo};
 use meshrec_model::{ModelConfig, Recommender};
 use meshrec_parallel::check::{build_segments, initial_state};
 use meshrec_parallel::exec::{
-    global_grad_norm, micro_batches, reduce_model_parallel_grads, run_schedule,
-    run_schedule_releasing, OverlappedDp,
+    global_grad_norm, micro_batches, reduce_model_parallel_grads, run_schedule_releasing,
+    ChunkGradReady, OverlappedDp,
 };
 use meshrec_parallel::layout::{unshard, FullState, Layout, ParamSpec, RankState};
 use meshrec_parallel::mesh::{Groups, Mesh};
@@ -305,40 +305,31 @@ impl Stepper for MeshRank {
         let mut recorder = Recorder::new();
         // DDP: each gradient joins a bucket the moment backward finalises it, and full
         // buckets are all-reduced over DP while the rest of backward runs.
-        let overlap = (self.layout.mesh.dp > 1 && self.local_sgd_every.is_none())
+        let mut overlap = (self.layout.mesh.dp > 1 && self.local_sgd_every.is_none())
             .then(|| OverlappedDp::new(self.bucket_bytes))
             .transpose()?;
         let dp = self.groups.dp.as_ref();
-        let loss = match overlap {
-            Some(mut overlap) => {
-                let mut ready =
-                    |chunk: usize, param: usize, g: &[f32]| overlap.push(dp, chunk, param, g);
-                let loss = run_schedule_releasing(
-                    &mut self.segments,
-                    &self.layout,
-                    &self.schedule,
-                    &self.groups,
-                    &micro,
-                    grad_scale,
-                    &mut recorder,
-                    Some(&mut ready),
-                )?;
-                let segments = &mut self.segments;
-                recorder.record(EventKind::AllReduce, None, None, || {
-                    overlap.finish(dp, segments)
-                })?;
-                loss
-            }
-            None => run_schedule(
-                &mut self.segments,
-                &self.layout,
-                &self.schedule,
-                &self.groups,
-                &micro,
-                grad_scale,
-                &mut recorder,
-            )?,
+        let releasing = overlap.is_some();
+        let mut push = |chunk: usize, param: usize, g: &[f32]| match overlap.as_mut() {
+            Some(o) => o.push(dp, chunk, param, g),
+            None => Ok(()),
         };
+        let loss = run_schedule_releasing(
+            &mut self.segments,
+            &self.layout,
+            &self.schedule,
+            &self.groups,
+            &micro,
+            grad_scale,
+            &mut recorder,
+            releasing.then_some(&mut push as ChunkGradReady<'_>),
+        )?;
+        if let Some(overlap) = overlap {
+            let segments = &mut self.segments;
+            recorder.record(EventKind::AllReduce, None, None, || {
+                overlap.finish(dp, segments)
+            })?;
+        }
         let (segments, groups) = (&mut self.segments, &self.groups);
         recorder.record(EventKind::AllReduce, None, None, || {
             reduce_model_parallel_grads(segments, groups)
