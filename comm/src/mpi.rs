@@ -3,8 +3,10 @@
 //!
 //! # Ownership of MPI itself
 //! MPI can be initialised once per process and must be finalised after every communicator
-//! is freed. [`MpiRuntime::init`] initialises it (thread level `MPI_THREAD_SERIALIZED`: the
-//! `Send`-but-not-`Sync` communicators may move between threads, one call at a time) and
+//! is freed. [`MpiRuntime::init`] initialises it (asking for `MPI_THREAD_MULTIPLE`, needing at
+//! least `MPI_THREAD_SERIALIZED`: the `Send`-but-not-`Sync` communicators may move between
+//! threads, and with MULTIPLE different communicators may be used by different threads at
+//! once — [`MpiRuntime::concurrent_threads`] says which) and
 //! returns an `Arc`; every [`MpiCommunicator`] holds a clone, so `MPI_Finalize` runs when the
 //! runtime and the last communicator are dropped. A second `init` in one process fails.
 //!
@@ -32,8 +34,9 @@
 
 use std::ffi::c_void;
 use std::os::raw::c_int;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use mpi::collective::{CommunicatorCollectives, Root};
@@ -77,12 +80,16 @@ pub struct MpiRuntime {
     /// rsmpi does not export: `(void*)1` in Open MPI, `(void*)-1` in MPICH and derivatives).
     in_place: Option<usize>,
     watchdog: Watchdog,
+    /// Whether the library granted MPI_THREAD_MULTIPLE: communicators may then be used from
+    /// several threads at once (each still by one thread at a time).
+    concurrent: bool,
 }
 
-// SAFETY: MPI is initialised with MPI_THREAD_SERIALIZED (checked in `init`), so MPI calls
-// may come from any thread as long as they do not overlap; the communicators built on this
-// runtime are `Send` but not `Sync`, which serialises the calls each one makes, and the
-// runtime itself is only used to create communicators and to finalise.
+// SAFETY: MPI is initialised with at least MPI_THREAD_SERIALIZED (checked in `init`), so MPI
+// calls may come from any thread; the communicators built on this runtime are `Send` but not
+// `Sync`, which serialises the calls each one makes, callers use several communicators from
+// several threads only when `concurrent_threads` says MULTIPLE was granted, and the runtime
+// itself is only used to create communicators and to finalise.
 unsafe impl Send for MpiRuntime {}
 // SAFETY: as above; shared references to the runtime make no MPI calls.
 unsafe impl Sync for MpiRuntime {}
@@ -104,7 +111,7 @@ impl MpiRuntime {
             ));
         }
         let (universe, level) =
-            mpi::initialize_with_threading(Threading::Serialized).ok_or_else(|| {
+            mpi::initialize_with_threading(Threading::Multiple).ok_or_else(|| {
                 CommError::Mpi("MPI_Init_thread failed or MPI already initialised".into())
             })?;
         if level < Threading::Serialized {
@@ -124,6 +131,7 @@ impl MpiRuntime {
             universe,
             in_place,
             watchdog: Watchdog::default(),
+            concurrent: level >= Threading::Multiple,
         }))
     }
 
@@ -132,34 +140,44 @@ impl MpiRuntime {
         MpiCommunicator::new(self.universe.world(), config, Arc::clone(self))
     }
 
+    /// Whether different communicators may make MPI calls from different threads at the
+    /// same time (`MPI_THREAD_MULTIPLE` granted); otherwise only one thread may call MPI.
+    pub fn concurrent_threads(&self) -> bool {
+        self.concurrent
+    }
+
     /// The MPI library's version string.
     pub fn library_version(&self) -> String {
         mpi::environment::library_version().unwrap_or_default()
     }
 }
 
-/// Aborts the process when a blocking collective outlives the timeout. One slot suffices:
-/// MPI calls of a process are serialised.
+/// Aborts the process when a blocking collective outlives the timeout. One deadline per
+/// calling thread: the trainer's data-parallel thread runs collectives while the main thread
+/// runs others (MPI_THREAD_MULTIPLE).
 #[derive(Default)]
 struct Watchdog {
     started: OnceLock<Instant>,
-    /// Deadline in ms since `started` (0 = disarmed).
-    deadline_ms: Arc<AtomicU64>,
-    op: Arc<AtomicU8>,
+    /// Armed deadlines: (thread, ms since `started`, operation index).
+    armed: Arc<Mutex<Vec<(ThreadId, u64, u8)>>>,
 }
 
 impl Watchdog {
     fn arm(&self, op: OpKind, timeout: Duration, world_rank: i32) {
         let base = *self.started.get_or_init(|| {
             let base = Instant::now();
-            let (deadline, opc) = (Arc::clone(&self.deadline_ms), Arc::clone(&self.op));
+            let armed = Arc::clone(&self.armed);
             let spawned = std::thread::Builder::new()
                 .name("meshrec-mpi-watchdog".into())
                 .spawn(move || loop {
                     std::thread::sleep(Duration::from_millis(100));
-                    let d = deadline.load(Ordering::Acquire);
-                    if d != 0 && base.elapsed().as_millis() as u64 > d {
-                        let op = OpKind::ALL.get(usize::from(opc.load(Ordering::Acquire)));
+                    let now = base.elapsed().as_millis() as u64;
+                    let expired = armed
+                        .lock()
+                        .map(|a| a.iter().find(|(_, d, _)| now > *d).map(|&(_, _, op)| op))
+                        .unwrap_or(None);
+                    if let Some(opc) = expired {
+                        let op = OpKind::ALL.get(usize::from(opc));
                         eprintln!(
                             "meshrec-comm: MPI {} on world rank {world_rank} exceeded its timeout \
                              (a peer died or stopped answering); aborting the job",
@@ -174,13 +192,19 @@ impl Watchdog {
             base
         });
         let idx = OpKind::ALL.iter().position(|&k| k == op).unwrap_or(0) as u8;
-        self.op.store(idx, Ordering::Release);
         let d = (base.elapsed() + timeout).as_millis() as u64;
-        self.deadline_ms.store(d.max(1), Ordering::Release);
+        let me = std::thread::current().id();
+        if let Ok(mut armed) = self.armed.lock() {
+            armed.retain(|(t, _, _)| *t != me);
+            armed.push((me, d, idx));
+        }
     }
 
     fn disarm(&self) {
-        self.deadline_ms.store(0, Ordering::Release);
+        let me = std::thread::current().id();
+        if let Ok(mut armed) = self.armed.lock() {
+            armed.retain(|(t, _, _)| *t != me);
+        }
     }
 }
 
@@ -196,8 +220,8 @@ pub struct MpiCommunicator {
     runtime: Arc<MpiRuntime>,
 }
 
-// SAFETY: see `MpiRuntime`: MPI_THREAD_SERIALIZED, and the communicator is not `Sync`, so
-// its MPI calls never overlap.
+// SAFETY: see `MpiRuntime`: the communicator is not `Sync`, so its own MPI calls never
+// overlap, and concurrent use of several communicators needs MPI_THREAD_MULTIPLE.
 unsafe impl Send for MpiCommunicator {}
 
 impl std::fmt::Debug for MpiCommunicator {

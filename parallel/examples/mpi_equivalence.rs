@@ -25,10 +25,15 @@ fn run() -> Result<String, String> {
     let runtime = MpiRuntime::init().map_err(|e| format!("MPI init: {e}"))?;
     let world = runtime.world(MpiConfig::default());
     let (rank, size) = (world.rank(), world.size());
-    let (tp, pp) = match size {
-        4 => (2, 2),
-        2 => (1, 2),
-        n => return Err(format!("run with -np 4 (tp 2 × pp 2) or -np 2, not {n}")),
+    let (dp, tp, pp) = match size {
+        4 => (1, 2, 2),
+        // Data parallelism across processes: the DP reduction thread beside the main one.
+        2 => (2, 1, 1),
+        n => {
+            return Err(format!(
+                "run with -np 4 (tp 2 × pp 2) or -np 2 (dp 2), not {n}"
+            ))
+        }
     };
     let (config, genres, batch) = tiny_case();
     let device = test_device();
@@ -42,9 +47,11 @@ fn run() -> Result<String, String> {
         &device,
     )
     .map_err(|e| e.to_string())?;
-    let mesh = Mesh::new(1, tp, pp).map_err(|e| e.to_string())?;
+    let mesh = Mesh::new(dp, tp, pp).map_err(|e| e.to_string())?;
     let layout = Layout::uniform(mesh, 1, config.n_layers).map_err(|e| e.to_string())?;
     let schedule = Schedule::new(ScheduleKind::OneFOneB, pp, 4, 1).map_err(|e| e.to_string())?;
+    let mut settings = StepSettings::default();
+    settings.dp.threaded = runtime.concurrent_threads();
     let got = layout_step(
         Box::new(world),
         &config,
@@ -53,7 +60,7 @@ fn run() -> Result<String, String> {
         &schedule,
         &batch,
         &initial,
-        StepSettings::default(),
+        settings,
         &device,
     )
     .map_err(|e| format!("rank {rank}: {e}"))?;

@@ -11,10 +11,10 @@ use meshrec_model::params::{init_normal, param_paths, read_values, ParamInfo};
 use meshrec_model::step::forward_backward;
 use meshrec_model::{ModelConfig, Recommender};
 
+use crate::dp::{DpEngine, DpSettings};
 use crate::error::ParallelError;
 use crate::exec::{
-    global_grad_norm, micro_batches, reduce_model_parallel_grads, run_schedule_releasing,
-    OverlappedDp, StepLoss,
+    global_grad_norm, micro_batches, reduce_model_parallel_grads, run_schedule_releasing, StepLoss,
 };
 use crate::layout::{shard_chunk, FullState, Layout, ParamSpec, RankState};
 use crate::mesh::Groups;
@@ -53,12 +53,14 @@ pub fn tiny_case() -> (ModelConfig, Vec<Vec<u32>>, Batch) {
 }
 
 /// The optimizer settings of a checked step.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StepSettings {
     pub adamw: AdamWConfig,
     pub lr: f32,
     /// Global-norm clipping threshold (0 disables).
     pub clip_norm: f64,
+    /// How the DP group reduces gradients.
+    pub dp: DpSettings,
 }
 
 impl Default for StepSettings {
@@ -73,6 +75,13 @@ impl Default for StepSettings {
             },
             lr: 1e-2,
             clip_norm: 0.5,
+            dp: DpSettings {
+                bucket_bytes: 4096,
+                method: meshrec_compress::MethodConfig::Identity,
+                error_feedback: false,
+                seed: 0,
+                threaded: true,
+            },
         }
     }
 }
@@ -189,11 +198,15 @@ pub fn layout_step(
     let micro = micro_batches(&local, schedule.micro_batches);
     let grad_scale = 1.0 / batch.num_targets().max(1) as f32;
     let mut timeline = Recorder::new();
-    // Data parallelism as DDP does it: buckets reduced while backward still runs (small
-    // buckets here, so the tiny model spans several).
-    let mut overlap = OverlappedDp::new(4096)?;
-    let dp = groups.dp.as_ref();
-    let mut ready = |chunk: usize, param: usize, g: &[f32]| overlap.push(dp, chunk, param, g);
+    // Data parallelism as DDP does it: buckets reduced on the DP thread while backward
+    // still runs (small buckets here, so the tiny model spans several).
+    let mut dp = DpEngine::new(
+        groups.dp.split(0, groups.coord.dp as u32)?,
+        &settings.dp,
+        None,
+    )?;
+    dp.begin_step(0)?;
+    let mut ready = |chunk: usize, param: usize, g: &[f32]| dp.push(chunk, param, g);
     let mut loss = run_schedule_releasing(
         &mut segments,
         layout,
@@ -204,7 +217,8 @@ pub fn layout_step(
         &mut timeline,
         Some(&mut ready),
     )?;
-    overlap.finish(dp, &mut segments)?;
+    dp.end_step(&segments)?;
+    dp.take_oldest()?.write_into(&mut segments)?;
     reduce_model_parallel_grads(&mut segments, &groups)?;
     if layout.mesh.dp > 1 {
         let mut both = [loss.loss_sum as f32, loss.targets as f32];

@@ -50,4 +50,6 @@ pub enum ParallelError {
     State(String),
     #[error("pipeline step: {0}")]
     Step(String),
+    #[error("data-parallel reduction on rank {rank} of its DP group: {message}")]
+    Dp { rank: usize, message: String },
 }

@@ -3,11 +3,11 @@
 //! then the gradient reductions the layout needs inside the model-parallel group (partial
 //! TP gradients, the tied item table between the first and last stage), and the global
 //! gradient norm; and DDP's data-parallel reduction overlapped with backward
-//! ([`OverlappedDp`] fed by [`run_schedule_releasing`]).
+//! (`dp::DpEngine` fed by [`run_schedule_releasing`]).
 
 use std::collections::HashMap;
 
-use meshrec_comm::{BucketHandle, Communicator, GradBucketer, ReduceOp, Request};
+use meshrec_comm::{Communicator, ReduceOp, Request};
 use meshrec_model::data::Batch;
 
 use crate::error::ParallelError;
@@ -362,70 +362,6 @@ pub fn reduce_model_parallel_grads(
         }
     }
     Ok(())
-}
-
-/// DDP's overlap: gradients go into buckets as backward finalises them (through
-/// [`run_schedule_releasing`]) and each full bucket's all-reduce over the data-parallel
-/// group starts at once, while the rest of backward runs; [`OverlappedDp::finish`] waits
-/// for the buckets and writes the sums back.
-pub struct OverlappedDp {
-    bucketer: GradBucketer,
-    handles: Vec<BucketHandle>,
-    /// Bucket id -> (local chunk, parameter).
-    ids: Vec<(usize, usize)>,
-}
-
-impl OverlappedDp {
-    pub fn new(bucket_bytes: usize) -> Result<Self, ParallelError> {
-        Ok(Self {
-            bucketer: GradBucketer::new(bucket_bytes, ReduceOp::Sum)?,
-            handles: Vec::new(),
-            ids: Vec::new(),
-        })
-    }
-
-    /// Takes one final gradient (the callback of [`run_schedule_releasing`]).
-    pub fn push(
-        &mut self,
-        dp: &dyn Communicator,
-        chunk: usize,
-        param: usize,
-        grad: &[f32],
-    ) -> Result<(), ParallelError> {
-        let id = self.ids.len();
-        self.ids.push((chunk, param));
-        self.handles.extend(self.bucketer.push(dp, id, grad)?);
-        Ok(())
-    }
-
-    /// Launches the last bucket, waits for all, and writes the reduced gradients back.
-    /// Every parameter of every segment must have been pushed exactly once.
-    pub fn finish(
-        mut self,
-        dp: &dyn Communicator,
-        segments: &mut [Segment],
-    ) -> Result<(), ParallelError> {
-        let expected: usize = segments.iter().map(|s| s.grads.len()).sum();
-        let mut seen = self.ids.clone();
-        seen.sort_unstable();
-        seen.dedup();
-        if seen.len() != self.ids.len() || self.ids.len() != expected {
-            return Err(ParallelError::Step(format!(
-                "data-parallel overlap saw {} gradients ({} distinct) of {expected}",
-                self.ids.len(),
-                seen.len()
-            )));
-        }
-        self.handles.extend(self.bucketer.flush(dp)?);
-        for handle in self.handles {
-            let bucket = handle.wait()?;
-            for (id, values) in bucket.iter() {
-                let (chunk, param) = self.ids[id];
-                segments[chunk].grads[param].copy_from_slice(values);
-            }
-        }
-        Ok(())
-    }
 }
 
 /// The L2 norm of the full model's gradient, each element counted once (replicas on TP rank

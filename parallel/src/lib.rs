@@ -7,11 +7,14 @@
 //! * [`schedule`] — GPipe, 1F1B and interleaved 1F1B as data, checked deadlock-free.
 //! * [`exec`] — runs a schedule over a rank's segments, then the model-parallel gradient
 //!   reductions.
+//! * [`dp`] — data-parallel gradient reduction in buckets on a thread, compressed or dense,
+//!   waited for at once (sync) or later (bounded staleness).
 //! * [`timeline`] — what each stage did when; utilization, bubble, SVG.
 //! * [`eval`] — full-ranking evaluation on vocabulary shards.
 //! * [`check`] — the layout-equivalence check against one device.
 
 pub mod check;
+pub mod dp;
 mod error;
 pub mod eval;
 pub mod exec;

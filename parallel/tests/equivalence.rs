@@ -50,6 +50,17 @@ fn check_layout(
     kind: ScheduleKind,
     m: usize,
 ) -> usize {
+    check_layout_with(config, want, layout, kind, m, StepSettings::default())
+}
+
+fn check_layout_with(
+    config: &ModelConfig,
+    want: &Reference,
+    layout: &Layout,
+    kind: ScheduleKind,
+    m: usize,
+    settings: StepSettings,
+) -> usize {
     let schedule = Schedule::new(kind, layout.mesh.pp, m, layout.virtual_stages).unwrap();
     let world = layout.mesh.world_size();
     let genres = genres();
@@ -63,7 +74,7 @@ fn check_layout(
             &schedule,
             &batch(),
             &want.initial,
-            StepSettings::default(),
+            settings.clone(),
             &device,
         )
     })
@@ -173,4 +184,23 @@ fn rope_and_swiglu_layouts_match_one_device() {
     let want = reference(&config);
     let layout = Layout::uniform(Mesh::new(1, 2, 2).unwrap(), 1, config.n_layers).unwrap();
     check_layout(&config, &want, &layout, ScheduleKind::OneFOneB, 2);
+}
+
+#[test]
+fn compressed_and_inline_data_parallel_reductions_match_one_device() {
+    use meshrec_compress::MethodConfig;
+    let config = config();
+    let want = reference(&config);
+    let layout = Layout::uniform(Mesh::new(2, 2, 1).unwrap(), 1, config.n_layers).unwrap();
+    // Top-k keeping every coordinate goes through compression, the payload all-gather and
+    // error feedback, and must lose nothing.
+    let mut settings = StepSettings::default();
+    settings.dp.method = MethodConfig::TopK { ratio: 1.0 };
+    settings.dp.error_feedback = true;
+    check_layout_with(&config, &want, &layout, ScheduleKind::OneFOneB, 2, settings);
+    // The same reduction run inline at bucket boundaries (engines without concurrent threads).
+    let mut settings = StepSettings::default();
+    settings.dp.threaded = false;
+    let layout = Layout::uniform(Mesh::new(2, 1, 2).unwrap(), 1, config.n_layers).unwrap();
+    check_layout_with(&config, &want, &layout, ScheduleKind::GPipe, 2, settings);
 }

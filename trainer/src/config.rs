@@ -110,6 +110,9 @@ pub struct TrainSection {
     pub patience: u64,
     /// `cpu`, `wgpu`, `cuda` or `cuda:N` (the `--device` flag and `BURN_DEVICE` override it).
     pub device: String,
+    /// Stop after this many optimizer steps in total (0: no limit), checkpointing there;
+    /// the learning-rate schedule still follows `epochs`.
+    pub max_steps: u64,
 }
 
 impl Default for TrainSection {
@@ -128,6 +131,7 @@ impl Default for TrainSection {
             seed: 42,
             patience: 10,
             device: "cpu".into(),
+            max_steps: 0,
         }
     }
 }
@@ -220,13 +224,16 @@ impl ParallelSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DpSection {
-    /// `sync` (gradients all-reduced every step) or `local_sgd` (each replica steps on its
-    /// own gradients; parameters averaged every `sync_every` steps).
+    /// `sync` (gradients averaged every step, DDP), `async` (updates applied when their
+    /// reduction arrives, at most `max_staleness` steps late) or `local_sgd` (each replica
+    /// steps on its own gradients; parameters averaged every `sync_every` steps).
     pub mode: String,
     /// Size of a gradient all-reduce bucket in MB (PyTorch DDP's 25).
     pub bucket_mb: f64,
     /// Local SGD: steps between parameter averages.
     pub sync_every: u64,
+    /// Async: the most steps an update may lag the step that computed it (0 = sync).
+    pub max_staleness: u64,
 }
 
 impl Default for DpSection {
@@ -235,10 +242,151 @@ impl Default for DpSection {
             mode: "sync".into(),
             bucket_mb: 25.0,
             sync_every: 8,
+            max_staleness: 2,
         }
     }
 }
 
+/// How data-parallel replicas combine their work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DpMode {
+    /// Every step's gradients averaged before the step's update (DDP).
+    Sync,
+    /// Updates applied when their reduction has arrived, at most `max_staleness` steps
+    /// after the step that computed them (stale-synchronous parallel).
+    Async { max_staleness: u64 },
+    /// Replicas step on their own gradients and average parameters every `every` steps.
+    LocalSgd { every: u64 },
+}
+
+impl DpSection {
+    pub fn mode(&self) -> Result<DpMode, ConfigError> {
+        match self.mode.as_str() {
+            "sync" => Ok(DpMode::Sync),
+            "async" => Ok(DpMode::Async {
+                max_staleness: self.max_staleness,
+            }),
+            "local_sgd" => Ok(DpMode::LocalSgd {
+                every: self.sync_every,
+            }),
+            other => Err(invalid(
+                "dp.mode",
+                format!("`{other}`: expected sync, async or local_sgd"),
+            )),
+        }
+    }
+}
+
+/// `[compress]`: the data-parallel gradient compressor, applied per bucket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompressSection {
+    /// none, fp16, bf16, topk, dgc_topk, randk, threshold, qsgd, terngrad, sign, powersgd.
+    pub method: String,
+    /// Fraction kept by topk / dgc_topk / randk.
+    pub ratio: f64,
+    /// PowerSGD's rank.
+    pub rank: usize,
+    /// QSGD's levels.
+    pub levels: u32,
+    /// Elements per scale (qsgd, terngrad, sign).
+    pub chunk: usize,
+    /// threshold's cut.
+    pub threshold: f32,
+    /// Keep what compression dropped and add it back next step.
+    pub error_feedback: bool,
+}
+
+impl Default for CompressSection {
+    fn default() -> Self {
+        Self {
+            method: "none".into(),
+            ratio: 0.01,
+            rank: 4,
+            levels: 15,
+            chunk: 512,
+            threshold: 1e-3,
+            error_feedback: true,
+        }
+    }
+}
+
+impl CompressSection {
+    /// The compressor this section names, validated.
+    pub fn method_config(&self) -> Result<meshrec_compress::MethodConfig, ConfigError> {
+        use meshrec_compress::MethodConfig as M;
+        let m = match self.method.as_str() {
+            "none" | "identity" => M::Identity,
+            "fp16" => M::Fp16,
+            "bf16" => M::Bf16,
+            "topk" => M::TopK { ratio: self.ratio },
+            "dgc_topk" => M::DgcTopK {
+                ratio: self.ratio,
+                sample_ratio: 0.01,
+            },
+            "randk" => M::RandK {
+                ratio: self.ratio,
+                unbiased: false,
+            },
+            "threshold" => M::Threshold {
+                threshold: self.threshold,
+            },
+            "qsgd" => M::Qsgd {
+                levels: self.levels,
+                bucket: self.chunk,
+            },
+            "terngrad" => M::TernGrad { chunk: self.chunk },
+            "sign" => M::Sign { chunk: self.chunk },
+            "powersgd" => M::PowerSgd {
+                rank: self.rank,
+                min_compression_rate: 1.0,
+            },
+            other => {
+                return Err(invalid(
+                    "compress.method",
+                    format!("`{other}`: expected none, fp16, bf16, topk, dgc_topk, randk, threshold, qsgd, terngrad, sign or powersgd"),
+                ))
+            }
+        };
+        m.validate()
+            .map_err(|e| invalid("compress.method", e.to_string()))?;
+        Ok(m)
+    }
+}
+
+/// `[checkpoint]`: training-state checkpoints for `--resume`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointSection {
+    /// Save every this many steps (0: only at the end of each epoch).
+    pub every_steps: u64,
+    /// Checkpoints kept (the oldest are deleted once a newer one is complete).
+    pub keep: usize,
+}
+
+impl Default for CheckpointSection {
+    fn default() -> Self {
+        Self {
+            every_steps: 0,
+            keep: 2,
+        }
+    }
+}
+
+/// `[fault]`: failure injection, for the tests that prove a run survives it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FaultSection {
+    /// Poison this world rank's gradient with NaN at this step.
+    pub nan_step: Option<u64>,
+    pub nan_rank: usize,
+    /// Make this world rank die at this step (an error on the local engine, abort under MPI).
+    pub crash_step: Option<u64>,
+    pub crash_rank: usize,
+    /// Make this world rank a straggler: it sleeps this long in every step (0: off).
+    pub slow_ms: u64,
+    pub slow_rank: usize,
+}
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunConfig {
@@ -246,9 +394,12 @@ pub struct RunConfig {
     pub model: ModelSection,
     pub parallel: ParallelSection,
     pub dp: DpSection,
+    pub compress: CompressSection,
     pub train: TrainSection,
     pub eval: EvalSection,
     pub output: OutputSection,
+    pub checkpoint: CheckpointSection,
+    pub fault: FaultSection,
 }
 
 /// Parses a `--set` value as a TOML value, falling back to a plain string.
@@ -375,11 +526,41 @@ impl RunConfig {
                 ),
             ));
         }
-        if self.dp.mode != "sync" && self.dp.mode != "local_sgd" {
+        let mode = self.dp.mode()?;
+        let method = self.compress.method_config()?;
+        if matches!(mode, DpMode::LocalSgd { .. })
+            && method != meshrec_compress::MethodConfig::Identity
+        {
             return Err(invalid(
-                "dp.mode",
-                format!("`{}`: expected sync or local_sgd", self.dp.mode),
+                "compress.method",
+                "local SGD averages parameters, not gradients: leave compress.method = \"none\"",
             ));
+        }
+        if self.checkpoint.keep == 0 {
+            return Err(invalid("checkpoint.keep", "must be at least 1"));
+        }
+        for (key, rank, step) in [
+            ("fault.nan_rank", self.fault.nan_rank, self.fault.nan_step),
+            (
+                "fault.crash_rank",
+                self.fault.crash_rank,
+                self.fault.crash_step,
+            ),
+            (
+                "fault.slow_rank",
+                self.fault.slow_rank,
+                (self.fault.slow_ms > 0).then_some(0),
+            ),
+        ] {
+            if step.is_some() && rank >= p.world_size() {
+                return Err(invalid(
+                    key,
+                    format!(
+                        "rank {rank} is outside the world of {} ranks",
+                        p.world_size()
+                    ),
+                ));
+            }
         }
         if self.dp.sync_every == 0 {
             return Err(invalid("dp.sync_every", "must be at least 1"));

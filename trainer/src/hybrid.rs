@@ -9,19 +9,24 @@ use meshrec_model::data::{Batch, Dataset};
 use meshrec_model::optim::{clip_by_global_norm, AdamW};
 use meshrec_model::params::{param_paths, write_values, ParamInfo};
 use meshrec_model::{ModelConfig, Recommender};
+use std::collections::VecDeque;
+use std::path::Path;
+
 use meshrec_parallel::check::{build_segments, initial_state};
+use meshrec_parallel::dp::{DpEngine, DpSettings, DpTraffic};
 use meshrec_parallel::exec::{
     global_grad_norm, micro_batches, reduce_model_parallel_grads, run_schedule_releasing,
-    ChunkGradReady, OverlappedDp,
+    ChunkGradReady,
 };
-use meshrec_parallel::layout::{unshard, FullState, Layout, ParamSpec, RankState};
+use meshrec_parallel::layout::{shard_chunk, unshard, FullState, Layout, ParamSpec, RankState};
 use meshrec_parallel::mesh::{Groups, Mesh};
 use meshrec_parallel::schedule::Schedule;
 use meshrec_parallel::segment::{DropoutKey, Segment};
 use meshrec_parallel::timeline::{busy_s, write_svg, Event, EventKind, Recorder, StageTimeline};
 use meshrec_parallel::ParallelError;
 
-use crate::config::RunConfig;
+use crate::checkpoint::{StateKind, TrainState};
+use crate::config::{DpMode, FaultSection, RunConfig};
 use crate::run::{
     adamw_config, build_model, dropout_seed, load_dataset, train_with, ParallelStepStats, RunError,
     StepResult, Stepper, Summary,
@@ -55,13 +60,30 @@ pub struct MeshRank {
     genres: Option<Vec<Vec<u32>>>,
     clip_norm: f64,
     seed: u64,
-    bucket_bytes: usize,
     device: Device,
     /// Steps whose timelines are drawn, and where.
     timeline: Option<TimelineCapture>,
-    /// Local SGD: average parameters over DP every this many steps instead of all-reducing
-    /// gradients every step.
-    local_sgd_every: Option<u64>,
+    mode: DpMode,
+    /// The DP group's gradient reduction (DP > 1, gradient-averaging modes).
+    dp_engine: Option<DpEngine>,
+    /// The ranks of this rank's DP replica (same DP coordinate): they apply updates together.
+    replica: Box<dyn Communicator>,
+    /// Steps whose DP reduction is under way (async DP), oldest first.
+    pending: VecDeque<PendingUpdate>,
+    /// Updates applied so far: the parameter version.
+    version: u64,
+    fault: FaultSection,
+    /// Under MPI a crash injected by `[fault]` kills the process, as a real one would.
+    crash_aborts: bool,
+}
+
+/// A step whose gradients are on their way through the DP reduction.
+#[derive(Debug, Clone, Copy)]
+struct PendingUpdate {
+    step: u64,
+    lr: f32,
+    /// The parameter version the gradients were computed on.
+    version: u64,
 }
 
 /// The steps of the run whose per-rank timelines go to `timeline.svg` / `timeline.json`.
@@ -75,12 +97,14 @@ struct TimelineCapture {
 
 impl MeshRank {
     /// Builds this rank's chunks, initialised exactly as the one-device model would be.
+    /// `concurrent_comm`: whether the engine lets the DP reduction run on its own thread.
     pub fn new(
         world: Box<dyn Communicator>,
         config: &RunConfig,
         model_config: &ModelConfig,
         genres: Option<Vec<Vec<u32>>>,
         device: &Device,
+        concurrent_comm: bool,
     ) -> Result<Self, RunError> {
         let p = &config.parallel;
         let mesh = Mesh::new(p.dp, p.tp, p.pp).map_err(ParallelError::from)?;
@@ -90,7 +114,28 @@ impl MeshRank {
             .map_err(ParallelError::from)?;
         let schedule = Schedule::new(p.schedule_kind()?, p.pp, p.micro_batches, p.virtual_stages)
             .map_err(ParallelError::from)?;
+        let crash_aborts = config.parallel.comm == "mpi";
         let groups = Groups::new(world, mesh)?;
+        let coord = groups.coord;
+        let replica = groups
+            .world
+            .split(coord.dp as u32, groups.world.rank() as u32)?;
+        let mode = config.dp.mode()?;
+        let dp_engine = match mode {
+            DpMode::LocalSgd { .. } => None,
+            _ if mesh.dp == 1 => None,
+            _ => Some(DpEngine::new(
+                groups.dp.split(0, coord.dp as u32)?,
+                &DpSettings {
+                    bucket_bytes: (config.dp.bucket_mb * 1024.0 * 1024.0) as usize,
+                    method: config.compress.method_config()?,
+                    error_feedback: config.compress.error_feedback,
+                    seed: config.train.seed,
+                    threaded: concurrent_comm,
+                },
+                None,
+            )?),
+        };
         let (full_infos, initial) =
             initial_state(model_config, genres.as_deref(), config.train.seed, device);
         let segments = build_segments(
@@ -144,9 +189,14 @@ impl MeshRank {
             genres,
             clip_norm: config.train.clip_norm,
             seed: config.train.seed,
-            bucket_bytes: (config.dp.bucket_mb * 1024.0 * 1024.0) as usize,
             device: device.clone(),
-            local_sgd_every: (config.dp.mode == "local_sgd").then_some(config.dp.sync_every),
+            mode,
+            dp_engine,
+            replica,
+            pending: VecDeque::new(),
+            version: 0,
+            fault: config.fault.clone(),
+            crash_aborts,
             timeline: (config.output.timeline_steps > 0).then(|| TimelineCapture {
                 first_step: 2,
                 steps: config.output.timeline_steps,
@@ -225,13 +275,21 @@ impl MeshRank {
         Ok(())
     }
 
-    /// Utilization and bubble agreed over all ranks (the step's wall is the slowest rank's),
-    /// and the bytes this rank sent per group.
-    fn step_stats(&self, recorder: &Recorder) -> Result<ParallelStepStats, RunError> {
-        let world = self.groups.world.as_ref();
+    /// Utilization and bubble agreed over the ranks that met this step (all of them, or
+    /// this replica's in async DP, where replicas do not wait for each other), and the
+    /// bytes this rank sent per group.
+    fn step_stats(
+        &self,
+        recorder: &Recorder,
+        dp: DpTraffic,
+    ) -> Result<ParallelStepStats, RunError> {
+        let group = match self.mode {
+            DpMode::Async { .. } => self.replica.as_ref(),
+            _ => self.groups.world.as_ref(),
+        };
         let events = recorder.events();
         let mut wall = [recorder.now_s() as f32];
-        world.all_reduce(&mut wall, ReduceOp::Max)?;
+        group.all_reduce(&mut wall, ReduceOp::Max)?;
         let wall = f64::from(wall[0]).max(1e-9);
         let pipeline = busy_s(events, &[EventKind::Forward, EventKind::Backward]) / wall;
         let compute = busy_s(
@@ -243,147 +301,106 @@ impl MeshRank {
             ],
         ) / wall;
         let mut sums = [(1.0 - pipeline) as f32, compute as f32];
-        world.all_reduce(&mut sums, ReduceOp::Sum)?;
+        group.all_reduce(&mut sums, ReduceOp::Sum)?;
         let mut min = [compute as f32];
-        world.all_reduce(&mut min, ReduceOp::Min)?;
-        let n = world.size() as f64;
+        group.all_reduce(&mut min, ReduceOp::Min)?;
+        let n = group.size() as f64;
         let bytes = |c: &dyn Communicator| c.stats().total().bytes_sent;
         Ok(ParallelStepStats {
             utilization_mean: f64::from(sums[1]) / n,
             utilization_min: f64::from(min[0]),
             bubble: f64::from(sums[0]) / n,
-            comm_bytes_dp: bytes(self.groups.dp.as_ref()),
+            comm_bytes_dp: bytes(self.groups.dp.as_ref()) + dp.sent_bytes,
             comm_bytes_tp: bytes(self.groups.tp.as_ref()),
             comm_bytes_pp: bytes(self.groups.pp.as_ref()),
+            compression_ratio: if dp.wire_bytes == 0 {
+                1.0
+            } else {
+                dp.compression_ratio()
+            },
+            ..Default::default()
         })
     }
-}
 
-impl Stepper for MeshRank {
-    fn step(&mut self, batch: &Batch, step: u64, lr: f32) -> Result<StepResult, RunError> {
-        let coord = self.groups.coord;
-        // Attention dropout (inside the TP shards) from this rank's stream; replicated-region
-        // dropout keyed so TP replicas agree.
-        meshrec_model::dropout::seed_dropout(
-            dropout_seed(self.seed, step)
-                ^ (self.groups.world.rank() as u64).wrapping_mul(0x9e37_79b9),
-        );
-        for s in &mut self.segments {
-            s.zero_grads();
-            s.dropout_key = DropoutKey {
-                seed: self.seed,
-                step,
-                dp_rank: coord.dp as u64,
-            };
+    /// Whether every rank of this replica says `yes` (they must apply updates together).
+    fn replica_agrees(&self, yes: bool) -> Result<bool, RunError> {
+        if self.replica.size() == 1 {
+            return Ok(yes);
         }
-        let rows = meshrec_comm::chunk_range(batch.batch_size, self.layout.mesh.dp, coord.dp);
-        let local = batch.rows(rows.start, rows.end);
-        let micro = micro_batches(&local, self.schedule.micro_batches);
-        if micro.len() != self.schedule.micro_batches {
-            return Err(RunError::Parallel(format!(
-                "a batch of {} rows cannot feed dp {} × {} micro-batches (lower parallel.micro_batches or raise train.batch_size)",
-                batch.batch_size, self.layout.mesh.dp, self.schedule.micro_batches
-            )));
-        }
-        let global_targets = batch.num_targets();
-        // Local SGD: each replica follows the mean gradient of its own rows.
-        let grad_scale = match self.local_sgd_every {
-            Some(_) => 1.0 / local.num_targets().max(1) as f32,
-            None => 1.0 / global_targets.max(1) as f32,
-        };
-        for group in [&self.groups.dp, &self.groups.tp, &self.groups.pp] {
-            group.reset_stats();
-        }
-        let capturing = self
-            .timeline
-            .as_ref()
-            .is_some_and(|t| (t.first_step..t.first_step + t.steps).contains(&step));
-        if capturing {
-            // One start for all ranks, so their rows line up.
-            self.groups.world.barrier()?;
-        }
-        let mut recorder = Recorder::new();
-        // DDP: each gradient joins a bucket the moment backward finalises it, and full
-        // buckets are all-reduced over DP while the rest of backward runs.
-        let mut overlap = (self.layout.mesh.dp > 1 && self.local_sgd_every.is_none())
-            .then(|| OverlappedDp::new(self.bucket_bytes))
-            .transpose()?;
-        let dp = self.groups.dp.as_ref();
-        let releasing = overlap.is_some();
-        let mut push = |chunk: usize, param: usize, g: &[f32]| match overlap.as_mut() {
-            Some(o) => o.push(dp, chunk, param, g),
-            None => Ok(()),
-        };
-        let loss = run_schedule_releasing(
-            &mut self.segments,
-            &self.layout,
-            &self.schedule,
-            &self.groups,
-            &micro,
-            grad_scale,
-            &mut recorder,
-            releasing.then_some(&mut push as ChunkGradReady<'_>),
-        )?;
-        if let Some(overlap) = overlap {
-            let segments = &mut self.segments;
-            recorder.record(EventKind::AllReduce, None, None, || {
-                overlap.finish(dp, segments)
-            })?;
-        }
+        let mut v = [if yes { 1.0f32 } else { 0.0 }];
+        self.replica.all_reduce(&mut v, ReduceOp::Min)?;
+        Ok(v[0] > 0.5)
+    }
+
+    /// The update from the gradients in the segments (already averaged over DP where it
+    /// applies): model-parallel reductions, the global norm (a non-finite one skips the
+    /// update on every rank of the replica), clipping and AdamW. Returns whether it skipped.
+    fn apply_update(&mut self, lr: f32, recorder: &mut Recorder) -> Result<bool, RunError> {
         let (segments, groups) = (&mut self.segments, &self.groups);
         recorder.record(EventKind::AllReduce, None, None, || {
             reduce_model_parallel_grads(segments, groups)
         })?;
-        let mut loss_parts = [loss.loss_sum as f32];
-        if self.layout.mesh.dp > 1 {
-            self.groups.dp.all_reduce(&mut loss_parts, ReduceOp::Sum)?;
-        }
         let norm = global_grad_norm(&self.segments, &self.groups)?;
-        let skipped = !norm.is_finite();
-        if !skipped {
-            let clip = self.clip_norm;
-            let (segments, optimizers, decay) =
-                (&mut self.segments, &mut self.optimizers, &self.decay);
-            recorder.record(EventKind::Optimizer, None, None, || {
-                for ((s, opt), decay) in segments.iter_mut().zip(optimizers.iter_mut()).zip(decay) {
-                    clip_by_global_norm(&mut s.grads, norm, clip);
-                    let mut values = s.values();
-                    opt.update(&mut values, &s.grads, lr, decay);
-                    s.set_values(&values)?;
-                }
-                Ok::<_, ParallelError>(())
-            })?;
+        self.version += 1;
+        if !norm.is_finite() {
+            return Ok(true);
         }
-        if let Some(every) = self.local_sgd_every {
-            if (step + 1).is_multiple_of(every) {
-                let segments = &mut self.segments;
-                let dp = self.groups.dp.as_ref();
-                recorder.record(EventKind::AllReduce, None, None, || {
-                    average_parameters(segments, dp)
-                })?;
+        let clip = self.clip_norm;
+        let (segments, optimizers, decay) = (&mut self.segments, &mut self.optimizers, &self.decay);
+        recorder.record(EventKind::Optimizer, None, None, || {
+            for ((s, opt), decay) in segments.iter_mut().zip(optimizers.iter_mut()).zip(decay) {
+                clip_by_global_norm(&mut s.grads, norm, clip);
+                let mut values = s.values();
+                opt.update(&mut values, &s.grads, lr, decay);
+                s.set_values(&values)?;
             }
-        }
-        let parallel = self.step_stats(&recorder)?;
-        if capturing {
-            self.capture_timeline(step, recorder.events())?;
-        }
-        Ok(StepResult {
-            loss_sum: f64::from(loss_parts[0]),
-            targets: global_targets,
-            skipped,
-            parallel: Some(parallel),
-        })
+            Ok::<_, ParallelError>(())
+        })?;
+        Ok(false)
     }
 
-    fn full_model(&mut self) -> Result<Recommender, RunError> {
-        if self.local_sgd_every.is_some() {
-            // Evaluate and checkpoint the replicas' average.
-            average_parameters(&mut self.segments, self.groups.dp.as_ref())?;
+    /// Takes the oldest DP reduction and applies it; returns (skipped, staleness, traffic).
+    fn apply_oldest(
+        &mut self,
+        recorder: &mut Recorder,
+    ) -> Result<(bool, u64, DpTraffic), RunError> {
+        let pending = self
+            .pending
+            .pop_front()
+            .ok_or_else(|| RunError::Parallel("no update pending".into()))?;
+        let engine = self
+            .dp_engine
+            .as_mut()
+            .ok_or_else(|| RunError::Parallel("no DP reduction engine".into()))?;
+        let reduced = recorder.record(EventKind::AllReduce, None, None, || engine.take_oldest())?;
+        if reduced.step != pending.step {
+            return Err(RunError::Parallel(format!(
+                "DP reduction of step {} arrived where step {} was expected",
+                reduced.step, pending.step
+            )));
         }
-        let mine: Vec<f32> = self
-            .segments
-            .iter()
-            .flat_map(|s| s.values().into_iter().flatten())
+        reduced.write_into(&mut self.segments)?;
+        let staleness = self.version - pending.version;
+        let skipped = self.apply_update(pending.lr, recorder)?;
+        Ok((skipped, staleness, reduced.traffic()))
+    }
+
+    /// Applies every update still in flight (before the parameters are read whole).
+    fn drain(&mut self) -> Result<(), RunError> {
+        let mut recorder = Recorder::new();
+        while !self.pending.is_empty() {
+            self.apply_oldest(&mut recorder)?;
+        }
+        Ok(())
+    }
+
+    /// Every rank's per-parameter buffers (`per_chunk(local chunk)`), gathered and unsharded.
+    fn gather_full(
+        &mut self,
+        per_chunk: impl Fn(&Self, usize) -> Vec<Vec<f32>>,
+    ) -> Result<FullState, RunError> {
+        let mine: Vec<f32> = (0..self.segments.len())
+            .flat_map(|i| per_chunk(self, i).into_iter().flatten())
             .collect();
         let gathered = self.groups.world.all_gatherv(&mine)?;
         let mut ranks = Vec::with_capacity(gathered.len());
@@ -417,7 +434,187 @@ impl Stepper for MeshRank {
                 chunks,
             });
         }
-        let full: FullState = unshard(&self.full_shapes, &ranks, &self.layout.mesh)?;
+        Ok(unshard(&self.full_shapes, &ranks, &self.layout.mesh)?)
+    }
+
+    /// Before reading the whole model: updates in flight applied, local-SGD replicas averaged.
+    fn settle(&mut self) -> Result<(), RunError> {
+        self.drain()?;
+        if matches!(self.mode, DpMode::LocalSgd { .. }) {
+            average_parameters(&mut self.segments, self.groups.dp.as_ref())?;
+        }
+        Ok(())
+    }
+}
+
+impl Stepper for MeshRank {
+    fn step(&mut self, batch: &Batch, step: u64, lr: f32) -> Result<StepResult, RunError> {
+        let coord = self.groups.coord;
+        let world_rank = self.groups.world.rank();
+        // Attention dropout (inside the TP shards) from this rank's stream; replicated-region
+        // dropout keyed so TP replicas agree.
+        meshrec_model::dropout::seed_dropout(
+            dropout_seed(self.seed, step) ^ (world_rank as u64).wrapping_mul(0x9e37_79b9),
+        );
+        for s in &mut self.segments {
+            s.zero_grads();
+            s.dropout_key = DropoutKey {
+                seed: self.seed,
+                step,
+                dp_rank: coord.dp as u64,
+            };
+        }
+        let rows = meshrec_comm::chunk_range(batch.batch_size, self.layout.mesh.dp, coord.dp);
+        let local = batch.rows(rows.start, rows.end);
+        let micro = micro_batches(&local, self.schedule.micro_batches);
+        if micro.len() != self.schedule.micro_batches {
+            return Err(RunError::Parallel(format!(
+                "a batch of {} rows cannot feed dp {} × {} micro-batches (lower parallel.micro_batches or raise train.batch_size)",
+                batch.batch_size, self.layout.mesh.dp, self.schedule.micro_batches
+            )));
+        }
+        let global_targets = batch.num_targets();
+        // Local SGD: each replica follows the mean gradient of its own rows.
+        let grad_scale = match self.mode {
+            DpMode::LocalSgd { .. } => 1.0 / local.num_targets().max(1) as f32,
+            _ => 1.0 / global_targets.max(1) as f32,
+        };
+        for group in [&self.groups.dp, &self.groups.tp, &self.groups.pp] {
+            group.reset_stats();
+        }
+        let capturing = self
+            .timeline
+            .as_ref()
+            .is_some_and(|t| (t.first_step..t.first_step + t.steps).contains(&step));
+        if capturing {
+            // One start for all ranks, so their rows line up.
+            self.groups.world.barrier()?;
+        }
+        let mut recorder = Recorder::new();
+        if self.fault.slow_ms > 0 && self.fault.slow_rank == world_rank {
+            std::thread::sleep(std::time::Duration::from_millis(self.fault.slow_ms));
+        }
+        let poison = self.fault.nan_step == Some(step) && self.fault.nan_rank == world_rank;
+        // DDP: each gradient joins a bucket the moment backward finalises it, and full
+        // buckets are reduced over DP (on the reduction thread) while backward goes on.
+        if let Some(engine) = self.dp_engine.as_mut() {
+            engine.begin_step(step)?;
+        }
+        let mut first = true;
+        let engine = &mut self.dp_engine;
+        let releasing = engine.is_some();
+        let mut push = |chunk: usize, param: usize, g: &[f32]| match engine.as_mut() {
+            Some(e) if poison && std::mem::take(&mut first) => {
+                let mut bad = g.to_vec();
+                bad[0] = f32::NAN;
+                e.push(chunk, param, &bad)
+            }
+            Some(e) => e.push(chunk, param, g),
+            None => Ok(()),
+        };
+        let loss = run_schedule_releasing(
+            &mut self.segments,
+            &self.layout,
+            &self.schedule,
+            &self.groups,
+            &micro,
+            grad_scale,
+            &mut recorder,
+            releasing.then_some(&mut push as ChunkGradReady<'_>),
+        )?;
+        if self.fault.crash_step == Some(step) && self.fault.crash_rank == world_rank {
+            // Dies mid-step: its peers are waiting on the DP and model-parallel reductions.
+            if self.crash_aborts {
+                eprintln!("meshrec: [fault] crash of world rank {world_rank} at step {step}");
+                std::process::abort();
+            }
+            return Err(RunError::Parallel(format!(
+                "[fault] injected crash of world rank {world_rank} at step {step}"
+            )));
+        }
+        if poison && !releasing {
+            meshrec_trainer_inject(&mut self.segments);
+        }
+        let mut traffic = DpTraffic::default();
+        let (mut skipped, mut staleness) = (false, Vec::new());
+        match (self.mode, self.dp_engine.is_some()) {
+            (_, true) => {
+                if let Some(engine) = self.dp_engine.as_mut() {
+                    engine.end_step(&self.segments)?;
+                }
+                self.pending.push_back(PendingUpdate {
+                    step,
+                    lr,
+                    version: self.version,
+                });
+                let bound = match self.mode {
+                    DpMode::Async { max_staleness } => max_staleness,
+                    _ => 0,
+                };
+                // Apply what has arrived (all replica ranks together), and wait for what
+                // would otherwise exceed the staleness bound.
+                while let Some(head) = self.pending.front().copied() {
+                    let forced = step - head.step >= bound;
+                    if !forced {
+                        let ready = match self.dp_engine.as_mut() {
+                            Some(e) => e.oldest_ready()?,
+                            None => false,
+                        };
+                        if !self.replica_agrees(ready)? {
+                            break;
+                        }
+                    }
+                    let (s, age, t) = self.apply_oldest(&mut recorder)?;
+                    skipped |= s;
+                    staleness.push(age);
+                    traffic.add(t);
+                }
+            }
+            (DpMode::LocalSgd { every }, false) => {
+                skipped = self.apply_update(lr, &mut recorder)?;
+                staleness.push(0);
+                if (step + 1).is_multiple_of(every) {
+                    let segments = &mut self.segments;
+                    let dp = self.groups.dp.as_ref();
+                    recorder.record(EventKind::AllReduce, None, None, || {
+                        average_parameters(segments, dp)
+                    })?;
+                }
+            }
+            (_, false) => {
+                skipped = self.apply_update(lr, &mut recorder)?;
+                staleness.push(0);
+            }
+        }
+        // Loss over the global batch where replicas meet every step; this replica's rows
+        // in async DP (a blocking DP reduction would make it synchronous).
+        let mut loss_parts = [loss.loss_sum as f32];
+        let (mut loss_sum, mut loss_targets) = (loss.loss_sum, local.num_targets());
+        if self.layout.mesh.dp > 1 && !matches!(self.mode, DpMode::Async { .. }) {
+            self.groups.dp.all_reduce(&mut loss_parts, ReduceOp::Sum)?;
+            loss_sum = f64::from(loss_parts[0]);
+            loss_targets = global_targets;
+        }
+        let mut parallel = self.step_stats(&recorder, traffic)?;
+        parallel.updates_applied = staleness.len() as u64;
+        parallel.staleness_max = staleness.iter().copied().max().unwrap_or(0);
+        parallel.staleness_mean =
+            staleness.iter().sum::<u64>() as f64 / staleness.len().max(1) as f64;
+        if capturing {
+            self.capture_timeline(step, recorder.events())?;
+        }
+        Ok(StepResult {
+            loss_sum,
+            loss_targets,
+            targets: global_targets,
+            skipped,
+            parallel: Some(parallel),
+        })
+    }
+
+    fn full_model(&mut self) -> Result<Recommender, RunError> {
+        self.settle()?;
+        let full = self.gather_full(|me, i| me.segments[i].values())?;
         let model = Recommender::new(&self.model_config, self.genres.as_deref(), &self.device);
         let values = full.to_ordered(&self.full_infos)?;
         debug_assert_eq!(param_paths(&model).len(), values.len());
@@ -432,6 +629,70 @@ impl Stepper for MeshRank {
         let mut v = flags.map(|f| if f { 1.0f32 } else { 0.0 });
         self.groups.world.broadcast(&mut v, 0)?;
         Ok(v.map(|x| x > 0.5))
+    }
+
+    fn export_state(&mut self) -> Result<Option<TrainState>, RunError> {
+        self.settle()?;
+        let values = self.gather_full(|me, i| me.segments[i].values())?;
+        let m = self.gather_full(|me, i| me.optimizers[i].m.clone())?;
+        let v = self.gather_full(|me, i| me.optimizers[i].v.clone())?;
+        let memory = match self.dp_engine.as_mut() {
+            Some(e) => e.memory_bytes()?,
+            None => Vec::new(),
+        };
+        let compressor = self.groups.world.all_gatherv_bytes(&memory)?;
+        if !self.is_leader() {
+            return Ok(None);
+        }
+        let optimizer_steps = self.optimizers.first().map_or(0, |o| o.step);
+        Ok(Some(TrainState {
+            shapes: values.shapes,
+            values: values.values,
+            adam_m: m.values,
+            adam_v: v.values,
+            optimizer_steps,
+            compressor: if compressor.iter().all(Vec::is_empty) {
+                Vec::new()
+            } else {
+                compressor
+            },
+        }))
+    }
+
+    fn import_state(&mut self, state: &TrainState, same_layout: bool) -> Result<(), RunError> {
+        let (mesh, coord) = (self.layout.mesh, self.groups.coord);
+        let (values, m, v) = (
+            state.full(StateKind::Values),
+            state.full(StateKind::AdamM),
+            state.full(StateKind::AdamV),
+        );
+        for (s, opt) in self.segments.iter_mut().zip(self.optimizers.iter_mut()) {
+            s.set_values(&shard_chunk(&values, &s.specs, &mesh, coord)?)?;
+            opt.m = shard_chunk(&m, &s.specs, &mesh, coord)?;
+            opt.v = shard_chunk(&v, &s.specs, &mesh, coord)?;
+            opt.step = state.optimizer_steps;
+        }
+        self.version = state.optimizer_steps;
+        let rank = self.groups.world.rank();
+        if let (true, Some(engine), Some(bytes)) = (
+            same_layout,
+            self.dp_engine.as_mut(),
+            state.compressor.get(rank),
+        ) {
+            engine.restore_memory(bytes)?;
+        }
+        Ok(())
+    }
+}
+
+/// `[fault]`'s NaN where gradients stay on this rank (no DP reduction to carry it).
+fn meshrec_trainer_inject(segments: &mut [Segment]) {
+    if let Some(x) = segments
+        .iter_mut()
+        .flat_map(|s| s.grads.iter_mut())
+        .find_map(|g| g.first_mut())
+    {
+        *x = f32::NAN;
     }
 }
 
@@ -459,6 +720,7 @@ pub fn train_local(
     config: &RunConfig,
     device: &Device,
     device_name: &str,
+    resume: Option<&Path>,
 ) -> Result<Summary, RunError> {
     let dataset = load_dataset(config)?;
     let (model_config, _) = build_model(config, &dataset, device)?;
@@ -471,16 +733,23 @@ pub fn train_local(
             &model_config,
             device,
             device_name,
+            true,
+            resume,
         )
     })
     .map_err(|e| RunError::Parallel(e.to_string()))?;
     let mut summary = None;
+    let mut failures = Vec::new();
     for (rank, r) in results.into_iter().enumerate() {
         match r {
             Ok(Some(s)) => summary = Some(s),
             Ok(None) => {}
-            Err(e) => return Err(RunError::Parallel(format!("rank {rank}: {e}"))),
+            Err(e) => failures.push(format!("rank {rank}: {e}")),
         }
+    }
+    if !failures.is_empty() {
+        // Every rank's account: the first failure and what it did to the others.
+        return Err(RunError::Parallel(failures.join("; ")));
     }
     summary.ok_or_else(|| RunError::Parallel("the leader returned no summary".into()))
 }
@@ -493,9 +762,11 @@ pub fn rank_main(
     model_config: &ModelConfig,
     device: &Device,
     device_name: &str,
+    concurrent_comm: bool,
+    resume: Option<&Path>,
 ) -> Result<Option<Summary>, RunError> {
     let genres = dataset.features.as_ref().map(|f| f.item_genres.clone());
-    let mut rank = MeshRank::new(world, config, model_config, genres, device)?;
+    let mut rank = MeshRank::new(world, config, model_config, genres, device, concurrent_comm)?;
     if rank.is_leader() {
         tracing::info!(
             layout = rank.layout.describe(),
@@ -513,6 +784,7 @@ pub fn rank_main(
         &mut rank,
         device,
         device_name,
+        resume,
     )
 }
 
@@ -523,6 +795,7 @@ pub fn train_mpi(
     config: &RunConfig,
     device: &Device,
     device_name: &str,
+    resume: Option<&Path>,
 ) -> Result<Option<Summary>, RunError> {
     use meshrec_comm::mpi::{MpiConfig, MpiRuntime};
     let runtime = MpiRuntime::init().map_err(|e| RunError::Parallel(format!("MPI init: {e}")))?;
@@ -546,12 +819,19 @@ pub fn train_mpi(
         &model_config,
         device,
         device_name,
+        runtime.concurrent_threads(),
+        resume,
     )
 }
 
 /// Without the `mpi` feature there is no MPI engine to run on.
 #[cfg(not(feature = "mpi"))]
-pub fn train_mpi(_: &RunConfig, _: &Device, _: &str) -> Result<Option<Summary>, RunError> {
+pub fn train_mpi(
+    _: &RunConfig,
+    _: &Device,
+    _: &str,
+    _: Option<&Path>,
+) -> Result<Option<Summary>, RunError> {
     Err(RunError::Parallel(
         "parallel.comm = \"mpi\" needs a build with `--features mpi`".into(),
     ))

@@ -1,5 +1,6 @@
 //! meshrec trainer library: run configuration, the training run, metrics and checkpoints.
 
+pub mod checkpoint;
 pub mod config;
 pub mod hybrid;
 pub mod run;

@@ -39,10 +39,20 @@ struct Common {
     timeline: bool,
 }
 
+#[derive(clap::Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Continue from a checkpoint: its folder, a `checkpoints` folder (its latest) or a run
+    /// folder. The layout may differ from the one that saved it.
+    #[arg(long, value_name = "DIR")]
+    resume: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Train to convergence and report test metrics.
-    Train(Common),
+    Train(TrainArgs),
     /// Evaluate a saved checkpoint on the valid and test splits.
     Eval {
         #[command(flatten)]
@@ -115,12 +125,13 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Train(common) => {
+        Command::Train(TrainArgs { common, resume }) => {
             let (config, device, name) = setup(&common)?;
+            let resume = resume.as_deref();
             let summary = match (config.parallel.comm.as_str(), config.parallel.world_size()) {
-                ("local", 1) => run::train(&config, &device, &name)?,
-                ("local", _) => hybrid::train_local(&config, &device, &name)?,
-                _ => match hybrid::train_mpi(&config, &device, &name)? {
+                ("local", 1) => run::train(&config, &device, &name, resume)?,
+                ("local", _) => hybrid::train_local(&config, &device, &name, resume)?,
+                _ => match hybrid::train_mpi(&config, &device, &name, resume)? {
                     Some(summary) => summary,
                     // Only world rank 0 reports.
                     None => return Ok(()),

@@ -12,12 +12,15 @@ use indicatif::{ProgressBar, ProgressStyle};
 use meshrec_model::data::{Batch, Dataset, EvalSet, EvalSplit, TrainSet};
 use meshrec_model::metrics::RankingMetrics;
 use meshrec_model::optim::{clip_by_global_norm, sum_of_squares, AdamW, AdamWConfig, LrSchedule};
-use meshrec_model::params::{init_normal, param_paths, read_values, write_values};
+use meshrec_model::params::{init_normal, param_paths, read_values, write_values, ParamInfo};
 use meshrec_model::step::{evaluate_batch, forward_backward};
 use meshrec_model::{ModelConfig, Recommender};
 use serde::Serialize;
 
-use crate::config::RunConfig;
+use crate::checkpoint::{
+    self, Manifest, Progress, RngState, SavedCompressor, SavedLayout, StateKind, TrainState,
+};
+use crate::config::{FaultSection, RunConfig};
 
 /// Errors of a run, each naming what failed.
 #[derive(Debug, thiserror::Error)]
@@ -104,6 +107,8 @@ pub struct Summary {
     pub tokens_per_s: f64,
     pub peak_rss_bytes: u64,
     pub wall_seconds: f64,
+    /// Steps whose gradient was not finite (the update was skipped).
+    pub skipped_steps: u64,
     pub valid: BTreeMap<String, f64>,
     pub test: BTreeMap<String, f64>,
     pub checkpoint: PathBuf,
@@ -181,23 +186,26 @@ pub fn load_checkpoint(model: &mut Recommender, path: &Path) -> Result<(), RunEr
     Ok(())
 }
 
-/// Trains to convergence (early stopping on valid NDCG@10), evaluates the best checkpoint on
-/// the test split and writes the run's files. `device` must have autodiff enabled.
-/// One optimizer step's outcome on the global batch.
+/// One optimizer step's outcome.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepResult {
+    /// Loss summed over `loss_targets` targets (the global batch, or this replica's rows
+    /// when replicas do not meet every step).
     pub loss_sum: f64,
+    pub loss_targets: usize,
+    /// Targets of the global batch (for throughput).
     pub targets: usize,
     /// The gradient was not finite: the optimizer step was skipped.
     pub skipped: bool,
-    /// Measured on a mesh: utilization, bubble, bytes by group.
+    /// Measured on a mesh: utilization, bubble, bytes by group, staleness, compression.
     pub parallel: Option<ParallelStepStats>,
 }
 
-/// What one step of a mesh measured (DESIGN.md's definitions), agreed over the ranks.
+/// What one step of a mesh measured (DESIGN.md's definitions).
 #[derive(Debug, Clone, Copy, PartialEq, Default, Serialize)]
 pub struct ParallelStepStats {
-    /// Per rank compute-busy / wall: mean and min over ranks.
+    /// Per rank compute-busy / wall: mean and min over ranks (over the ranks of one DP
+    /// replica in async mode, where replicas do not meet every step).
     pub utilization_mean: f64,
     pub utilization_min: f64,
     /// Mean over ranks of the idle fraction outside forward and backward.
@@ -206,6 +214,12 @@ pub struct ParallelStepStats {
     pub comm_bytes_dp: u64,
     pub comm_bytes_tp: u64,
     pub comm_bytes_pp: u64,
+    /// Dense gradient bytes over the compressor's wire bytes on the DP group (1 = dense).
+    pub compression_ratio: f64,
+    /// Updates applied in the step and how many other updates each missed (0 in sync DP).
+    pub updates_applied: u64,
+    pub staleness_mean: f64,
+    pub staleness_max: u64,
 }
 
 impl ParallelStepStats {
@@ -216,6 +230,10 @@ impl ParallelStepStats {
         self.comm_bytes_dp += other.comm_bytes_dp;
         self.comm_bytes_tp += other.comm_bytes_tp;
         self.comm_bytes_pp += other.comm_bytes_pp;
+        self.compression_ratio += other.compression_ratio;
+        self.updates_applied += other.updates_applied;
+        self.staleness_mean += other.staleness_mean * other.updates_applied as f64;
+        self.staleness_max = self.staleness_max.max(other.staleness_max);
     }
 
     fn mean_of(sum: &Self, steps: u64) -> Self {
@@ -227,6 +245,10 @@ impl ParallelStepStats {
             comm_bytes_dp: sum.comm_bytes_dp / n,
             comm_bytes_tp: sum.comm_bytes_tp / n,
             comm_bytes_pp: sum.comm_bytes_pp / n,
+            compression_ratio: sum.compression_ratio / n as f64,
+            updates_applied: sum.updates_applied,
+            staleness_mean: sum.staleness_mean / sum.updates_applied.max(1) as f64,
+            staleness_max: sum.staleness_max,
         }
     }
 }
@@ -242,16 +264,22 @@ pub trait Stepper {
     fn is_leader(&self) -> bool;
     /// The leader's `flags`, on every rank (decisions such as early stopping).
     fn agree(&mut self, flags: [bool; 2]) -> Result<[bool; 2], RunError>;
+    /// The full training state (gathered from the shards; the leader gets it).
+    fn export_state(&mut self) -> Result<Option<TrainState>, RunError>;
+    /// Takes up a saved state; compressor memories only when `same_layout`.
+    fn import_state(&mut self, state: &TrainState, same_layout: bool) -> Result<(), RunError>;
 }
 
 /// The single-device stepper: the model in burn, parameters and AdamW on the host.
 pub struct SingleDevice {
     model: Recommender,
+    infos: Vec<ParamInfo>,
     values: Vec<Vec<f32>>,
     optimizer: AdamW,
     decay: Vec<bool>,
     clip_norm: f64,
     seed: u64,
+    fault: FaultSection,
     device: Device,
 }
 
@@ -262,8 +290,10 @@ impl SingleDevice {
             values: read_values(&model),
             optimizer: AdamW::new(adamw_config(config), infos.iter().map(|p| p.numel())),
             decay: infos.iter().map(|p| p.shape.len() > 1).collect(),
+            infos,
             clip_norm: config.train.clip_norm,
             seed: config.train.seed,
+            fault: config.fault.clone(),
             model,
             device: device.clone(),
         }
@@ -286,6 +316,15 @@ pub fn dropout_seed(seed: u64, step: u64) -> u64 {
     seed ^ step.wrapping_mul(0x2545_F491_4F6C_DD1D)
 }
 
+/// `[fault]`'s NaN injection: poisons `grads` when this is the rank and step it names.
+pub fn inject_nan(fault: &FaultSection, rank: usize, step: u64, grads: &mut [Vec<f32>]) {
+    if fault.nan_step == Some(step) && fault.nan_rank == rank {
+        if let Some(x) = grads.iter_mut().find_map(|g| g.first_mut()) {
+            *x = f32::NAN;
+        }
+    }
+}
+
 impl Stepper for SingleDevice {
     fn step(&mut self, batch: &Batch, step: u64, lr: f32) -> Result<StepResult, RunError> {
         meshrec_model::dropout::seed_dropout(dropout_seed(self.seed, step));
@@ -296,6 +335,7 @@ impl Stepper for SingleDevice {
             1.0 / targets.max(1) as f32,
             &self.device,
         );
+        inject_nan(&self.fault, 0, step, &mut out.grads);
         let norm = sum_of_squares(&out.grads).sqrt();
         let skipped = !norm.is_finite();
         if !skipped {
@@ -307,6 +347,7 @@ impl Stepper for SingleDevice {
         }
         Ok(StepResult {
             loss_sum: out.loss_sum,
+            loss_targets: out.targets,
             targets: out.targets,
             skipped,
             parallel: None,
@@ -324,10 +365,40 @@ impl Stepper for SingleDevice {
     fn agree(&mut self, flags: [bool; 2]) -> Result<[bool; 2], RunError> {
         Ok(flags)
     }
+
+    fn export_state(&mut self) -> Result<Option<TrainState>, RunError> {
+        Ok(Some(TrainState::from_ordered(
+            &self.infos,
+            self.values.clone(),
+            self.optimizer.m.clone(),
+            self.optimizer.v.clone(),
+            self.optimizer.step,
+        )))
+    }
+
+    fn import_state(&mut self, state: &TrainState, _same_layout: bool) -> Result<(), RunError> {
+        let ordered = |kind| {
+            state
+                .full(kind)
+                .to_ordered(&self.infos)
+                .map_err(|e| RunError::Parallel(e.to_string()))
+        };
+        self.values = ordered(StateKind::Values)?;
+        self.optimizer.m = ordered(StateKind::AdamM)?;
+        self.optimizer.v = ordered(StateKind::AdamV)?;
+        self.optimizer.step = state.optimizer_steps;
+        self.model = write_values(self.model.clone(), &self.values, &self.device);
+        Ok(())
+    }
 }
 
 /// Trains on one device.
-pub fn train(config: &RunConfig, device: &Device, device_name: &str) -> Result<Summary, RunError> {
+pub fn train(
+    config: &RunConfig,
+    device: &Device,
+    device_name: &str,
+    resume: Option<&Path>,
+) -> Result<Summary, RunError> {
     let dataset = load_dataset(config)?;
     let (model_config, model) = build_model(config, &dataset, device)?;
     let mut stepper = SingleDevice::new(model, config, device);
@@ -338,13 +409,88 @@ pub fn train(config: &RunConfig, device: &Device, device_name: &str) -> Result<S
         &mut stepper,
         device,
         device_name,
+        resume,
     )?;
     summary.ok_or(RunError::NoTrainingData)
 }
 
+/// One line of `metrics.jsonl`: a step or an epoch.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum MetricsLine {
+    Step(StepRecord),
+    Epoch(EpochRecord),
+}
+
+/// A step's line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRecord {
+    pub step: u64,
+    pub epoch: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub samples_per_s: f64,
+    pub tokens_per_s: f64,
+    pub skipped: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<ParallelStepStats>,
+}
+
+/// The layout a run's checkpoints record.
+pub fn saved_layout(config: &RunConfig) -> SavedLayout {
+    let p = &config.parallel;
+    SavedLayout {
+        dp: p.dp,
+        tp: p.tp,
+        pp: p.pp,
+        virtual_stages: p.virtual_stages,
+        schedule: p.schedule.clone(),
+        micro_batches: p.micro_batches,
+        dp_mode: config.dp.mode.clone(),
+        bucket_mb: config.dp.bucket_mb,
+    }
+}
+
+/// The metrics file of a run: new, or (resuming) the old one cut back to the checkpoint's
+/// step so that its lines continue without duplicates.
+fn open_metrics(path: &Path, resume_step: Option<u64>) -> Result<std::fs::File, RunError> {
+    let kept = match resume_step {
+        Some(step) if path.is_file() => std::fs::read_to_string(path)
+            .map_err(|e| io_err(path, e))?
+            .lines()
+            .filter(|line| {
+                serde_json::from_str::<serde_json::Value>(line)
+                    .ok()
+                    .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64))
+                    .is_some_and(|s| s <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect::<String>(),
+        _ => String::new(),
+    };
+    std::fs::write(path, kept).map_err(|e| io_err(path, e))?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(path)
+        .map_err(|e| io_err(path, e))
+}
+
+fn write_line(
+    file: &mut Option<std::fs::File>,
+    path: &Path,
+    line: &MetricsLine,
+) -> Result<(), RunError> {
+    if let Some(f) = file.as_mut() {
+        let text = serde_json::to_string(line).map_err(|e| io_err(path, e))?;
+        writeln!(f, "{text}").map_err(|e| io_err(path, e))?;
+    }
+    Ok(())
+}
+
 /// The training loop over any [`Stepper`]: epochs in seeded order, the learning-rate
-/// schedule, evaluation with early stopping, the best checkpoint, `metrics.jsonl` and
-/// `summary.json` (written by the leader, which alone returns the summary).
+/// schedule, evaluation with early stopping, the best model, training-state checkpoints
+/// (`--resume` continues from one exactly), `metrics.jsonl` and `summary.json` (written by
+/// the leader, which alone returns the summary).
 pub fn train_with(
     config: &RunConfig,
     dataset: &Dataset,
@@ -352,6 +498,7 @@ pub fn train_with(
     stepper: &mut dyn Stepper,
     device: &Device,
     device_name: &str,
+    resume: Option<&Path>,
 ) -> Result<Option<Summary>, RunError> {
     let start = Instant::now();
     let leader = stepper.is_leader();
@@ -364,14 +511,48 @@ pub fn train_with(
     let run_dir = config.run_dir();
     let metrics_path = run_dir.join("metrics.jsonl");
     let checkpoint = run_dir.join("best.safetensors");
+    let state_root = run_dir.join("checkpoints");
+    let config_text = toml::to_string(config).unwrap_or_default();
+
+    let mut progress = Progress::default();
+    if let Some(path) = resume {
+        let (dir, manifest, state) = checkpoint::load(path)?;
+        checkpoint::check_compatible(&manifest.config, config).map_err(|key| {
+            RunError::Checkpoint {
+                path: dir.clone(),
+                message: format!(
+                    "`{key}` differs from the run that saved it: a resume must train the same model on the same data"
+                ),
+            }
+        })?;
+        let same_layout = manifest.layout == saved_layout(config);
+        stepper.import_state(&state, same_layout)?;
+        if leader {
+            tracing::info!(
+                step = manifest.progress.step,
+                epoch = manifest.progress.epoch + 1,
+                saved_by = format!(
+                    "dp{}·tp{}·pp{}",
+                    manifest.layout.dp, manifest.layout.tp, manifest.layout.pp
+                ),
+                "resuming from {}",
+                dir.display()
+            );
+            if !same_layout && manifest.compressor.is_some() {
+                tracing::warn!(
+                    "the checkpoint's compressor memories follow its own DP buckets: error feedback restarts from zero in this layout"
+                );
+            }
+        }
+        progress = manifest.progress;
+    }
+
     let mut metrics_file = None;
     if leader {
         std::fs::create_dir_all(&run_dir).map_err(|e| io_err(&run_dir, e))?;
-        metrics_file =
-            Some(std::fs::File::create(&metrics_path).map_err(|e| io_err(&metrics_path, e))?);
+        metrics_file = Some(open_metrics(&metrics_path, resume.map(|_| progress.step))?);
         let config_copy = run_dir.join("config.toml");
-        std::fs::write(&config_copy, toml::to_string(config).unwrap_or_default())
-            .map_err(|e| io_err(&config_copy, e))?;
+        std::fs::write(&config_copy, &config_text).map_err(|e| io_err(&config_copy, e))?;
     }
     let params = model_config.num_params();
     let t = &config.train;
@@ -394,14 +575,39 @@ pub fn train_with(
             dataset.name
         );
     }
+    let compressed = config.parallel.dp > 1
+        && config.compress.method_config()? != meshrec_compress::MethodConfig::Identity;
+    let world = config.parallel.world_size();
+    // Collective on a mesh; the leader writes.
+    let save_state = |stepper: &mut dyn Stepper, progress: &Progress| -> Result<(), RunError> {
+        let state = stepper.export_state()?;
+        if let Some(state) = state {
+            let manifest = Manifest {
+                format: checkpoint::FORMAT.into(),
+                version: checkpoint::VERSION,
+                layout: saved_layout(config),
+                progress: progress.clone(),
+                rng: RngState::of_seed(t.seed),
+                compressor: compressed.then(|| SavedCompressor {
+                    method: config.compress.method.clone(),
+                    error_feedback: config.compress.error_feedback,
+                    files: (0..world)
+                        .map(|r| format!("compress-rank{r}.bin"))
+                        .collect(),
+                }),
+                files: Vec::new(),
+                config: config_text.clone(),
+            };
+            let dir = checkpoint::save(&state_root, manifest, &state, config.checkpoint.keep)?;
+            tracing::debug!(dir = %dir.display(), "checkpoint saved");
+        }
+        Ok(())
+    };
 
-    let mut step = 0u64;
-    let (mut best_ndcg, mut best_epoch, mut since_best) = (f64::NEG_INFINITY, 0u64, 0u64);
-    let mut best_valid = BTreeMap::new();
-    let (mut train_seconds, mut samples, mut tokens) = (0.0f64, 0u64, 0u64);
-    let mut epochs_run = 0;
     let (mut run_parallel, mut run_parallel_steps) = (None::<ParallelStepStats>, 0u64);
-    for epoch in 0..t.epochs {
+    let mut stopped_at_max = false;
+    let first_epoch = progress.epoch;
+    'epochs: for epoch in first_epoch..t.epochs {
         let bar = if leader {
             ProgressBar::new(batches_per_epoch)
         } else {
@@ -412,12 +618,32 @@ pub fn train_with(
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.set_prefix(format!("{}", epoch + 1));
-        let epoch_start = Instant::now();
-        let (mut loss_sum, mut count, mut epoch_samples, mut skipped) = (0.0f64, 0u64, 0u64, 0u64);
+        let skip = if epoch == first_epoch {
+            progress.batch_in_epoch as usize
+        } else {
+            0
+        };
+        bar.inc(skip as u64);
+        progress.epoch = epoch;
+        if skip == 0 {
+            progress.epoch_loss_sum = 0.0;
+            progress.epoch_loss_targets = 0;
+            progress.epoch_targets = 0;
+            progress.epoch_samples = 0;
+            progress.epoch_seconds = 0.0;
+            progress.epoch_skipped = 0;
+        }
         let (mut epoch_parallel, mut epoch_steps) = (None::<ParallelStepStats>, 0u64);
-        for batch in train_set.epoch(t.seed, epoch, t.batch_size) {
+        for (index, batch) in train_set
+            .epoch(t.seed, epoch, t.batch_size)
+            .enumerate()
+            .skip(skip)
+        {
+            let step = progress.step;
             let lr = schedule.at(step);
+            let step_start = Instant::now();
             let out = stepper.step(&batch, step, lr as f32)?;
+            let seconds = step_start.elapsed().as_secs_f64();
             epoch_steps += 1;
             if let Some(p) = &out.parallel {
                 epoch_parallel.get_or_insert_with(Default::default).add(p);
@@ -425,26 +651,61 @@ pub fn train_with(
                 run_parallel_steps += 1;
             }
             if out.skipped {
-                skipped += 1;
-                tracing::warn!(step, "non-finite gradient norm: step skipped");
+                progress.epoch_skipped += 1;
+                progress.skipped_steps += 1;
+                tracing::warn!(step, "non-finite gradient: optimizer step skipped");
             }
-            loss_sum += out.loss_sum;
-            count += out.targets as u64;
-            epoch_samples += batch.batch_size as u64;
-            step += 1;
+            progress.epoch_loss_sum += out.loss_sum;
+            progress.epoch_loss_targets += out.loss_targets as u64;
+            progress.epoch_targets += out.targets as u64;
+            progress.epoch_samples += batch.batch_size as u64;
+            progress.epoch_seconds += seconds;
+            progress.step += 1;
+            progress.batch_in_epoch = index as u64 + 1;
+            progress.train_seconds += seconds;
+            progress.samples += batch.batch_size as u64;
+            progress.tokens += out.targets as u64;
+            write_line(
+                &mut metrics_file,
+                &metrics_path,
+                &MetricsLine::Step(StepRecord {
+                    step: progress.step,
+                    epoch: epoch + 1,
+                    loss: out.loss_sum / out.loss_targets.max(1) as f64,
+                    lr,
+                    samples_per_s: batch.batch_size as f64 / seconds.max(1e-9),
+                    tokens_per_s: out.targets as f64 / seconds.max(1e-9),
+                    skipped: out.skipped,
+                    parallel: out.parallel,
+                }),
+            )?;
             bar.inc(1);
             bar.set_message(format!(
                 "loss {:.4}  {:.0} seq/s",
-                loss_sum / count.max(1) as f64,
-                epoch_samples as f64 / epoch_start.elapsed().as_secs_f64()
+                progress.epoch_loss_sum / progress.epoch_loss_targets.max(1) as f64,
+                progress.epoch_samples as f64 / progress.epoch_seconds.max(1e-9)
             ));
+            if t.max_steps > 0 && progress.step >= t.max_steps {
+                save_state(stepper, &progress)?;
+                stopped_at_max = true;
+                bar.finish_and_clear();
+                if leader {
+                    tracing::info!(
+                        step = progress.step,
+                        "train.max_steps reached: checkpoint saved, stopping"
+                    );
+                }
+                break 'epochs;
+            }
+            let every = config.checkpoint.every_steps;
+            if every > 0 && progress.step.is_multiple_of(every) {
+                save_state(stepper, &progress)?;
+            }
         }
-        let seconds = epoch_start.elapsed().as_secs_f64();
         bar.finish_and_clear();
-        train_seconds += seconds;
-        samples += epoch_samples;
-        tokens += count;
-        epochs_run = epoch + 1;
+        let p = progress.clone();
+        progress.epoch = epoch + 1;
+        progress.batch_in_epoch = 0;
         let evaluate_now = (epoch + 1) % config.eval.every == 0 || epoch + 1 == t.epochs;
         let model = if evaluate_now {
             Some(stepper.full_model()?)
@@ -456,19 +717,20 @@ pub fn train_with(
             let valid_report = evaluate(model, &valid, config.eval.batch_size, device).report();
             let record = EpochRecord {
                 epoch: epoch + 1,
-                step,
-                loss: loss_sum / count.max(1) as f64,
-                lr: schedule.at(step.saturating_sub(1)),
-                samples_per_s: epoch_samples as f64 / seconds,
-                tokens_per_s: count as f64 / seconds,
-                skipped_steps: skipped,
+                step: progress.step,
+                loss: p.epoch_loss_sum / p.epoch_loss_targets.max(1) as f64,
+                lr: schedule.at(progress.step.saturating_sub(1)),
+                samples_per_s: p.epoch_samples as f64 / p.epoch_seconds.max(1e-9),
+                tokens_per_s: p.epoch_targets as f64 / p.epoch_seconds.max(1e-9),
+                skipped_steps: p.epoch_skipped,
                 valid: valid_report.clone(),
                 parallel: epoch_parallel.map(|p| ParallelStepStats::mean_of(&p, epoch_steps)),
             };
-            if let Some(file) = metrics_file.as_mut() {
-                let line = serde_json::to_string(&record).map_err(|e| io_err(&metrics_path, e))?;
-                writeln!(file, "{line}").map_err(|e| io_err(&metrics_path, e))?;
-            }
+            write_line(
+                &mut metrics_file,
+                &metrics_path,
+                &MetricsLine::Epoch(record.clone()),
+            )?;
             tracing::info!(
                 epoch = epoch + 1,
                 loss = format!("{:.4}", record.loss),
@@ -480,18 +742,18 @@ pub fn train_with(
                 "epoch done"
             );
             if let Some(&ndcg) = valid_report.get("ndcg@10") {
-                if ndcg > best_ndcg {
-                    best_ndcg = ndcg;
-                    best_epoch = epoch + 1;
-                    best_valid = valid_report;
-                    since_best = 0;
+                if progress.best_ndcg.is_none_or(|best| ndcg > best) {
+                    progress.best_ndcg = Some(ndcg);
+                    progress.best_epoch = epoch + 1;
+                    progress.best_valid = valid_report;
+                    progress.since_best = 0;
                     save_checkpoint(model, &checkpoint)?;
                     flags[0] = true;
                 } else {
-                    since_best += 1;
-                    if t.patience > 0 && since_best >= t.patience {
+                    progress.since_best += 1;
+                    if t.patience > 0 && progress.since_best >= t.patience {
                         tracing::info!(
-                            best_epoch,
+                            best_epoch = progress.best_epoch,
                             "early stop: no better valid NDCG@10 for {} evaluations",
                             t.patience
                         );
@@ -500,6 +762,8 @@ pub fn train_with(
                 }
             }
         }
+        // The training state at the epoch's end, early stopping included.
+        save_state(stepper, &progress)?;
         if evaluate_now && stepper.agree(flags)?[1] {
             break;
         }
@@ -508,7 +772,14 @@ pub fn train_with(
     if !leader {
         return Ok(None);
     }
-    load_checkpoint(&mut model, &checkpoint)?;
+    if checkpoint.is_file() {
+        load_checkpoint(&mut model, &checkpoint)?;
+    } else if !stopped_at_max {
+        return Err(RunError::Checkpoint {
+            path: checkpoint,
+            message: "no best model was saved (no evaluation ran)".into(),
+        });
+    }
     let test_report = evaluate(&model, &test, config.eval.batch_size, device).report();
     let summary = Summary {
         name: config.output.name.clone(),
@@ -516,13 +787,14 @@ pub fn train_with(
         preset: config.model.preset.clone(),
         device: device_name.to_string(),
         params,
-        epochs_run,
-        best_epoch,
-        samples_per_s: samples as f64 / train_seconds.max(1e-9),
-        tokens_per_s: tokens as f64 / train_seconds.max(1e-9),
+        epochs_run: progress.epoch,
+        best_epoch: progress.best_epoch,
+        samples_per_s: progress.samples as f64 / progress.train_seconds.max(1e-9),
+        tokens_per_s: progress.tokens as f64 / progress.train_seconds.max(1e-9),
         peak_rss_bytes: peak_rss_bytes(),
         wall_seconds: start.elapsed().as_secs_f64(),
-        valid: best_valid,
+        skipped_steps: progress.skipped_steps,
+        valid: progress.best_valid.clone(),
         test: test_report,
         checkpoint,
         parallel: run_parallel.map(|p| ParallelStepStats::mean_of(&p, run_parallel_steps)),

@@ -16,22 +16,14 @@ fn config(dir: &std::path::Path, name: &str, layout: &[&str]) -> RunConfig {
 }
 
 fn losses(dir: &std::path::Path, name: &str) -> Vec<f64> {
-    std::fs::read_to_string(dir.join(name).join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
-                .as_f64()
-                .unwrap()
-        })
-        .collect()
+    common::series(dir, name, "epoch", "loss")
 }
 
 #[test]
 fn hybrid_layouts_train_like_one_device() {
     let dir = tempfile::tempdir().unwrap();
     let device = test_device().autodiff();
-    let single = run::train(&config(dir.path(), "single", &[]), &device, "cpu").unwrap();
+    let single = run::train(&config(dir.path(), "single", &[]), &device, "cpu", None).unwrap();
     let want = losses(dir.path(), "single");
     for (name, layout) in [
         (
@@ -56,7 +48,7 @@ fn hybrid_layouts_train_like_one_device() {
         ),
     ] {
         let summary =
-            hybrid::train_local(&config(dir.path(), name, layout), &device, "cpu").unwrap();
+            hybrid::train_local(&config(dir.path(), name, layout), &device, "cpu", None).unwrap();
         let got = losses(dir.path(), name);
         assert_eq!(got.len(), want.len(), "{name}");
         for (g, w) in got.iter().zip(&want) {
@@ -66,9 +58,8 @@ fn hybrid_layouts_train_like_one_device() {
             );
         }
         // Every epoch reports the mesh's measurements.
-        let text = std::fs::read_to_string(dir.path().join(name).join("metrics.jsonl")).unwrap();
-        for line in text.lines() {
-            let p = &serde_json::from_str::<serde_json::Value>(line).unwrap()["parallel"];
+        for line in common::metrics(dir.path(), name, "epoch") {
+            let p = &line["parallel"];
             let bubble = p["bubble"].as_f64().unwrap();
             let (umean, umin) = (
                 p["utilization_mean"].as_f64().unwrap(),
@@ -149,7 +140,7 @@ fn impossible_layouts_name_the_key() {
         "{err}"
     );
     let cfg = config(dir.path(), "x", &["parallel.tp=3"]);
-    let err = hybrid::train_local(&cfg, &test_device().autodiff(), "cpu")
+    let err = hybrid::train_local(&cfg, &test_device().autodiff(), "cpu", None)
         .unwrap_err()
         .to_string();
     assert!(err.contains("n_heads"), "{err}");
@@ -160,14 +151,9 @@ fn local_sgd_trains_and_moves_fewer_dp_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let device = test_device().autodiff();
     let dp_bytes = |name: &str| -> Vec<u64> {
-        std::fs::read_to_string(dir.path().join(name).join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|l| {
-                serde_json::from_str::<serde_json::Value>(l).unwrap()["parallel"]["comm_bytes_dp"]
-                    .as_u64()
-                    .unwrap()
-            })
+        common::metrics(dir.path(), name, "epoch")
+            .iter()
+            .map(|l| l["parallel"]["comm_bytes_dp"].as_u64().unwrap())
             .collect()
     };
     let mesh = [
@@ -176,11 +162,11 @@ fn local_sgd_trains_and_moves_fewer_dp_bytes() {
         "parallel.micro_batches=2",
         "train.epochs=3",
     ];
-    hybrid::train_local(&config(dir.path(), "sync", &mesh), &device, "cpu").unwrap();
+    hybrid::train_local(&config(dir.path(), "sync", &mesh), &device, "cpu", None).unwrap();
     let mut local: Vec<&str> = mesh.to_vec();
     local.extend(["dp.mode=local_sgd", "dp.sync_every=4"]);
     let summary =
-        hybrid::train_local(&config(dir.path(), "local", &local), &device, "cpu").unwrap();
+        hybrid::train_local(&config(dir.path(), "local", &local), &device, "cpu", None).unwrap();
     let losses = losses(dir.path(), "local");
     assert!(
         losses.windows(2).all(|w| w[1] < w[0]),

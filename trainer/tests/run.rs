@@ -16,8 +16,8 @@ fn config(dir: &std::path::Path, name: &str) -> RunConfig {
 fn a_run_writes_its_files_and_is_deterministic() {
     let dir = tempfile::tempdir().unwrap();
     let device = test_device().autodiff();
-    let a = run::train(&config(dir.path(), "a"), &device, "cpu").unwrap();
-    let b = run::train(&config(dir.path(), "b"), &device, "cpu").unwrap();
+    let a = run::train(&config(dir.path(), "a"), &device, "cpu", None).unwrap();
+    let b = run::train(&config(dir.path(), "b"), &device, "cpu", None).unwrap();
     assert_eq!(a.test, b.test);
     assert_eq!(a.epochs_run, 3);
     for key in ["hr@5", "ndcg@10", "mrr@20"] {
@@ -27,10 +27,22 @@ fn a_run_writes_its_files_and_is_deterministic() {
         );
     }
     let run_dir = dir.path().join("a");
-    let lines = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
-    assert_eq!(lines.lines().count(), 3);
-    let first: serde_json::Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
-    assert!(first["samples_per_s"].as_f64().unwrap() > 0.0);
+    let epochs = common::metrics(dir.path(), "a", "epoch");
+    assert_eq!(epochs.len(), 3);
+    assert!(epochs[0]["samples_per_s"].as_f64().unwrap() > 0.0);
+    // A line per step too, numbered from 1, and a checkpoint per epoch (the newest two kept).
+    let steps = common::metrics(dir.path(), "a", "step");
+    assert_eq!(steps.last().unwrap()["step"], epochs[2]["step"]);
+    assert!(steps
+        .iter()
+        .enumerate()
+        .all(|(i, s)| s["step"] == i as u64 + 1));
+    let kept: Vec<_> = std::fs::read_dir(run_dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    assert_eq!(kept.len(), 2, "{kept:?}");
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap())
             .unwrap();

@@ -32,7 +32,7 @@ enum Cmd {
         #[arg(long = "set")]
         set: Vec<String>,
     },
-    /// Run a benchmark: train, comm, compress, pipeline, tp.
+    /// Run a benchmark: train, comm, compress, pipeline, tp, paper (simulated).
     Bench { name: String },
     /// Everything CI checks: fmt, clippy, tests (CPU and wgpu), cuda type-check, MPI tests.
     Ci,
@@ -175,7 +175,23 @@ fn bench(name: &str) -> Result<()> {
                 "bench_tp",
             ])
             .env("MESHREC_BENCH_DIR", bench_dir())),
-        other => bail!("unknown benchmark `{other}` (known: train, comm, compress, pipeline, tp)"),
+        // Simulated, not measured: the planner's best hybrid against the best single-mode
+        // layouts on 8–64 modelled GPUs; writes paper.{md,json,svg}.
+        "paper" => run(cargo()
+            .args([
+                "run",
+                "--release",
+                "-p",
+                "meshrec-balance",
+                "--example",
+                "paper",
+                "--",
+                "--out",
+            ])
+            .arg(bench_dir())),
+        other => {
+            bail!("unknown benchmark `{other}` (known: train, comm, compress, pipeline, tp, paper)")
+        }
     }
 }
 
@@ -289,28 +305,83 @@ fn ci() -> Result<()> {
     ]))?;
     let out = std::env::temp_dir().join("meshrec-ci-mpi-run");
     let _ = std::fs::remove_dir_all(&out);
-    let mut train = mpirun("4", &target_dir().join("debug/meshrec"));
-    train.args(["train", "--comm", "mpi"]);
-    for set in [
-        "data.path=synthetic",
-        "data.synthetic.users=60",
-        "data.synthetic.items=30",
-        "model.preset=tiny",
-        "train.epochs=2",
-        "train.batch_size=16",
-        "parallel.tp=2",
-        "parallel.pp=2",
-        "parallel.micro_batches=2",
-        "output.name=mpi",
-    ] {
-        train.args(["--set", set]);
+    let meshrec = target_dir().join("debug/meshrec");
+    let mpi_train = |np: &str, name: &str, sets: &[&str]| {
+        let mut train = mpirun(np, &meshrec);
+        train.args(["train", "--comm", "mpi"]);
+        for set in [
+            "data.path=synthetic",
+            "data.synthetic.users=60",
+            "data.synthetic.items=30",
+            "model.preset=tiny",
+            "train.epochs=2",
+            "train.batch_size=16",
+        ]
+        .iter()
+        .chain(sets)
+        {
+            train.args(["--set", set]);
+        }
+        train.args(["--set", &format!("output.name={name}")]);
+        train.args(["--set", &format!("output.dir=\"{}\"", out.display())]);
+        train
+    };
+    let summary_of = |name: &str| -> Result<()> {
+        let summary = out.join(name).join("summary.json");
+        if !summary.is_file() {
+            bail!("the MPI training run wrote no {}", summary.display());
+        }
+        Ok(())
+    };
+    // Tensor and pipeline parallel across processes.
+    run(&mut mpi_train(
+        "4",
+        "tp2pp2",
+        &["parallel.tp=2", "parallel.pp=2", "parallel.micro_batches=2"],
+    ))?;
+    summary_of("tp2pp2")?;
+    // Data parallel across processes: the DP reduction thread beside the main one, async
+    // with a staleness bound and top-k compression with error feedback.
+    run(&mut mpi_train(
+        "2",
+        "dp2",
+        &[
+            "parallel.dp=2",
+            "dp.mode=async",
+            "compress.method=topk",
+            "compress.ratio=0.05",
+        ],
+    ))?;
+    summary_of("dp2")?;
+    // A rank dies mid-step: the job stops, naming it, and the last checkpoint resumes.
+    let crash_sets = [
+        "parallel.dp=2",
+        "checkpoint.every_steps=2",
+        "fault.crash_step=5",
+        "fault.crash_rank=1",
+    ];
+    let crashed = mpi_train("2", "crash", &crash_sets)
+        .output()
+        .context("running the MPI crash test")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&crashed.stdout),
+        String::from_utf8_lossy(&crashed.stderr)
+    );
+    if crashed.status.success() || !text.contains("rank 1") {
+        bail!(
+            "a rank killed under mpirun should stop the job naming rank 1; got {} and:\n{text}",
+            crashed.status
+        );
     }
-    train.args(["--set", &format!("output.dir=\"{}\"", out.display())]);
-    run(&mut train)?;
-    let summary = out.join("mpi/summary.json");
-    if !summary.is_file() {
-        bail!("the MPI training run wrote no {}", summary.display());
-    }
+    println!(
+        "xtask ci: the killed MPI run stopped as it should ({})",
+        crashed.status
+    );
+    let mut resumed = mpi_train("2", "crash", &crash_sets[..2]);
+    resumed.arg("--resume").arg(out.join("crash"));
+    run(&mut resumed)?;
+    summary_of("crash")?;
     println!("xtask ci: all checks passed");
     Ok(())
 }

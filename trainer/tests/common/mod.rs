@@ -24,3 +24,22 @@ pub fn synthetic_config(dir: &std::path::Path, name: &str, extra: &[&str]) -> Ru
     overrides.extend(extra.iter().map(|s| s.to_string()));
     RunConfig::from_toml("", "test", &overrides).unwrap()
 }
+
+/// The lines of `dir/name/metrics.jsonl` of one kind (`step` or `epoch`).
+pub fn metrics(dir: &std::path::Path, name: &str, kind: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join(name).join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == kind)
+        .collect()
+}
+
+/// The `key` of every line of one kind, as f64.
+#[allow(dead_code)]
+pub fn series(dir: &std::path::Path, name: &str, kind: &str, key: &str) -> Vec<f64> {
+    metrics(dir, name, kind)
+        .iter()
+        .map(|v| v[key].as_f64().unwrap())
+        .collect()
+}

@@ -1,0 +1,517 @@
+//! Data-parallel gradient averaging as DDP does it, on a communication thread: gradients
+//! are packed into buckets the moment backward releases them, each full bucket is
+//! compressed (any `meshrec-compress` method, with error feedback) and reduced over the DP
+//! group while backward goes on. A step's reduction can be waited for at once
+//! (synchronous DP) or later (bounded-staleness asynchronous DP, see the trainer).
+//!
+//! The thread owns a communicator of its own (split from the DP group), so the step's
+//! other collectives never interleave with its messages. Where the engine cannot take
+//! calls from two threads at once, the same worker runs inline at each bucket boundary.
+
+use std::collections::VecDeque;
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Receiver, Sender};
+use meshrec_comm::{Communicator, ReduceOp};
+use meshrec_compress::{Compressor, MemoryBank, MemoryOptions, MethodConfig, Payload};
+
+use crate::error::ParallelError;
+use crate::segment::Segment;
+
+/// How a DP group reduces gradients.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DpSettings {
+    /// Bucket size (DDP's `bucket_cap_mb`); a gradient is never split across buckets.
+    pub bucket_bytes: usize,
+    /// Identity reduces dense f32 sums; anything else goes through the compressor.
+    pub method: MethodConfig,
+    /// Keep what compression dropped and add it back next step.
+    pub error_feedback: bool,
+    /// Run seed, mixed into the compressors' shared seeds.
+    pub seed: u64,
+    /// Reduce on a thread of its own (overlapping backward) rather than inline.
+    pub threaded: bool,
+}
+
+/// Where one gradient sits in a bucket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    chunk: usize,
+    param: usize,
+    len: usize,
+}
+
+enum Job {
+    Bucket { step: u64, data: Vec<f32>, id: u64 },
+    Snapshot,
+    Restore(MemoryBank),
+}
+
+struct BucketDone {
+    step: u64,
+    data: Vec<f32>,
+    dense_bytes: u64,
+    wire_bytes: u64,
+    sent_bytes: u64,
+}
+
+enum Reply {
+    Bucket(BucketDone),
+    Snapshot(Vec<u8>),
+}
+
+/// The reducing side: the DP communicator, the compressor and its per-bucket memories.
+struct Worker {
+    comm: Box<dyn Communicator>,
+    compressor: Option<Box<dyn Compressor>>,
+    bank: MemoryBank,
+    options: MemoryOptions,
+    payload: Payload,
+}
+
+impl Worker {
+    fn run(&mut self, job: Job) -> Result<Reply, ParallelError> {
+        match job {
+            Job::Snapshot => Ok(Reply::Snapshot(self.bank.to_bytes().map_err(|e| {
+                ParallelError::Dp {
+                    rank: self.comm.rank(),
+                    message: format!("saving compressor memory: {e}"),
+                }
+            })?)),
+            Job::Restore(bank) => {
+                self.bank = bank;
+                Ok(Reply::Snapshot(Vec::new()))
+            }
+            Job::Bucket { step, mut data, id } => {
+                let before = self.comm.stats().total().bytes_sent;
+                let rank = self.comm.rank();
+                let dense_bytes = 4 * data.len() as u64;
+                let wire_bytes = match self.compressor.as_mut() {
+                    None => {
+                        self.comm.all_reduce(&mut data, ReduceOp::Sum)?;
+                        dense_bytes
+                    }
+                    Some(c) => {
+                        let memory = self
+                            .bank
+                            .get_or_insert(id, data.len(), self.options)
+                            .map_err(|e| ParallelError::Dp {
+                                rank,
+                                message: format!("bucket {id}: {e}"),
+                            })?;
+                        let report = meshrec_compress::sync_with(
+                            self.comm.as_ref(),
+                            &mut data,
+                            c.as_mut(),
+                            memory,
+                            &mut self.payload,
+                        )
+                        .map_err(|e| ParallelError::Dp {
+                            rank,
+                            message: format!("bucket {id}: {e}"),
+                        })?;
+                        // The compressed protocol averages; the step wants the sum.
+                        let n = self.comm.size() as f32;
+                        data.iter_mut().for_each(|x| *x *= n);
+                        report.payload_bytes as u64
+                    }
+                };
+                let sent_bytes = self.comm.stats().total().bytes_sent - before;
+                Ok(Reply::Bucket(BucketDone {
+                    step,
+                    dense_bytes,
+                    wire_bytes,
+                    data,
+                    sent_bytes,
+                }))
+            }
+        }
+    }
+}
+
+enum Exec {
+    Thread {
+        jobs: Option<Sender<Job>>,
+        replies: Receiver<Result<Reply, ParallelError>>,
+        handle: Option<JoinHandle<()>>,
+    },
+    Inline {
+        worker: Box<Worker>,
+        done: VecDeque<Result<Reply, ParallelError>>,
+    },
+}
+
+/// One step whose buckets are on their way.
+struct InFlight {
+    step: u64,
+    buckets: Vec<Vec<Slot>>,
+    done: Vec<BucketDone>,
+}
+
+/// A step's gradients reduced over the DP group (sums of every rank's contribution).
+pub struct ReducedStep {
+    pub step: u64,
+    buckets: Vec<Vec<Slot>>,
+    done: Vec<BucketDone>,
+}
+
+/// What a step's reduction moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct DpTraffic {
+    /// The gradient as dense f32.
+    pub dense_bytes: u64,
+    /// The compressor's payloads (dense bytes without compression).
+    pub wire_bytes: u64,
+    /// What this rank put on its links for it.
+    pub sent_bytes: u64,
+}
+
+impl DpTraffic {
+    /// Dense bytes over the compressor's payload bytes (1 without compression).
+    pub fn compression_ratio(&self) -> f64 {
+        self.dense_bytes as f64 / (self.wire_bytes.max(1)) as f64
+    }
+
+    pub fn add(&mut self, other: DpTraffic) {
+        self.dense_bytes += other.dense_bytes;
+        self.wire_bytes += other.wire_bytes;
+        self.sent_bytes += other.sent_bytes;
+    }
+}
+
+impl ReducedStep {
+    /// Writes every reduced gradient into its segment's gradient buffer.
+    pub fn write_into(&self, segments: &mut [Segment]) -> Result<(), ParallelError> {
+        for (slots, done) in self.buckets.iter().zip(&self.done) {
+            let mut at = 0;
+            for s in slots {
+                let grad = segments
+                    .get_mut(s.chunk)
+                    .and_then(|seg| seg.grads.get_mut(s.param))
+                    .ok_or_else(|| {
+                        ParallelError::State(format!(
+                            "reduced gradient for chunk {} parameter {} has no home",
+                            s.chunk, s.param
+                        ))
+                    })?;
+                grad.copy_from_slice(&done.data[at..at + s.len]);
+                at += s.len;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn traffic(&self) -> DpTraffic {
+        let mut t = DpTraffic::default();
+        for d in &self.done {
+            t.add(DpTraffic {
+                dense_bytes: d.dense_bytes,
+                wire_bytes: d.wire_bytes,
+                sent_bytes: d.sent_bytes,
+            });
+        }
+        t
+    }
+}
+
+/// The DP reducer of one rank (see the module docs).
+pub struct DpEngine {
+    exec: Exec,
+    rank: usize,
+    cap_elems: usize,
+    filling: Vec<f32>,
+    filling_slots: Vec<Slot>,
+    building: Option<InFlight>,
+    in_flight: VecDeque<InFlight>,
+}
+
+impl DpEngine {
+    /// An engine reducing over `comm` (a communicator only this engine uses), with the
+    /// compressor memories of `memory` (bytes from [`DpEngine::memory_bytes`]) if resuming.
+    pub fn new(
+        comm: Box<dyn Communicator>,
+        settings: &DpSettings,
+        memory: Option<&[u8]>,
+    ) -> Result<Self, ParallelError> {
+        let rank = comm.rank();
+        let dp_err = |message: String| ParallelError::Dp { rank, message };
+        if settings.bucket_bytes < 4 {
+            return Err(dp_err(format!(
+                "bucket size {} bytes is below one f32",
+                settings.bucket_bytes
+            )));
+        }
+        let compressor = match settings.method {
+            MethodConfig::Identity => None,
+            ref m => Some(m.build().map_err(|e| dp_err(e.to_string()))?),
+        };
+        let bank = match memory {
+            Some(bytes) => MemoryBank::from_bytes(bytes)
+                .map_err(|e| dp_err(format!("compressor memory: {e}")))?,
+            None => MemoryBank::new(),
+        };
+        let worker = Worker {
+            comm,
+            compressor,
+            bank,
+            options: MemoryOptions {
+                error_feedback: settings.error_feedback,
+                momentum: None,
+                seed: settings.seed,
+            },
+            payload: Payload::new(),
+        };
+        let exec = if settings.threaded {
+            let (jobs, job_rx) = crossbeam_channel::unbounded::<Job>();
+            let (reply_tx, replies) = crossbeam_channel::unbounded();
+            let mut worker = worker;
+            let handle = std::thread::Builder::new()
+                .name(format!("dp-reduce-{rank}"))
+                .spawn(move || {
+                    for job in job_rx {
+                        let reply = worker.run(job);
+                        let failed = reply.is_err();
+                        if reply_tx.send(reply).is_err() || failed {
+                            break;
+                        }
+                    }
+                })
+                .map_err(|e| dp_err(format!("cannot start the reduction thread: {e}")))?;
+            Exec::Thread {
+                jobs: Some(jobs),
+                replies,
+                handle: Some(handle),
+            }
+        } else {
+            Exec::Inline {
+                worker: Box::new(worker),
+                done: VecDeque::new(),
+            }
+        };
+        Ok(Self {
+            exec,
+            rank,
+            cap_elems: settings.bucket_bytes / 4,
+            filling: Vec::new(),
+            filling_slots: Vec::new(),
+            building: None,
+            in_flight: VecDeque::new(),
+        })
+    }
+
+    fn submit(&mut self, job: Job) -> Result<(), ParallelError> {
+        let rank = self.rank;
+        match &mut self.exec {
+            Exec::Thread { jobs, .. } => {
+                jobs.as_ref()
+                    .and_then(|j| j.send(job).ok())
+                    .ok_or_else(|| ParallelError::Dp {
+                        rank,
+                        message: "the reduction thread has stopped".into(),
+                    })
+            }
+            Exec::Inline { worker, done } => {
+                done.push_back(worker.run(job));
+                Ok(())
+            }
+        }
+    }
+
+    fn receive(&mut self, block: bool) -> Result<Option<Reply>, ParallelError> {
+        let rank = self.rank;
+        let reply = match &mut self.exec {
+            Exec::Thread { replies, .. } => {
+                if block {
+                    Some(replies.recv().map_err(|_| ParallelError::Dp {
+                        rank,
+                        message: "the reduction thread ended without replying".into(),
+                    })?)
+                } else {
+                    replies.try_recv().ok()
+                }
+            }
+            Exec::Inline { done, .. } => done.pop_front(),
+        };
+        reply.transpose()
+    }
+
+    /// Starts collecting step `step`'s gradients.
+    pub fn begin_step(&mut self, step: u64) -> Result<(), ParallelError> {
+        if self.building.is_some() {
+            return Err(ParallelError::Step(format!(
+                "DP step {step} begun before the previous one ended"
+            )));
+        }
+        self.building = Some(InFlight {
+            step,
+            buckets: Vec::new(),
+            done: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Takes one final gradient (the callback of `run_schedule_releasing`); launches the
+    /// open bucket once it reaches the cap.
+    pub fn push(&mut self, chunk: usize, param: usize, grad: &[f32]) -> Result<(), ParallelError> {
+        if self.filling.capacity() == 0 {
+            self.filling.reserve(self.cap_elems.max(grad.len()));
+        }
+        self.filling.extend_from_slice(grad);
+        self.filling_slots.push(Slot {
+            chunk,
+            param,
+            len: grad.len(),
+        });
+        if self.filling.len() >= self.cap_elems {
+            self.launch()?;
+        }
+        Ok(())
+    }
+
+    fn launch(&mut self) -> Result<(), ParallelError> {
+        let building = self
+            .building
+            .as_mut()
+            .ok_or_else(|| ParallelError::Step("DP gradient pushed outside a step".into()))?;
+        let id = building.buckets.len() as u64;
+        let step = building.step;
+        building
+            .buckets
+            .push(std::mem::take(&mut self.filling_slots));
+        let data = std::mem::take(&mut self.filling);
+        self.submit(Job::Bucket { step, data, id })
+    }
+
+    /// Launches the last bucket. Every parameter of `segments` must have been pushed exactly
+    /// once.
+    pub fn end_step(&mut self, segments: &[Segment]) -> Result<(), ParallelError> {
+        if !self.filling_slots.is_empty() {
+            self.launch()?;
+        }
+        let building = self
+            .building
+            .take()
+            .ok_or_else(|| ParallelError::Step("DP step ended before it began".into()))?;
+        let expected: usize = segments.iter().map(|s| s.grads.len()).sum();
+        let mut seen: Vec<(usize, usize)> = building
+            .buckets
+            .iter()
+            .flatten()
+            .map(|s| (s.chunk, s.param))
+            .collect();
+        let pushed = seen.len();
+        seen.sort_unstable();
+        seen.dedup();
+        if seen.len() != pushed || pushed != expected {
+            return Err(ParallelError::Step(format!(
+                "data-parallel reduction saw {pushed} gradients ({} distinct) of {expected}",
+                seen.len()
+            )));
+        }
+        self.in_flight.push_back(building);
+        Ok(())
+    }
+
+    /// Steps launched and not yet taken, oldest first.
+    pub fn in_flight(&self) -> impl Iterator<Item = u64> + '_ {
+        self.in_flight.iter().map(|f| f.step)
+    }
+
+    fn absorb(&mut self, reply: Reply) -> Result<(), ParallelError> {
+        let Reply::Bucket(done) = reply else {
+            return Err(ParallelError::Step(
+                "compressor snapshot arrived among bucket results".into(),
+            ));
+        };
+        let flight = self
+            .in_flight
+            .iter_mut()
+            .find(|f| f.step == done.step && f.done.len() < f.buckets.len())
+            .ok_or_else(|| {
+                ParallelError::Step(format!("reduced bucket of unknown step {}", done.step))
+            })?;
+        flight.done.push(done);
+        Ok(())
+    }
+
+    /// Whether the oldest step's buckets have all come back (never blocks).
+    pub fn oldest_ready(&mut self) -> Result<bool, ParallelError> {
+        while let Some(reply) = self.receive(false)? {
+            self.absorb(reply)?;
+        }
+        Ok(self
+            .in_flight
+            .front()
+            .is_some_and(|f| f.done.len() == f.buckets.len()))
+    }
+
+    /// The oldest step's reduced gradients, waiting for them if needed.
+    pub fn take_oldest(&mut self) -> Result<ReducedStep, ParallelError> {
+        loop {
+            match self.in_flight.front() {
+                None => {
+                    return Err(ParallelError::Step("no DP reduction in flight".into()));
+                }
+                Some(f) if f.done.len() == f.buckets.len() => break,
+                Some(_) => {
+                    let reply = self.receive(true)?.ok_or_else(|| {
+                        ParallelError::Step("inline DP reduction lost a bucket".into())
+                    })?;
+                    self.absorb(reply)?;
+                }
+            }
+        }
+        let f = self.in_flight.pop_front().expect("checked above");
+        Ok(ReducedStep {
+            step: f.step,
+            buckets: f.buckets,
+            done: f.done,
+        })
+    }
+
+    fn idle(&self, what: &str) -> Result<(), ParallelError> {
+        if !self.in_flight.is_empty() || self.building.is_some() {
+            return Err(ParallelError::Step(format!(
+                "compressor memory {what} while reductions are in flight"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Replaces the compressor memories with checkpointed ones (bytes of
+    /// [`DpEngine::memory_bytes`]); only between steps with nothing in flight.
+    pub fn restore_memory(&mut self, bytes: &[u8]) -> Result<(), ParallelError> {
+        self.idle("restored")?;
+        let bank = MemoryBank::from_bytes(bytes).map_err(|e| ParallelError::Dp {
+            rank: self.rank,
+            message: format!("compressor memory: {e}"),
+        })?;
+        self.submit(Job::Restore(bank))?;
+        self.receive(true).map(|_| ())
+    }
+
+    /// The compressor memories (error-feedback residuals, warm starts) for a checkpoint;
+    /// only between steps with nothing in flight.
+    pub fn memory_bytes(&mut self) -> Result<Vec<u8>, ParallelError> {
+        self.idle("saved")?;
+        self.submit(Job::Snapshot)?;
+        match self.receive(true)? {
+            Some(Reply::Snapshot(bytes)) => Ok(bytes),
+            _ => Err(ParallelError::Step(
+                "the reduction thread answered a snapshot with something else".into(),
+            )),
+        }
+    }
+}
+
+impl Drop for DpEngine {
+    fn drop(&mut self) {
+        if let Exec::Thread { jobs, handle, .. } = &mut self.exec {
+            // Closing the queue ends the thread once it has finished what it holds.
+            jobs.take();
+            if let Some(h) = handle.take() {
+                let _ = h.join();
+            }
+        }
+    }
+}
