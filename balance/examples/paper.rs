@@ -2,105 +2,513 @@
 //! best hybrid layout against the best single-mode (DP-only, TP-only, PP-only) layout, with
 //! adaptive balancing on and off, on a homogeneous and a heterogeneous cluster.
 //!
-//! `cargo run --release -p meshrec-balance --example paper`
+//! Writes `paper.md` (tables and the reasons), `paper.json` (`{"rows": [...]}`, one
+//! [`PaperRow`] per cluster × model × devices × balancing) and `paper.svg` (throughput and
+//! utilization ratios hybrid / best single-mode against devices) into the folder named by
+//! `--out DIR`, else `$MESHREC_BENCH_DIR`, else `target/bench`; prints the markdown.
+//!
+//! `cargo xtask bench paper`, or
+//! `cargo run --release -p meshrec-balance --example paper -- --out target/bench`
 
-use meshrec_balance::plan::{plan, Candidate, PlanRequest};
-use meshrec_balance::{BalanceError, Cluster, ModelShape};
+use std::collections::BTreeMap;
+use std::error::Error;
+use std::path::{Path, PathBuf};
 
-fn short(c: Option<&Candidate>) -> String {
-    c.map_or("-".into(), |c| c.config.label().replace(" sync", ""))
+use meshrec_balance::plan::{plan, PaperRow, Plan, PlanRequest};
+use meshrec_balance::ModelShape;
+use plotters::prelude::*;
+
+const CLUSTERS: [&str; 2] = ["a100x8", "a100+v100x8"];
+const MODELS: [&str; 2] = ["100m", "1b"];
+const DEVICES: [usize; 4] = [8, 16, 32, 64];
+const GLOBAL_BATCH: usize = 1024;
+/// The paper's claims: hybrid over single-mode.
+const CLAIM_THROUGHPUT: f64 = 1.3;
+const CLAIM_UTILIZATION: f64 = 1.2;
+
+fn out_dir() -> Result<PathBuf, Box<dyn Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [] => Ok(std::env::var_os("MESHREC_BENCH_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("target/bench"))),
+        [flag, dir] if flag == "--out" => Ok(PathBuf::from(dir)),
+        other => Err(format!("unexpected arguments {other:?} (use --out DIR)").into()),
+    }
 }
 
-fn main() -> Result<(), BalanceError> {
-    let global_batch = 1024;
-    println!("SIMULATED (roofline compute + alpha-beta links; nothing here was measured)");
-    println!(
-        "global batch {global_batch} sequences; models: 100m = {} params, 1b = {} params",
-        ModelShape::preset_100m().params(),
-        ModelShape::preset_1b().params()
+/// A short layout label: the `sync` that every layout here shares dropped.
+fn short(label: &str) -> String {
+    label.replace(" sync", "")
+}
+
+fn on_off(b: bool) -> &'static str {
+    if b {
+        "on"
+    } else {
+        "off"
+    }
+}
+
+struct Run {
+    row: Option<PaperRow>,
+    plan: Result<Plan, String>,
+}
+
+fn markdown(runs: &[Run]) -> String {
+    let mut md = String::new();
+    let shapes: Vec<ModelShape> = MODELS
+        .iter()
+        .filter_map(|m| ModelShape::preset_by_name(m).ok())
+        .collect();
+    md.push_str("# Hybrid against single-mode parallelism — SIMULATED\n\n");
+    md.push_str(
+        "Every number on this page is **simulated** by `meshrec-balance` (roofline compute of \
+         each device, alpha-beta links shared with `meshrec-comm`, discrete-event pipeline and \
+         bucketed DP); nothing was measured. For each cluster, model, device count and \
+         adaptive balancing on/off, the planner enumerates every DP×TP×PP mesh, schedule \
+         (GPipe, 1F1B, interleaved v2/v4), micro-batch count (1–64) and DP compression (none, \
+         top-k 1%) that fits in memory, and the best hybrid layout is compared with the best \
+         DP-only, TP-only and PP-only layout (\"best single\" is the fastest of the three). \
+         Ratios are hybrid / best single.\n\n",
     );
-    println!();
-    println!("| cluster | model | devices | balance | best hybrid | samples/s | util | best single-mode | samples/s | util | throughput ratio | utilization ratio |");
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
-    let mut explanations = Vec::new();
-    let mut pipelined = Vec::new();
-    for cluster_name in ["a100x8", "a100+v100x8"] {
-        for shape in [ModelShape::preset_100m(), ModelShape::preset_1b()] {
-            for devices in [8usize, 16, 32, 64] {
+    md.push_str(&format!("Global batch {GLOBAL_BATCH} sequences. Models: "));
+    md.push_str(
+        &shapes
+            .iter()
+            .map(|s| {
+                format!(
+                    "`{}` = {:.2}B parameters (catalogue {} items, d {}, {} blocks, {} heads, seq {})",
+                    s.name,
+                    s.params() as f64 / 1e9,
+                    s.vocab,
+                    s.d_model,
+                    s.n_layers,
+                    s.n_heads,
+                    s.seq_len
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+    );
+    md.push_str(
+        ". Clusters: `a100x8` (A100-80GB, 8 per node, NVLink 150 GB/s, 25 GB/s per GPU \
+         between nodes) and `a100+v100x8` (nodes alternate A100 and V100-32GB, NVLink 100 \
+         GB/s, 12 GB/s between nodes).\n\n",
+    );
+    md.push_str("## Best hybrid against best single-mode (simulated)\n\n");
+    md.push_str("| cluster | model | devices | balance | best hybrid | samples/s | util | best DP-only | samples/s | best TP-only | samples/s | best PP-only | samples/s | best single | throughput ratio | utilization ratio |\n");
+    md.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    let score = |s: &Option<meshrec_balance::LayoutScore>| {
+        s.as_ref().map_or(("-".to_string(), "-".to_string()), |s| {
+            (short(&s.layout), format!("{:.0}", s.samples_per_s))
+        })
+    };
+    for run in runs {
+        match (&run.row, &run.plan) {
+            (Some(r), _) => {
+                let (dl, ds) = score(&r.best_dp);
+                let (tl, ts) = score(&r.best_tp);
+                let (pl, ps) = score(&r.best_pp);
+                md.push_str(&format!(
+                    "| {} | {} | {} | {} | {} | {:.0} | {:.1}% | {dl} | {ds} | {tl} | {ts} | {pl} | {ps} | {} | **{:.2}** | **{:.2}** |\n",
+                    r.cluster,
+                    r.model,
+                    r.devices,
+                    on_off(r.balance),
+                    short(&r.best_hybrid),
+                    r.hybrid_samples_per_s,
+                    100.0 * r.hybrid_utilization,
+                    r.best_single_class,
+                    r.throughput_ratio,
+                    r.utilization_ratio,
+                ));
+            }
+            (None, Ok(p)) => md.push_str(&format!(
+                "| {} | {} | {} | {} | no hybrid or no single-mode layout fits | | | | | | | | | | - | - |\n",
+                p.cluster,
+                p.model,
+                p.devices,
+                on_off(p.balance)
+            )),
+            (None, Err(e)) => md.push_str(&format!("| {e} | | | | | | | | | | | | | | | |\n")),
+        }
+    }
+    md.push_str("\n## Layouts with pipeline parallelism (simulated)\n\n");
+    md.push_str(
+        "Adaptive balancing (the min–max partitioner with the heavy embedding and \
+         catalogue-wide head, and the speed-proportional DP batch split) only changes layouts \
+         with `pp > 1` or devices of different speeds, so the best layout that pipelines shows \
+         its effect best:\n\n",
+    );
+    md.push_str("| cluster | model | devices | best with pp>1, balance on | samples/s | bubble | balance off | samples/s | bubble | on / off |\n");
+    md.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+    let mut pairs: BTreeMap<(String, String, usize), [Option<&Plan>; 2]> = BTreeMap::new();
+    for run in runs {
+        if let Ok(p) = &run.plan {
+            let e = pairs
+                .entry((p.cluster.clone(), p.model.clone(), p.devices))
+                .or_default();
+            e[usize::from(!p.balance)] = Some(p);
+        }
+    }
+    for cluster in CLUSTERS {
+        for model in MODELS {
+            for devices in DEVICES {
+                let Some([Some(on), Some(off)]) =
+                    pairs.get(&(cluster.to_string(), model.to_string(), devices))
+                else {
+                    continue;
+                };
+                let (Some(a), Some(b)) = (&on.best_pipelined, &off.best_pipelined) else {
+                    continue;
+                };
+                md.push_str(&format!(
+                    "| {cluster} | {model} | {devices} | {} | {:.0} | {:.1}% | {} | {:.0} | {:.1}% | {:.2} |\n",
+                    short(&a.config.label()),
+                    a.result.samples_per_s,
+                    100.0 * a.result.bubble,
+                    short(&b.config.label()),
+                    b.result.samples_per_s,
+                    100.0 * b.result.bubble,
+                    a.result.samples_per_s / b.result.samples_per_s,
+                ));
+            }
+        }
+    }
+    md.push_str(&summary(runs));
+    md.push_str("\n## Why, in the planner's words (simulated)\n\n");
+    for run in runs {
+        let Ok(p) = &run.plan else { continue };
+        if p.balance && (p.devices == 8 || p.devices == 64) {
+            md.push_str(&format!(
+                "- **{} {} {} devices**: {}\n",
+                p.cluster, p.model, p.devices, p.explanation
+            ));
+        }
+    }
+    md
+}
+
+fn summary(runs: &[Run]) -> String {
+    let rows: Vec<&PaperRow> = runs.iter().filter_map(|r| r.row.as_ref()).collect();
+    let n = rows.len();
+    let count = |f: &dyn Fn(&PaperRow) -> bool| rows.iter().filter(|r| f(r)).count();
+    let wins = count(&|r| r.throughput_ratio > 1.0);
+    let claim_t = count(&|r| r.throughput_ratio >= CLAIM_THROUGHPUT);
+    let claim_u = count(&|r| r.utilization_ratio >= CLAIM_UTILIZATION);
+    let mut s = String::from("\n## What meshrec gets (simulated)\n\n");
+    s.push_str(&format!(
+        "The paper claims +30% throughput and +20% utilization for hybrid over single-mode \
+         parallelism. In this simulation the best hybrid layout is faster than the best \
+         single-mode one in {wins} of {n} rows; it reaches the +30% throughput claim in \
+         {claim_t} and the +20% utilization claim in {claim_u}.\n\n"
+    ));
+    s.push_str("| devices | throughput ratio (min / mean / max) | utilization ratio (min / mean / max) |\n|---|---|---|\n");
+    for d in DEVICES {
+        let sel: Vec<&&PaperRow> = rows.iter().filter(|r| r.devices == d).collect();
+        if sel.is_empty() {
+            continue;
+        }
+        let stats = |f: &dyn Fn(&PaperRow) -> f64| {
+            let v: Vec<f64> = sel.iter().map(|r| f(r)).collect();
+            let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let max = v.iter().copied().fold(0.0, f64::max);
+            let mean = v.iter().sum::<f64>() / v.len() as f64;
+            format!("{min:.2} / {mean:.2} / {max:.2}")
+        };
+        s.push_str(&format!(
+            "| {d} | {} | {} |\n",
+            stats(&|r| r.throughput_ratio),
+            stats(&|r| r.utilization_ratio)
+        ));
+    }
+    // Data-driven observations.
+    let plans: Vec<&Plan> = runs.iter().filter_map(|r| r.plan.as_ref().ok()).collect();
+    let mut classes: BTreeMap<&str, usize> = BTreeMap::new();
+    for r in &rows {
+        *classes.entry(r.best_single_class.as_str()).or_default() += 1;
+    }
+    s.push_str("\nObservations (computed from the rows above):\n\n");
+    s.push_str(&format!(
+        "- The best single-mode layout is {} of the {n} rows.\n",
+        classes
+            .iter()
+            .map(|(c, k)| format!("{c} in {k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    for d in DEVICES {
+        let sel: Vec<&&PaperRow> = rows.iter().filter(|r| r.devices == d).collect();
+        let won = sel.iter().filter(|r| r.throughput_ratio > 1.0).count();
+        // Exposed synchronisation share of the step, best single vs best hybrid.
+        let share = |c: &meshrec_balance::Candidate| c.result.breakdown.sync_s / c.result.step_s;
+        let mut sync_single = Vec::new();
+        let mut sync_hybrid = Vec::new();
+        for p in plans.iter().filter(|p| p.devices == d) {
+            if let (Some(single), Some(hybrid)) = (p.best_single(), p.best_hybrid.as_ref()) {
+                sync_single.push(share(single));
+                sync_hybrid.push(share(hybrid));
+            }
+        }
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        s.push_str(&format!(
+            "- {d} devices: hybrid wins in {won} of {} rows; exposed DP synchronisation is {:.0}% of the best single-mode layout's step against {:.0}% of the best hybrid's (mean).\n",
+            sel.len(),
+            100.0 * mean(&sync_single),
+            100.0 * mean(&sync_hybrid),
+        ));
+    }
+    let gain = |cluster: &str| {
+        let mut v = Vec::new();
+        for on in plans.iter().filter(|p| p.cluster == cluster && p.balance) {
+            if let Some(off) = plans.iter().find(|p| {
+                p.cluster == cluster && !p.balance && p.model == on.model && p.devices == on.devices
+            }) {
+                v.push(on.best.result.samples_per_s / off.best.result.samples_per_s);
+            }
+        }
+        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = v.iter().copied().fold(0.0, f64::max);
+        (min, max)
+    };
+    for cluster in CLUSTERS {
+        let (lo, hi) = gain(cluster);
+        s.push_str(&format!(
+            "- Adaptive balancing on {cluster}: the best layout overall is {lo:.2}–{hi:.2}x as fast with balancing on as with it off.\n"
+        ));
+    }
+    let range = |d: usize, f: &dyn Fn(&PaperRow) -> f64| {
+        let v: Vec<f64> = rows
+            .iter()
+            .filter(|r| r.devices == d)
+            .map(|r| f(r))
+            .collect();
+        (
+            v.iter().copied().fold(f64::INFINITY, f64::min),
+            v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        )
+    };
+    let pct = |x: f64| 100.0 * (x - 1.0);
+    let (d_lo, d_hi) = (DEVICES[0], DEVICES[DEVICES.len() - 1]);
+    let single_lead = range(d_lo, &|r| 1.0 / r.throughput_ratio);
+    let t_hi = range(d_hi, &|r| r.throughput_ratio);
+    let u_hi = range(d_hi, &|r| r.utilization_ratio);
+    s.push_str(&format!(
+        "\nWhy: inside one 8-GPU NVLink node ({d_lo} devices; `a100+v100x8` with 8 devices is one \
+         A100 node) DP-only's bucketed gradient all-reduce hides behind backward, so any TP \
+         or PP only adds blocking all-reduces or a bubble: the best single-mode layout leads by \
+         {:.0}–{:.0}%. Once the DP group spans nodes, DP-only's all-reduce (or top-k \
+         all-gather, which grows with the number of replicas) moves the whole gradient over \
+         the 25 GB/s (12 GB/s) per-GPU inter-node links and stops being hidden; a hybrid \
+         layout keeps TP inside a node on NVLink, divides each rank's gradient by the TP \
+         degree and the DP group by TP × PP, so at {d_hi} devices it beats the best \
+         single-mode layout by {:.0}–{:.0}% in throughput and {:.0}–{:.0}% in utilization \
+         (the paper: +30% / +20%). PP-only is bounded by the stage holding the \
+         catalogue-sized output head (which cannot be split across stages) and TP-only by the \
+         head count and blocking all-reduces in every block. Adaptive balancing matters on \
+         the heterogeneous cluster (the speed-proportional batch split gives A100 replicas \
+         more sequences; pipelines give the slower stage fewer blocks) and for pipelined \
+         layouts (second table); where the winners do not pipeline on identical devices, on \
+         and off tie.\n",
+        pct(single_lead.0),
+        pct(single_lead.1),
+        pct(t_hi.0),
+        pct(t_hi.1),
+        pct(u_hi.0),
+        pct(u_hi.1),
+    ));
+    s
+}
+
+/// The plot's x coordinate of `devices`: `100 · log2(devices)`.
+fn log_x(devices: usize) -> i32 {
+    ((devices as f64).log2() * 100.0).round() as i32
+}
+
+fn plot(runs: &[Run], path: &Path) -> Result<(), Box<dyn Error>> {
+    let rows: Vec<&PaperRow> = runs.iter().filter_map(|r| r.row.as_ref()).collect();
+    let root = SVGBackend::new(path, (1400, 620)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let (top, body) = root.split_vertically(40);
+    top.titled(
+        "SIMULATED: best hybrid / best single-mode layout (meshrec-balance, nothing measured)",
+        ("sans-serif", 20),
+    )?;
+    let panels = body.split_evenly((1, 2));
+    let colors = [
+        RGBColor(31, 119, 180),
+        RGBColor(255, 127, 14),
+        RGBColor(44, 160, 44),
+        RGBColor(214, 39, 40),
+    ];
+    let ymax = rows
+        .iter()
+        .map(|r| r.throughput_ratio.max(r.utilization_ratio))
+        .fold(1.5f64, f64::max)
+        * 1.1;
+    let ymin = rows
+        .iter()
+        .map(|r| r.throughput_ratio.min(r.utilization_ratio))
+        .fold(1.0f64, f64::min)
+        * 0.9;
+    type Metric = fn(&PaperRow) -> f64;
+    let metrics: [(&str, f64, Metric); 2] = [
+        (
+            "throughput ratio (samples/s)",
+            CLAIM_THROUGHPUT,
+            |r: &PaperRow| r.throughput_ratio,
+        ),
+        (
+            "utilization ratio (mean compute-busy fraction)",
+            CLAIM_UTILIZATION,
+            |r: &PaperRow| r.utilization_ratio,
+        ),
+    ];
+    for (panel, (title, claim, value)) in panels.iter().zip(metrics) {
+        let mut chart = ChartBuilder::on(panel)
+            .caption(title, ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(
+                // log2(devices) in hundredths, labelled at 8, 16, 32, 64.
+                (280i32..620).with_key_points(vec![300, 400, 500, 600]),
+                ymin..ymax,
+            )?;
+        chart
+            .configure_mesh()
+            .x_desc("devices")
+            .y_desc("hybrid / best single-mode")
+            .x_label_formatter(&|x| format!("{}", 2f64.powf(f64::from(*x) / 100.0).round()))
+            .draw()?;
+        for (level, label) in [
+            (1.0, "parity".to_string()),
+            (claim, format!("paper claim {claim:.1}x")),
+        ] {
+            let grey = RGBColor(120, 120, 120);
+            chart
+                .draw_series(DashedLineSeries::new(
+                    vec![(280, level), (620, level)],
+                    6,
+                    4,
+                    grey.stroke_width(1),
+                ))?
+                .label(label)
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], grey));
+        }
+        let mut k = 0;
+        for cluster in CLUSTERS {
+            for model in MODELS {
+                let color = colors[k % colors.len()];
+                k += 1;
                 for balance in [true, false] {
-                    let cluster = Cluster::preset(cluster_name, devices)?;
-                    let mut req = PlanRequest::new(shape.clone(), cluster, devices, global_batch);
-                    req.balance = balance;
-                    let p = match plan(&req) {
-                        Ok(p) => p,
-                        Err(e) => {
-                            println!(
-                                "| {cluster_name} | {} | {devices} | {balance} | {e} |",
-                                shape.name
-                            );
-                            continue;
-                        }
-                    };
-                    let hybrid = p.best_hybrid.as_ref();
-                    let single = p.best_single();
-                    let (hs, hu) = hybrid.map_or((0.0, 0.0), |c| {
-                        (c.result.samples_per_s, c.result.utilization_mean)
-                    });
-                    let (ss, su) = single.map_or((0.0, 0.0), |c| {
-                        (c.result.samples_per_s, c.result.utilization_mean)
-                    });
-                    let ratio = |a: f64, b: f64| {
-                        if a > 0.0 && b > 0.0 {
-                            format!("{:.2}", a / b)
-                        } else {
-                            "-".into()
-                        }
-                    };
-                    println!(
-                        "| {cluster_name} | {} | {devices} | {} | {} | {hs:.0} | {:.1}% | {} | {ss:.0} | {:.1}% | {} | {} |",
-                        shape.name,
-                        if balance { "on" } else { "off" },
-                        short(hybrid),
-                        100.0 * hu,
-                        short(single),
-                        100.0 * su,
-                        ratio(hs, ss),
-                        ratio(hu, su),
-                    );
-                    pipelined.push(format!(
-                        "| {cluster_name} | {} | {devices} | {} | {} | {:.0} | {:.1}% | {:.1}% | {} | {:.0} |",
-                        shape.name,
-                        if balance { "on" } else { "off" },
-                        short(p.best_pipelined.as_ref()),
-                        p.best_pipelined.as_ref().map_or(0.0, |c| c.result.samples_per_s),
-                        p.best_pipelined.as_ref().map_or(0.0, |c| 100.0 * c.result.utilization_mean),
-                        p.best_pipelined.as_ref().map_or(0.0, |c| 100.0 * c.result.bubble),
-                        short(p.best_pp.as_ref()),
-                        p.best_pp.as_ref().map_or(0.0, |c| c.result.samples_per_s),
-                    ));
-                    if balance && devices == 64 {
-                        explanations.push(format!(
-                            "[{cluster_name} {} {devices}] {}",
-                            shape.name, p.explanation
-                        ));
+                    let pts: Vec<(i32, f64)> = DEVICES
+                        .iter()
+                        .filter_map(|&d| {
+                            rows.iter()
+                                .find(|r| {
+                                    r.cluster == cluster
+                                        && r.model == model
+                                        && r.devices == d
+                                        && r.balance == balance
+                                })
+                                .map(|r| (log_x(d), value(r)))
+                        })
+                        .collect();
+                    if pts.is_empty() {
+                        continue;
+                    }
+                    let name = format!("{model} on {cluster}, balance {}", on_off(balance));
+                    if balance {
+                        chart
+                            .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))?
+                            .label(name)
+                            .legend(move |(x, y)| {
+                                PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+                            });
+                        chart
+                            .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+                    } else {
+                        chart
+                            .draw_series(DashedLineSeries::new(
+                                pts.clone(),
+                                4,
+                                3,
+                                color.stroke_width(1),
+                            ))?
+                            .label(name)
+                            .legend(move |(x, y)| {
+                                PathElement::new(vec![(x, y), (x + 16, y)], color)
+                            });
+                        chart.draw_series(
+                            pts.iter()
+                                .map(|&p| TriangleMarker::new(p, 5, color.stroke_width(1))),
+                        )?;
                     }
                 }
             }
         }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 11))
+            .draw()?;
     }
-    println!();
-    println!(
-        "Layouts with pipeline parallelism (where the heavy embedding/head make balancing matter):"
+    root.present()?;
+    Ok(())
+}
+
+fn main() -> Result<(), Box<dyn Error>> {
+    let dir = out_dir()?;
+    std::fs::create_dir_all(&dir)?;
+    let mut runs = Vec::new();
+    for cluster_name in CLUSTERS {
+        for model in MODELS {
+            for devices in DEVICES {
+                for balance in [true, false] {
+                    let mut req =
+                        PlanRequest::from_names(model, cluster_name, devices, GLOBAL_BATCH)?;
+                    req.balance = balance;
+                    let plan = plan(&req).map_err(|e| {
+                        format!(
+                            "{cluster_name} {model} {devices} devices balance {}: {e}",
+                            on_off(balance)
+                        )
+                    });
+                    let row = plan.as_ref().ok().and_then(PaperRow::from_plan);
+                    runs.push(Run { row, plan });
+                }
+            }
+        }
+    }
+    let md = markdown(&runs);
+    let rows: Vec<&PaperRow> = runs.iter().filter_map(|r| r.row.as_ref()).collect();
+    let json = serde_json::json!({
+        "simulated": true,
+        "note": "SIMULATED by meshrec-balance (roofline compute, alpha-beta links); nothing measured",
+        "global_batch": GLOBAL_BATCH,
+        "clusters": CLUSTERS,
+        "models": MODELS,
+        "devices": DEVICES,
+        "rows": rows,
+    });
+    let (md_path, json_path, svg_path) = (
+        dir.join("paper.md"),
+        dir.join("paper.json"),
+        dir.join("paper.svg"),
     );
-    println!();
-    println!("| cluster | model | devices | balance | best with pp>1 | samples/s | util | bubble | best PP-only | samples/s |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    for row in pipelined {
-        println!("{row}");
-    }
-    println!();
-    for e in explanations {
-        println!("{e}\n");
-    }
+    std::fs::write(&md_path, &md)?;
+    std::fs::write(&json_path, serde_json::to_string_pretty(&json)?)?;
+    plot(&runs, &svg_path)?;
+    print!("{md}");
+    eprintln!(
+        "SIMULATED paper experiment: wrote {}, {} and {}",
+        md_path.display(),
+        json_path.display(),
+        svg_path.display()
+    );
     Ok(())
 }

@@ -90,6 +90,10 @@ impl Cluster {
         self.devices.windows(2).all(|w| w[0] == w[1])
     }
 
+    /// Names [`Cluster::preset`] knows.
+    pub const PRESET_NAMES: [&'static str; 5] =
+        ["a100x8", "h100x8", "v100x8", "a100+v100x8", "cpu"];
+
     /// A named preset with `n_devices` devices (modelled numbers):
     /// - `a100x8`: A100-80GB, 8 per node, NVLink 3 (2 µs, 150 GB/s) inside, one HDR
     ///   200 Gb/s InfiniBand NIC per GPU (5 µs, 25 GB/s) between nodes (DGX A100);
@@ -171,7 +175,8 @@ impl Cluster {
                 Self::homogeneous("cpu", share, n_devices, n_devices, shm, shm)
             }
             other => Err(BalanceError::InvalidDevice(format!(
-                "unknown cluster preset {other:?} (known: a100x8, h100x8, v100x8, a100+v100x8, cpu)"
+                "unknown cluster preset {other:?} (known: {})",
+                Self::PRESET_NAMES.join(", ")
             ))),
         }
     }
@@ -201,10 +206,11 @@ mod tests {
 
     #[test]
     fn bad_presets_are_errors() {
-        assert!(Cluster::preset("tpu-pod", 8)
-            .unwrap_err()
-            .to_string()
-            .contains("tpu-pod"));
+        let e = Cluster::preset("tpu-pod", 8).unwrap_err().to_string();
+        assert!(e.contains("tpu-pod") && e.contains("a100+v100x8"), "{e}");
+        for name in Cluster::PRESET_NAMES {
+            assert_eq!(Cluster::preset(name, 16).unwrap().len(), 16);
+        }
         assert!(Cluster::preset("a100x8", 0).is_err());
         let bad = LinkClass {
             latency_s: 0.0,

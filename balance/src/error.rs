@@ -44,4 +44,12 @@ pub enum BalanceError {
     /// The planner found nothing that fits.
     #[error("no layout fits: {0}")]
     NoFeasibleLayout(String),
+    /// Writing a report or drawing failed.
+    #[error("cannot write {path}: {message}")]
+    Io {
+        /// The file.
+        path: String,
+        /// The operating system's message.
+        message: String,
+    },
 }

@@ -11,7 +11,10 @@
 //! - [`partition`] → optimal contiguous stages ([`PartitionProblem::solve`]);
 //! - [`rebalance`] → online [`Rebalancer`] and heterogeneous DP [`split_batch`];
 //! - [`sim`] → discrete-event simulation of training steps ([`simulate`]);
-//! - [`mod@plan`] → layout search ranked by simulated throughput ([`plan()`]).
+//! - [`mod@plan`] → layout search ranked by simulated throughput ([`plan()`]), rendered by
+//!   [`plan::render_report`];
+//! - [`report`] → `meshrec simulate`: a run as plain numbers and names ([`SimSpec`]) to a
+//!   text report and timeline ([`simulate_spec`], [`SimReport`]).
 //!
 //! Everything the simulator and planner report is *simulated*, and says so.
 
@@ -22,6 +25,7 @@ pub mod error;
 pub mod partition;
 pub mod plan;
 pub mod rebalance;
+pub mod report;
 pub mod shape;
 pub mod sim;
 
@@ -30,12 +34,15 @@ pub use cost::{CostProfile, LayerCost, ProfileSource};
 pub use device::DeviceSpec;
 pub use error::BalanceError;
 pub use partition::{Partition, PartitionPlan, PartitionProblem, StageSpec};
-pub use plan::{plan, Candidate, LayoutClass, PaperRow, Plan, PlanRequest};
+pub use plan::{
+    plan, render_report, Candidate, LayoutClass, LayoutScore, PaperRow, Plan, PlanRequest,
+};
 pub use rebalance::{
     split_batch, Decision, DpBalancer, DpSplit, KeepReason, Proposal, RebalanceConfig, Rebalancer,
 };
+pub use report::{simulate_config, simulate_spec, SimReport, SimSpec};
 pub use shape::{LayerKind, MlpKind, ModelShape, Positions, Precision};
 pub use sim::{
     simulate, simulate_steps, timeline_svg, Aggregation, CommBytes, Compression, DpMode, Mesh,
-    Schedule, SimConfig, SimResult,
+    Schedule, SimConfig, SimResult, StepBreakdown,
 };

@@ -6,12 +6,18 @@
 //! Memory per device (see [`crate::sim`]): weights + gradients + AdamW state of the layers
 //! it holds (a tied embedding copy on the last stage included), the activations of the
 //! micro-batches its schedule keeps in flight (walked from the schedule itself), and two
-//! DP buckets of communication buffers.
+//! DP buckets of communication buffers (at most the device's gradient bytes).
+//!
+//! `meshrec plan --model 1b --devices 64 --cluster a100x8` is
+//! [`PlanRequest::from_names`] → [`plan()`] → [`render_report`].
+
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::Cluster;
 use crate::error::BalanceError;
+use crate::report::{fmt_bytes, fmt_mem, fmt_s};
 use crate::shape::ModelShape;
 use crate::sim::{simulate, Compression, DpMode, Mesh, Schedule, SimConfig, SimResult};
 
@@ -36,11 +42,13 @@ pub struct PlanRequest {
     pub compressions: Vec<Compression>,
     /// Adaptive balancing in every simulated layout.
     pub balance: bool,
+    /// How many of the best fitting layouts [`Plan::ranking`] keeps.
+    pub keep: usize,
 }
 
 impl PlanRequest {
     /// Defaults: GPipe, 1F1B and interleaved (v 2, 4); 1–64 micro-batches in powers of two;
-    /// sync DP; no compression and top-k 1%; balancing on.
+    /// sync DP; no compression and top-k 1%; balancing on; the best 20 kept.
     pub fn new(shape: ModelShape, cluster: Cluster, devices: usize, global_batch: usize) -> Self {
         let grad_bytes = shape.precision.grad_bytes;
         Self {
@@ -58,7 +66,28 @@ impl PlanRequest {
             dp_modes: vec![DpMode::Sync],
             compressions: vec![Compression::none(), Compression::top_k(0.01, grad_bytes)],
             balance: true,
+            keep: 20,
         }
+    }
+
+    /// The request `meshrec plan --model MODEL --devices N --cluster CLUSTER` makes: the
+    /// model preset ([`ModelShape::preset_by_name`]) on `devices` devices of the cluster
+    /// preset ([`Cluster::preset`]), with [`PlanRequest::new`]'s defaults. Unknown names are
+    /// errors listing the known ones.
+    pub fn from_names(
+        model: &str,
+        cluster: &str,
+        devices: usize,
+        global_batch: usize,
+    ) -> Result<Self, BalanceError> {
+        let shape = ModelShape::preset_by_name(model)?;
+        let cluster = Cluster::preset(cluster, devices)?;
+        if global_batch == 0 {
+            return Err(BalanceError::NoFeasibleLayout(
+                "global batch must be at least 1".into(),
+            ));
+        }
+        Ok(Self::new(shape, cluster, devices, global_batch))
     }
 }
 
@@ -86,6 +115,17 @@ impl LayoutClass {
             (false, true, false) => LayoutClass::TpOnly,
             (false, false, true) => LayoutClass::PpOnly,
             _ => LayoutClass::Hybrid,
+        }
+    }
+
+    /// `hybrid`, `DP-only`, ...
+    pub fn label(&self) -> &'static str {
+        match self {
+            LayoutClass::Single => "single device",
+            LayoutClass::DpOnly => "DP-only",
+            LayoutClass::TpOnly => "TP-only",
+            LayoutClass::PpOnly => "PP-only",
+            LayoutClass::Hybrid => "hybrid",
         }
     }
 }
@@ -119,6 +159,18 @@ impl Candidate {
 /// The planner's answer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Plan {
+    /// Model preset (or shape) name.
+    pub model: String,
+    /// Cluster name.
+    pub cluster: String,
+    /// Devices used.
+    pub devices: usize,
+    /// Sequences per step.
+    pub global_batch: usize,
+    /// Whether adaptive balancing was on.
+    pub balance: bool,
+    /// Smallest device memory of the cluster, bytes.
+    pub capacity_bytes: u64,
     /// Highest simulated throughput of all layouts that fit.
     pub best: Candidate,
     /// Best layout combining two or more kinds of parallelism, if any fits.
@@ -131,13 +183,16 @@ pub struct Plan {
     pub best_pp: Option<Candidate>,
     /// Best layout with pipeline parallelism (`pp > 1`), where balancing matters most.
     pub best_pipelined: Option<Candidate>,
-    /// Fitting layouts ranked by throughput, best first (top 20).
+    /// Fitting layouts ranked by throughput, best first (the request's `keep` best).
     pub ranking: Vec<Candidate>,
     /// Configurations simulated.
     pub considered: usize,
+    /// Configurations that fit in memory.
+    pub fitting: usize,
     /// Configurations dropped because they do not fit in memory.
     pub rejected_memory: usize,
-    /// Why the winner wins against the best single-mode layout, with numbers.
+    /// Why the winner wins against the best single-mode layout (or, when a single-mode
+    /// layout wins, why it beats the best hybrid), with numbers.
     pub explanation: String,
 }
 
@@ -148,6 +203,33 @@ impl Plan {
             .into_iter()
             .flatten()
             .max_by(|a, b| a.result.samples_per_s.total_cmp(&b.result.samples_per_s))
+    }
+}
+
+impl fmt::Display for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&render_report(self, 10))
+    }
+}
+
+/// A layout named by its label with its simulated throughput (a [`PaperRow`] entry).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LayoutScore {
+    /// [`SimConfig::label`] of the layout.
+    pub layout: String,
+    /// Simulated samples/s.
+    pub samples_per_s: f64,
+    /// Simulated mean utilization.
+    pub utilization: f64,
+}
+
+impl LayoutScore {
+    fn of(c: &Candidate) -> Self {
+        Self {
+            layout: c.config.label(),
+            samples_per_s: c.result.samples_per_s,
+            utilization: c.result.utilization_mean,
+        }
     }
 }
 
@@ -167,6 +249,8 @@ pub struct PaperRow {
     pub best_hybrid: String,
     /// Label of the best single-mode layout.
     pub best_single: String,
+    /// Class of the best single-mode layout (`DP-only`, `TP-only`, `PP-only`).
+    pub best_single_class: String,
     /// Simulated samples/s of each.
     pub hybrid_samples_per_s: f64,
     /// Simulated samples/s of the single-mode layout.
@@ -179,26 +263,55 @@ pub struct PaperRow {
     pub throughput_ratio: f64,
     /// `hybrid / single` mean utilization.
     pub utilization_ratio: f64,
+    /// Mean pipeline bubble of the best hybrid layout.
+    pub hybrid_bubble: f64,
+    /// Model FLOPs utilisation of the best hybrid layout.
+    pub hybrid_mfu: f64,
+    /// Model FLOPs utilisation of the single-mode layout.
+    pub single_mfu: f64,
+    /// Best DP-only layout and its samples/s, if one fits.
+    pub best_dp: Option<LayoutScore>,
+    /// Best TP-only layout and its samples/s, if one fits.
+    pub best_tp: Option<LayoutScore>,
+    /// Best PP-only layout and its samples/s, if one fits.
+    pub best_pp: Option<LayoutScore>,
+    /// Best layout with `pp > 1` and its samples/s.
+    pub best_pipelined: Option<LayoutScore>,
+    /// The overall winner's label.
+    pub best_overall: String,
+    /// The plan's explanation.
+    pub explanation: String,
 }
 
 impl PaperRow {
-    /// The row of `plan` for `req`, or `None` when no hybrid or no single-mode layout fits.
-    pub fn from_plan(req: &PlanRequest, plan: &Plan) -> Option<Self> {
+    /// The row of `plan`, or `None` when no hybrid or no single-mode layout fits.
+    pub fn from_plan(plan: &Plan) -> Option<Self> {
         let h = plan.best_hybrid.as_ref()?;
         let s = plan.best_single()?;
+        let pair = |c: &Option<Candidate>| c.as_ref().map(LayoutScore::of);
         Some(Self {
-            devices: req.devices,
-            model: req.shape.name.clone(),
-            cluster: req.cluster.name.clone(),
-            balance: req.balance,
+            devices: plan.devices,
+            model: plan.model.clone(),
+            cluster: plan.cluster.clone(),
+            balance: plan.balance,
             best_hybrid: h.config.label(),
             best_single: s.config.label(),
+            best_single_class: s.class().label().to_string(),
             hybrid_samples_per_s: h.result.samples_per_s,
             single_samples_per_s: s.result.samples_per_s,
             hybrid_utilization: h.result.utilization_mean,
             single_utilization: s.result.utilization_mean,
             throughput_ratio: h.result.samples_per_s / s.result.samples_per_s,
             utilization_ratio: h.result.utilization_mean / s.result.utilization_mean,
+            hybrid_bubble: h.result.bubble,
+            hybrid_mfu: h.result.mfu,
+            single_mfu: s.result.mfu,
+            best_dp: pair(&plan.best_dp),
+            best_tp: pair(&plan.best_tp),
+            best_pp: pair(&plan.best_pp),
+            best_pipelined: pair(&plan.best_pipelined),
+            best_overall: plan.best.config.label(),
+            explanation: plan.explanation.clone(),
         })
     }
 }
@@ -277,80 +390,142 @@ pub fn enumerate(req: &PlanRequest) -> Vec<SimConfig> {
     out
 }
 
-const GIB: f64 = (1u64 << 30) as f64;
-
 fn describe(c: &Candidate) -> String {
     let r = &c.result;
     format!(
-        "{}: {:.1} samples/s (step {:.4} s), utilization {:.1}% (min {:.1}%), bubble {:.1}%, bytes/step dp {:.2} GB tp {:.2} GB pp {:.2} GB (inter-node {:.2} GB), peak memory {:.1} GiB",
+        "{} ({}): {:.1} samples/s, step {}, utilization {:.1}% (min {:.1}%), bubble {:.1}%, bytes/step dp {} tp {} pp {} (intra-node {}, inter-node {}), peak memory {}",
         c.config.label(),
+        c.class().label(),
         r.samples_per_s,
-        r.step_s,
+        fmt_s(r.step_s),
         100.0 * r.utilization_mean,
         100.0 * r.utilization_min,
         100.0 * r.bubble,
-        r.bytes.dp / 1e9,
-        r.bytes.tp / 1e9,
-        r.bytes.pp / 1e9,
-        r.bytes.inter / 1e9,
-        c.peak_memory() as f64 / GIB
+        fmt_bytes(r.bytes.dp),
+        fmt_bytes(r.bytes.tp),
+        fmt_bytes(r.bytes.pp),
+        fmt_bytes(r.bytes.intra),
+        fmt_bytes(r.bytes.inter),
+        fmt_mem(c.peak_memory() as f64)
     )
 }
 
-/// Explains `a` against `b` in terms of throughput, bubble, communication and memory.
+/// Why `a` is faster (or slower) than `b`: where a device's step goes in each (compute,
+/// TP all-reduces, pipeline idle, exposed DP synchronisation, optimizer), which part makes
+/// the difference and what causes it, then bytes per link class, utilization, bubble and
+/// memory against `capacity`. Every number is simulated and the text says so.
 pub fn explain(a: &Candidate, b: &Candidate, capacity: u64) -> String {
     let (ra, rb) = (&a.result, &b.result);
+    let (ma, mb) = (a.config.mesh, b.config.mesh);
+    let (la, lb) = (ma.label(), mb.label());
+    let (ba, bb) = (ra.breakdown, rb.breakdown);
     let ratio = ra.samples_per_s / rb.samples_per_s;
-    let mut why = Vec::new();
-    // Where each loses time: idle (bubble) and non-compute time per step.
-    let idle_a = ra.step_s * (1.0 - ra.utilization_mean);
-    let idle_b = rb.step_s * (1.0 - rb.utilization_mean);
-    if (rb.bubble - ra.bubble).abs() > 0.02 {
-        why.push(format!(
-            "pipeline bubble {:.1}% vs {:.1}%",
-            100.0 * ra.bubble,
-            100.0 * rb.bubble
-        ));
-    }
-    let (ia, ib) = (ra.bytes.inter, rb.bytes.inter);
-    if (ia - ib).abs() > 0.1 * ia.max(ib) && ia.max(ib) > 0.0 {
-        why.push(format!(
-            "inter-node traffic {:.2} GB vs {:.2} GB per step",
-            ia / 1e9,
-            ib / 1e9
-        ));
-    }
-    let (ta, tb) = (ra.bytes.total(), rb.bytes.total());
-    if (ta - tb).abs() > 0.1 * ta.max(tb) && ta.max(tb) > 0.0 {
-        why.push(format!(
-            "total traffic {:.2} GB vs {:.2} GB per step",
-            ta / 1e9,
-            tb / 1e9
-        ));
-    }
-    why.push(format!(
-        "non-compute time per device {:.1} ms vs {:.1} ms per step",
-        1e3 * idle_a,
-        1e3 * idle_b
-    ));
-    let (ma, mb) = (a.peak_memory() as f64, b.peak_memory() as f64);
-    if (ma - mb).abs() > 0.1 * ma.max(mb) {
-        why.push(format!(
-            "peak memory {:.1} GiB vs {:.1} GiB of {:.0} GiB",
-            ma / GIB,
-            mb / GIB,
-            capacity as f64 / GIB
-        ));
-    }
-    format!(
-        "simulated: {} is {:.2}x the throughput of {} ({}). Winner: {}. Runner-up: {}.",
-        a.config.mesh.label(),
+    let mut out = format!(
+        "SIMULATED: {} ({}) reaches {:.2}x the samples/s of {} ({}): {:.1} vs {:.1} samples/s, step {} vs {}. ",
+        a.config.label(),
+        a.class().label(),
         ratio,
-        b.config.mesh.label(),
-        why.join("; "),
-        describe(a),
-        describe(b)
-    )
+        b.config.label(),
+        b.class().label(),
+        ra.samples_per_s,
+        rb.samples_per_s,
+        fmt_s(ra.step_s),
+        fmt_s(rb.step_s),
+    );
+    let parts = [
+        ("compute", ba.compute_s, bb.compute_s),
+        ("TP all-reduce", ba.tp_comm_s, bb.tp_comm_s),
+        ("pipeline idle", ba.pipeline_idle_s, bb.pipeline_idle_s),
+        ("DP sync/wait", ba.sync_s, bb.sync_s),
+        ("optimizer", ba.optimizer_s, bb.optimizer_s),
+    ];
+    out.push_str(&format!(
+        "Per device and step ({la} vs {lb}): {}. ",
+        parts
+            .iter()
+            .map(|(n, x, y)| format!("{n} {} vs {}", fmt_s(*x), fmt_s(*y)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    ));
+    let reason = |name: &str| -> String {
+        match name {
+            "compute" => format!(
+                "compute per device: the same global batch spread as {} vs {} sequences per micro-batch on tp {} vs {} shards changes how efficiently each kernel runs (small kernels are memory-bound)",
+                ra.replica_micro_batch.iter().max().copied().unwrap_or(0),
+                rb.replica_micro_batch.iter().max().copied().unwrap_or(0),
+                ma.tp,
+                mb.tp
+            ),
+            "TP all-reduce" => format!(
+                "blocking tensor-parallel all-reduces (4 per block per micro-batch): tp {} vs {} moving {} vs {} per step",
+                ma.tp,
+                mb.tp,
+                fmt_bytes(ra.bytes.tp),
+                fmt_bytes(rb.bytes.tp)
+            ),
+            "pipeline idle" => format!(
+                "pipeline idle time (bubble and stage imbalance; the catalogue-sized head cannot be split across stages): pp {} with {} micro-batches vs pp {} with {}, bubble {:.1}% vs {:.1}%",
+                ma.pp,
+                a.config.micro_batches,
+                mb.pp,
+                b.config.micro_batches,
+                100.0 * ra.bubble,
+                100.0 * rb.bubble
+            ),
+            "DP sync/wait" => format!(
+                "gradient synchronisation not hidden behind backward: dp {} vs {} replicas exchange {} vs {} per step, {} vs {} of it over inter-node links",
+                ma.dp,
+                mb.dp,
+                fmt_bytes(ra.bytes.dp),
+                fmt_bytes(rb.bytes.dp),
+                fmt_bytes(ra.bytes.inter),
+                fmt_bytes(rb.bytes.inter)
+            ),
+            _ => format!(
+                "the optimizer over each device's share of the state (sharded {} vs {} ways by tp·pp)",
+                ma.tp * ma.pp,
+                mb.tp * mb.pp
+            ),
+        }
+    };
+    // Where `a` saves most, and where it pays most.
+    let saves = parts
+        .iter()
+        .map(|(n, x, y)| (*n, y - x))
+        .max_by(|p, q| p.1.total_cmp(&q.1));
+    let pays = parts
+        .iter()
+        .map(|(n, x, y)| (*n, x - y))
+        .max_by(|p, q| p.1.total_cmp(&q.1));
+    if let Some((name, d)) = saves.filter(|s| s.1 > 0.0) {
+        out.push_str(&format!(
+            "{la} saves most in {name} ({} per step): {}. ",
+            fmt_s(d),
+            reason(name)
+        ));
+    }
+    if let Some((name, d)) = pays.filter(|p| p.1 > 0.0) {
+        out.push_str(&format!(
+            "It pays {} more in {name}: {}. ",
+            fmt_s(d),
+            reason(name)
+        ));
+    }
+    out.push_str(&format!(
+        "Bytes per step: intra-node {} vs {}, inter-node {} vs {}. Utilization {:.1}% vs {:.1}%, bubble {:.1}% vs {:.1}%, peak memory {} vs {} of {} per device.",
+        fmt_bytes(ra.bytes.intra),
+        fmt_bytes(rb.bytes.intra),
+        fmt_bytes(ra.bytes.inter),
+        fmt_bytes(rb.bytes.inter),
+        100.0 * ra.utilization_mean,
+        100.0 * rb.utilization_mean,
+        100.0 * ra.bubble,
+        100.0 * rb.bubble,
+        fmt_mem(a.peak_memory() as f64),
+        fmt_mem(b.peak_memory() as f64),
+        fmt_mem(capacity as f64),
+    ));
+    out
 }
 
 /// Plans `req`: simulates every configuration, drops those that do not fit, ranks by
@@ -394,41 +569,148 @@ pub fn plan(req: &PlanRequest) -> Result<Plan, BalanceError> {
         )));
     };
     let best_of = |class: LayoutClass| fitting.iter().find(|c| c.class() == class).cloned();
+    let capacity_bytes = req
+        .cluster
+        .devices
+        .iter()
+        .take(req.devices)
+        .map(|d| d.memory_bytes)
+        .min()
+        .unwrap_or(0);
     let mut plan = Plan {
+        model: req.shape.name.clone(),
+        cluster: req.cluster.name.clone(),
+        devices: req.devices,
+        global_batch: req.global_batch,
+        balance: req.balance,
+        capacity_bytes,
         best_hybrid: best_of(LayoutClass::Hybrid),
         best_dp: best_of(LayoutClass::DpOnly),
         best_tp: best_of(LayoutClass::TpOnly),
         best_pp: best_of(LayoutClass::PpOnly),
         best_pipelined: fitting.iter().find(|c| c.config.mesh.pp > 1).cloned(),
         best,
-        ranking: fitting.into_iter().take(20).collect(),
+        fitting: fitting.len(),
+        ranking: fitting.into_iter().take(req.keep.max(1)).collect(),
         considered,
         rejected_memory,
         explanation: String::new(),
     };
-    let capacity = req
-        .cluster
-        .devices
-        .iter()
-        .map(|d| d.memory_bytes)
-        .min()
-        .unwrap_or(0);
-    plan.explanation = match plan.best_single() {
-        Some(single) if single.config != plan.best.config => explain(&plan.best, single, capacity),
-        Some(single) => format!(
-            "simulated: the single-mode layout {} wins; the best hybrid is {}",
-            describe(single),
-            plan.best_hybrid
-                .as_ref()
-                .map_or("none that fits".into(), describe)
+    plan.explanation = match (plan.best_single(), plan.best_hybrid.as_ref()) {
+        // The winner is hybrid (or a single device): against the best single-mode layout.
+        (Some(single), _) if plan.best.class() != single.class() => {
+            explain(&plan.best, single, capacity_bytes)
+        }
+        // A single-mode layout wins: why it beats the best hybrid.
+        (Some(_), Some(hybrid)) => format!(
+            "The best layout is single-mode. {}",
+            explain(&plan.best, hybrid, capacity_bytes)
         ),
-        None => format!(
-            "simulated: no single-mode layout fits or exists for {} devices; winner {}",
+        (Some(_), None) => format!(
+            "SIMULATED: no hybrid layout fits or exists for {} devices; the winner is {}.",
+            req.devices,
+            describe(&plan.best)
+        ),
+        (None, _) => format!(
+            "SIMULATED: no single-mode layout fits or exists for {} devices; the winner is {}.",
             req.devices,
             describe(&plan.best)
         ),
     };
     Ok(plan)
+}
+
+/// The planner's answer as text (what `meshrec plan` prints): a header, the `top` best
+/// fitting layouts as a markdown table (at most [`PlanRequest::keep`]), the best layout of
+/// each class, and the explanation of the winner against the best single-mode layout.
+/// Marked SIMULATED throughout.
+pub fn render_report(plan: &Plan, top: usize) -> String {
+    let mut out = String::new();
+    let shape = &plan.best.config.shape;
+    out.push_str(&format!(
+        "SIMULATED layout plan (roofline compute + alpha-beta links; nothing here was measured)\n\
+         model {} ({:.2}B parameters, vocab {}, d {}, {} blocks, {} heads), {} devices of cluster {} ({} per device), global batch {} sequences, adaptive balancing {}\n\
+         {} configurations simulated: {} fit in memory, {} rejected for memory.\n\n",
+        plan.model,
+        shape.params() as f64 / 1e9,
+        shape.vocab,
+        shape.d_model,
+        shape.n_layers,
+        shape.n_heads,
+        plan.devices,
+        plan.cluster,
+        fmt_mem(plan.capacity_bytes as f64),
+        plan.global_batch,
+        if plan.balance { "on" } else { "off" },
+        plan.considered,
+        plan.fitting,
+        plan.rejected_memory,
+    ));
+    let n = top.min(plan.ranking.len());
+    out.push_str(&format!(
+        "Top {n} by simulated samples/s:\n\n\
+         | # | class | dp | tp | pp | schedule | micro-batches | DP mode | compression | samples/s | step | util mean | util min | bubble | MFU | dp bytes | tp bytes | pp bytes | intra-node | inter-node | peak memory |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+    ));
+    for (i, c) in plan.ranking.iter().take(n).enumerate() {
+        let (cfg, r) = (&c.config, &c.result);
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {}{} | {} | {} | {} | {:.1} | {} | {:.1}% | {:.1}% | {:.1}% | {:.1}% | {} | {} | {} | {} | {} | {} |\n",
+            i + 1,
+            c.class().label(),
+            cfg.mesh.dp,
+            cfg.mesh.tp,
+            cfg.mesh.pp,
+            cfg.schedule.label(),
+            if cfg.reverse_stages { " rev" } else { "" },
+            cfg.micro_batches,
+            cfg.dp_mode.label(),
+            cfg.compression.name,
+            r.samples_per_s,
+            fmt_s(r.step_s),
+            100.0 * r.utilization_mean,
+            100.0 * r.utilization_min,
+            100.0 * r.bubble,
+            100.0 * r.mfu,
+            fmt_bytes(r.bytes.dp),
+            fmt_bytes(r.bytes.tp),
+            fmt_bytes(r.bytes.pp),
+            fmt_bytes(r.bytes.intra),
+            fmt_bytes(r.bytes.inter),
+            fmt_mem(c.peak_memory() as f64),
+        ));
+    }
+    out.push_str("\nBest of each class (simulated):\n");
+    let heads = shape.n_heads;
+    let blocks = shape.n_layers;
+    for (class, c, why_none) in [
+        (LayoutClass::Hybrid, &plan.best_hybrid, String::new()),
+        (LayoutClass::DpOnly, &plan.best_dp, String::new()),
+        (
+            LayoutClass::TpOnly,
+            &plan.best_tp,
+            format!(" (tp must divide the {heads} heads)"),
+        ),
+        (
+            LayoutClass::PpOnly,
+            &plan.best_pp,
+            format!(" (pp at most the {blocks} blocks)"),
+        ),
+    ] {
+        match c {
+            Some(c) => out.push_str(&format!("- {}: {}\n", class.label(), describe(c))),
+            None => out.push_str(&format!(
+                "- {}: none fits or none is possible{why_none}\n",
+                class.label()
+            )),
+        }
+    }
+    out.push_str(&format!(
+        "\nWinner: {}\n\nWhy: {}\n",
+        describe(&plan.best),
+        plan.explanation
+    ));
+    out
 }
 
 #[cfg(test)]
@@ -479,7 +761,7 @@ mod tests {
                 );
             }
         }
-        assert!(plan.explanation.contains("simulated"));
+        assert!(plan.explanation.contains("SIMULATED"));
     }
 
     #[test]
@@ -532,9 +814,85 @@ mod tests {
         let single = plan.best_single().unwrap();
         assert!(plan.best.result.samples_per_s >= single.result.samples_per_s);
         assert!(
-            plan.explanation.starts_with("simulated"),
+            plan.explanation.contains("SIMULATED"),
             "{}",
             plan.explanation
         );
+    }
+
+    #[test]
+    fn requests_by_name_and_the_rendered_report() {
+        let e = PlanRequest::from_names("7b", "a100x8", 8, 64).unwrap_err();
+        assert!(e.to_string().contains("known: 100m, 1b"), "{e}");
+        let e = PlanRequest::from_names("1b", "a100x9", 8, 64).unwrap_err();
+        assert!(e.to_string().contains("known: a100x8"), "{e}");
+
+        let mut req = PlanRequest::from_names("100m", "a100x8", 16, 256).unwrap();
+        req.micro_batches = vec![4, 16];
+        req.keep = 5;
+        let plan = plan(&req).unwrap();
+        assert_eq!(plan.ranking.len(), 5);
+        assert!(plan.fitting >= 5 && plan.fitting + plan.rejected_memory <= plan.considered);
+        let text = render_report(&plan, 3);
+        assert!(text.starts_with("SIMULATED layout plan"), "{text}");
+        assert!(text.contains("Top 3 by simulated samples/s"), "{text}");
+        let rows = text.lines().filter(|l| l.starts_with("| ")).count();
+        assert_eq!(rows, 1 + 3, "{text}"); // header + 3 layouts
+        let ranks: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("| ") && !l.starts_with("| #"))
+            .map(|l| l.split(" | ").next().unwrap_or(""))
+            .collect();
+        assert_eq!(ranks, ["| 1", "| 2", "| 3"], "{text}");
+        for needle in [
+            "- hybrid:",
+            "- DP-only:",
+            "- TP-only:",
+            "- PP-only:",
+            "Winner:",
+            "Why: ",
+        ] {
+            assert!(text.contains(needle), "{needle} missing:\n{text}");
+        }
+        // The explanation names the best single-mode layout and where the time goes.
+        let single = plan.best_single().unwrap().config.label();
+        assert!(plan.explanation.contains(&single), "{}", plan.explanation);
+        assert!(plan.explanation.contains("Per device and step"));
+        assert!(plan.explanation.contains("inter-node"));
+        // Asking for more than were kept shows what there is.
+        assert!(render_report(&plan, 50).contains("Top 5 by"));
+        assert_eq!(plan.to_string(), render_report(&plan, 10));
+    }
+
+    #[test]
+    fn paper_row_compares_hybrid_with_the_best_single_mode_layout() {
+        let shape = ModelShape::preset_100m();
+        let cluster = Cluster::preset("a100x8", 8).unwrap();
+        let mut req = PlanRequest::new(shape, cluster, 8, 256);
+        req.micro_batches = vec![2, 8];
+        let plan = plan(&req).unwrap();
+        let row = PaperRow::from_plan(&plan).unwrap();
+        let h = plan.best_hybrid.as_ref().unwrap();
+        let s = plan.best_single().unwrap();
+        assert_eq!(row.devices, 8);
+        assert_eq!(row.model, "100m");
+        assert_eq!(row.cluster, "a100x8");
+        assert_eq!(row.best_hybrid, h.config.label());
+        assert_eq!(row.best_single, s.config.label());
+        assert!(
+            (row.throughput_ratio - h.result.samples_per_s / s.result.samples_per_s).abs() < 1e-12
+        );
+        assert!(
+            (row.utilization_ratio - h.result.utilization_mean / s.result.utilization_mean).abs()
+                < 1e-12
+        );
+        // The single-mode layout is the best of the three single-mode bests.
+        for best in [&row.best_dp, &row.best_tp, &row.best_pp]
+            .into_iter()
+            .flatten()
+        {
+            assert!(best.samples_per_s <= row.single_samples_per_s);
+        }
+        assert!(row.best_dp.is_some() && row.best_pp.is_some());
     }
 }

@@ -10,9 +10,14 @@
 //! slowest stage by at least `min_gain` (relative, both partitions judged under the same
 //! estimates), and (3) the time saved over `horizon_steps` steps exceeds the time to migrate
 //! the moved layers' parameters and optimizer state. Only after `patience` such windows in a
-//! row does it propose (hysteresis: a noisy window resets the count). After the trainer
-//! migrates, it calls [`Rebalancer::commit`], which restarts the stage-time smoothing so the
-//! old partition's times never mix with the new one's.
+//! row, all proposing the same partition, does it propose (hysteresis: a noisy window resets
+//! the count). The gain must also beat what measurement noise can fake: each device's
+//! window-to-window speed jitter is tracked (an EWMA of squared relative differences of
+//! consecutive windows), and the required gain grows by `noise_margin` standard errors of the
+//! smoothed speed difference of two stages, so noisy measurements never shuffle layers
+//! between partitions that are equally good in truth. After the trainer migrates, it calls
+//! [`Rebalancer::commit`], which restarts the stage-time smoothing so the old partition's
+//! times never mix with the new one's.
 
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +48,10 @@ pub struct RebalanceConfig {
     pub micro_batches: u32,
     /// Fewest transformer blocks per stage (see [`PartitionProblem::min_blocks_per_stage`]).
     pub min_blocks_per_stage: usize,
+    /// Standard errors of measurement noise added to `min_gain` (0: ignore noise). With
+    /// `σ` the largest per-device relative speed jitter between windows, the required
+    /// relative gain is `min_gain + noise_margin · √2 · σ · √(α / (2 − α))`.
+    pub noise_margin: f64,
 }
 
 impl Default for RebalanceConfig {
@@ -56,6 +65,7 @@ impl Default for RebalanceConfig {
             migration_bw: 10e9,
             micro_batches: 8,
             min_blocks_per_stage: 1,
+            noise_margin: 2.0,
         }
     }
 }
@@ -81,6 +91,7 @@ impl RebalanceConfig {
         for (name, v) in [
             ("imbalance_threshold", self.imbalance_threshold),
             ("min_gain", self.min_gain),
+            ("noise_margin", self.noise_margin),
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 return Err(bad(format!("{name} = {v} must be finite and >= 0")));
@@ -90,6 +101,49 @@ impl RebalanceConfig {
             return Err(bad("patience and micro_batches must be at least 1".into()));
         }
         Ok(())
+    }
+}
+
+/// Per-worker measurement jitter: an EWMA of half the squared relative difference of
+/// consecutive raw speed measurements (for independent noise of variance `σ²` that is `σ²`;
+/// a level shift counts once instead of for as long as the smoothing takes to follow it).
+#[derive(Debug, Clone, Default)]
+struct Jitter {
+    last: Option<Vec<f64>>,
+    var: Option<Vec<f64>>,
+}
+
+impl Jitter {
+    fn observe(&mut self, raw: &[f64], alpha: f64) {
+        if let Some(last) = &self.last {
+            let now: Vec<f64> = raw
+                .iter()
+                .zip(last)
+                .map(|(x, l)| {
+                    let d = (x - l) / l;
+                    0.5 * d * d
+                })
+                .collect();
+            self.var = Some(match self.var.take() {
+                None => now,
+                Some(v) => v
+                    .iter()
+                    .zip(&now)
+                    .map(|(v, x)| (1.0 - alpha) * v + alpha * x)
+                    .collect(),
+            });
+        }
+        self.last = Some(raw.to_vec());
+    }
+
+    /// `z · √2 · σ_max · √(α / (2 − α))`: `z` standard errors of the difference of two
+    /// EWMA-smoothed speeds (0 before two windows were seen).
+    fn margin(&self, alpha: f64, z: f64) -> f64 {
+        let max_var = self
+            .var
+            .as_ref()
+            .map_or(0.0, |v| v.iter().copied().fold(0.0, f64::max));
+        z * (2.0 * max_var * alpha / (2.0 - alpha)).sqrt()
     }
 }
 
@@ -127,7 +181,7 @@ pub enum KeepReason {
         /// Consecutive such windows so far.
         streak: u32,
     },
-    /// No partition is better by `min_gain`.
+    /// No partition is better by the required gain (`min_gain` plus the noise margin).
     NoBetterPartition,
     /// Better, but the migration would not pay off within the horizon.
     NotWorthMigrating,
@@ -156,7 +210,10 @@ pub struct Rebalancer {
     current: Partition,
     ewma: Option<Vec<f64>>,
     speeds: Option<Vec<f64>>,
+    jitter: Jitter,
     streak: u32,
+    /// The partition the current streak proposes.
+    target: Option<Partition>,
 }
 
 impl Rebalancer {
@@ -187,8 +244,18 @@ impl Rebalancer {
             current,
             ewma: None,
             speeds: None,
+            jitter: Jitter::default(),
             streak: 0,
+            target: None,
         })
+    }
+
+    /// The relative gain a proposal needs now: `min_gain` plus the noise margin.
+    pub fn required_gain(&self) -> f64 {
+        self.cfg.min_gain
+            + self
+                .jitter
+                .margin(self.cfg.ewma_alpha, self.cfg.noise_margin)
     }
 
     /// The partition in force.
@@ -237,12 +304,14 @@ impl Rebalancer {
                 }
             })
             .collect();
+        self.jitter.observe(&now_speeds, a);
         let speeds = smooth(self.speeds.take(), now_speeds);
         self.speeds = Some(speeds.clone());
         let imb = imbalance(&ewma);
         self.ewma = Some(ewma);
         if imb <= self.cfg.imbalance_threshold {
             self.streak = 0;
+            self.target = None;
             return Ok(Decision::Keep {
                 imbalance: imb,
                 reason: KeepReason::Balanced,
@@ -264,8 +333,10 @@ impl Rebalancer {
         // Compare like with like: the current partition under the same speed estimates.
         let current_b = problem.evaluate(&self.current)?.bottleneck_s();
         let new_b = plan.bottleneck_s();
-        if plan.partition == self.current || (current_b - new_b) < self.cfg.min_gain * current_b {
+        if plan.partition == self.current || (current_b - new_b) < self.required_gain() * current_b
+        {
             self.streak = 0;
+            self.target = None;
             return Ok(Decision::Keep {
                 imbalance: imb,
                 reason: KeepReason::NoBetterPartition,
@@ -287,12 +358,18 @@ impl Rebalancer {
         let gain_per_step_s = (current_b - new_b) * f64::from(self.cfg.micro_batches);
         if gain_per_step_s * self.cfg.horizon_steps <= migration_s {
             self.streak = 0;
+            self.target = None;
             return Ok(Decision::Keep {
                 imbalance: imb,
                 reason: KeepReason::NotWorthMigrating,
             });
         }
-        // Hysteresis: imbalanced *and* a paying proposal for `patience` windows in a row.
+        // Hysteresis: imbalanced *and* a paying proposal of the same partition for
+        // `patience` windows in a row.
+        if self.target.as_ref() != Some(&plan.partition) {
+            self.streak = 0;
+            self.target = Some(plan.partition.clone());
+        }
         self.streak += 1;
         if self.streak < self.cfg.patience {
             return Ok(Decision::Keep {
@@ -331,6 +408,7 @@ impl Rebalancer {
         self.current = partition;
         self.ewma = None;
         self.streak = 0;
+        self.target = None;
         Ok(())
     }
 }
@@ -415,15 +493,22 @@ pub fn split_batch(global_batch: usize, speeds: &[f64]) -> Result<DpSplit, Balan
     Ok(DpSplit { batch, weights })
 }
 
-/// Re-splits the DP batch from measured worker step times, with EWMA smoothing and a
-/// minimum predicted gain (hysteresis) so noise does not reshuffle batches every window.
+/// Re-splits the DP batch from measured worker step times, with EWMA smoothing and
+/// hysteresis so noise does not reshuffle batches: a new split is adopted only after
+/// `patience` windows in a row (3 by default) in which it would shorten the step by more
+/// than `min_gain` plus `noise_margin` standard errors of the measurement jitter (as in
+/// [`RebalanceConfig::noise_margin`]; 2 by default).
 #[derive(Debug, Clone)]
 pub struct DpBalancer {
     global_batch: usize,
     alpha: f64,
     min_gain: f64,
+    patience: u32,
+    noise_margin: f64,
     split: DpSplit,
     speeds: Option<Vec<f64>>,
+    jitter: Jitter,
+    streak: u32,
 }
 
 impl DpBalancer {
@@ -446,9 +531,30 @@ impl DpBalancer {
             global_batch,
             alpha,
             min_gain,
+            patience: 3,
+            noise_margin: 2.0,
             split,
             speeds: None,
+            jitter: Jitter::default(),
+            streak: 0,
         })
+    }
+
+    /// Sets the hysteresis: windows in a row a re-split must pay (at least 1) and the
+    /// noise margin in standard errors (0 ignores noise).
+    pub fn with_hysteresis(
+        mut self,
+        patience: u32,
+        noise_margin: f64,
+    ) -> Result<Self, BalanceError> {
+        if patience == 0 || !(noise_margin.is_finite() && noise_margin >= 0.0) {
+            return Err(bad(format!(
+                "patience {patience} must be >= 1 and noise_margin {noise_margin} >= 0"
+            )));
+        }
+        self.patience = patience;
+        self.noise_margin = noise_margin;
+        Ok(self)
     }
 
     /// The split in force.
@@ -457,7 +563,7 @@ impl DpBalancer {
     }
 
     /// Feeds each worker's measured compute seconds for its current share; returns the new
-    /// split when it would shorten the step by more than `min_gain` (relative).
+    /// split once one has paid for `patience` windows in a row (see the type's docs).
     pub fn observe(&mut self, worker_s: &[f64]) -> Result<Option<DpSplit>, BalanceError> {
         let n = self.split.batch.len();
         if worker_s.len() != n {
@@ -479,6 +585,7 @@ impl DpBalancer {
             .zip(worker_s)
             .map(|(&b, &t)| b as f64 / t)
             .collect();
+        self.jitter.observe(&now, self.alpha);
         let speeds = match self.speeds.take() {
             None => now,
             Some(p) => p
@@ -490,11 +597,18 @@ impl DpBalancer {
         let candidate = split_batch(self.global_batch, &speeds)?;
         let (old, new) = (self.split.step_s(&speeds), candidate.step_s(&speeds));
         self.speeds = Some(speeds);
-        if candidate != self.split && old - new > self.min_gain * old {
-            self.split = candidate.clone();
-            return Ok(Some(candidate));
+        let required = self.min_gain + self.jitter.margin(self.alpha, self.noise_margin);
+        if candidate == self.split || old - new <= required * old {
+            self.streak = 0;
+            return Ok(None);
         }
-        Ok(None)
+        self.streak += 1;
+        if self.streak < self.patience {
+            return Ok(None);
+        }
+        self.streak = 0;
+        self.split = candidate.clone();
+        Ok(Some(candidate))
     }
 }
 
@@ -632,9 +746,12 @@ mod tests {
     fn a_single_spike_does_not_trigger_but_a_persistent_one_does() {
         let prof = profile(&[0.0, 1.0, 1.0, 1.0, 1.0, 0.0]);
         let part = Partition::from_blocks_per_stage(&[2, 2]).unwrap();
+        // Unsmoothed, noise-free windows: the jitter margin (which would read the spike as
+        // noise) is off, so this checks the patience logic alone.
         let cfg = RebalanceConfig {
             ewma_alpha: 1.0,
             patience: 3,
+            noise_margin: 0.0,
             ..RebalanceConfig::default()
         };
         let mut rb = Rebalancer::new(cfg, prof, stage_specs(2), part).unwrap();

@@ -202,6 +202,23 @@ impl ModelShape {
         }
     }
 
+    /// Names [`ModelShape::preset_by_name`] knows.
+    pub const PRESET_NAMES: [&'static str; 2] = ["100m", "1b"];
+
+    /// The simulator preset called `name` (case-insensitive): `100m`
+    /// ([`ModelShape::preset_100m`]) or `1b` ([`ModelShape::preset_1b`]). An unknown name is
+    /// an error that lists the known ones.
+    pub fn preset_by_name(name: &str) -> Result<Self, BalanceError> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "100m" => Ok(Self::preset_100m()),
+            "1b" => Ok(Self::preset_1b()),
+            other => Err(BalanceError::InvalidShape(format!(
+                "unknown model preset {other:?} (known: {})",
+                Self::PRESET_NAMES.join(", ")
+            ))),
+        }
+    }
+
     /// Checks that every size is positive and that heads divide `d_model`.
     pub fn validate(&self) -> Result<(), BalanceError> {
         let positive = [
@@ -478,6 +495,23 @@ mod tests {
             "{}",
             big.params()
         );
+    }
+
+    #[test]
+    fn presets_are_found_by_name_and_unknown_names_list_the_known_ones() {
+        assert_eq!(
+            ModelShape::preset_by_name("1B").unwrap(),
+            ModelShape::preset_1b()
+        );
+        assert_eq!(
+            ModelShape::preset_by_name("100m").unwrap(),
+            ModelShape::preset_100m()
+        );
+        for name in ModelShape::PRESET_NAMES {
+            assert_eq!(ModelShape::preset_by_name(name).unwrap().name, name);
+        }
+        let e = ModelShape::preset_by_name("7b").unwrap_err().to_string();
+        assert!(e.contains("\"7b\"") && e.contains("100m, 1b"), "{e}");
     }
 
     #[test]

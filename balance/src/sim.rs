@@ -18,7 +18,8 @@
 //!   of backward on a separate communication stream. `Sync` mode waits for every replica
 //!   (a collective starts when all replicas have the bucket); `Async` mode lets each replica
 //!   exchange its gradient at the same cost without waiting for the others (bounded
-//!   staleness is honoured over many steps by [`simulate_steps`]);
+//!   staleness is honoured over many steps by [`simulate_steps`]); `LocalSgd` exchanges no
+//!   gradients and averages the parameters every `sync_every` steps (amortised per step);
 //! * a tied output head keeps a copy of the embedding on the last stage; its gradient is
 //!   all-reduced between first and last stage before DP (as Megatron's embedding group);
 //! * compression shrinks DP payloads by `wire_ratio` and costs compute on the comm stream;
@@ -96,6 +97,37 @@ pub struct Op {
 }
 
 impl Schedule {
+    /// The schedule named as in the trainer's `[parallel] schedule`: `gpipe`, `1f1b` or
+    /// `interleaved` (with `virtual_stages` model chunks per device; `interleaved-v2` style
+    /// names carry their own count). `virtual_stages` is ignored by the others.
+    pub fn from_name(name: &str, virtual_stages: usize) -> Result<Self, BalanceError> {
+        let lower = name.to_ascii_lowercase();
+        let bad = |reason: String| BalanceError::InvalidLayout {
+            layout: format!("schedule {name:?}"),
+            reason,
+        };
+        match lower.as_str() {
+            "gpipe" => Ok(Schedule::GPipe),
+            "1f1b" | "one_f_one_b" | "pipedream-flush" => Ok(Schedule::OneFOneB),
+            "interleaved" | "interleaved-1f1b" | "interleaved_1f1b" => {
+                if virtual_stages < 2 {
+                    return Err(bad(format!(
+                        "interleaving needs virtual_stages >= 2, got {virtual_stages}"
+                    )));
+                }
+                Ok(Schedule::Interleaved {
+                    chunks: virtual_stages,
+                })
+            }
+            other => match other.strip_prefix("interleaved-v").map(str::parse::<usize>) {
+                Some(Ok(v)) if v >= 2 => Ok(Schedule::Interleaved { chunks: v }),
+                _ => Err(bad(
+                    "unknown schedule (known: gpipe, 1f1b, interleaved)".into()
+                )),
+            },
+        }
+    }
+
     /// Model chunks per device.
     pub fn chunks(&self) -> usize {
         match self {
@@ -216,6 +248,51 @@ pub enum DpMode {
         /// Steps a replica may run ahead of the slowest.
         max_staleness: u32,
     },
+    /// Local SGD: each replica steps on its own gradients (no gradient exchange); the
+    /// parameters are averaged by an all-reduce every `sync_every` steps. One simulated
+    /// step carries `1 / sync_every` of that all-reduce (amortised).
+    LocalSgd {
+        /// Steps between parameter averages (at least 1).
+        sync_every: u32,
+    },
+}
+
+impl DpMode {
+    /// The mode named as in the trainer's `[dp] mode`: `sync`, `async` (with
+    /// `max_staleness`) or `local_sgd` / `local-sgd` (with `sync_every`); the parameter the
+    /// mode does not use is ignored.
+    pub fn from_name(
+        name: &str,
+        max_staleness: u32,
+        sync_every: u32,
+    ) -> Result<Self, BalanceError> {
+        match name.to_ascii_lowercase().as_str() {
+            "sync" => Ok(DpMode::Sync),
+            "async" => Ok(DpMode::Async { max_staleness }),
+            "local_sgd" | "local-sgd" | "localsgd" => {
+                if sync_every == 0 {
+                    return Err(BalanceError::InvalidLayout {
+                        layout: format!("dp mode {name}"),
+                        reason: "sync_every must be at least 1".into(),
+                    });
+                }
+                Ok(DpMode::LocalSgd { sync_every })
+            }
+            other => Err(BalanceError::InvalidLayout {
+                layout: format!("dp mode {other:?}"),
+                reason: "unknown DP mode (known: sync, async, local_sgd)".into(),
+            }),
+        }
+    }
+
+    /// Short name: `sync`, `async-s4`, `local-sgd-k8`.
+    pub fn label(&self) -> String {
+        match self {
+            DpMode::Sync => "sync".to_string(),
+            DpMode::Async { max_staleness } => format!("async-s{max_staleness}"),
+            DpMode::LocalSgd { sync_every } => format!("local-sgd-k{sync_every}"),
+        }
+    }
 }
 
 /// How a compressor's payloads are combined.
@@ -277,6 +354,97 @@ impl Compression {
             memory_passes: 3.0,
             aggregation: Aggregation::AllReduce,
         }
+    }
+
+    /// A compressor named as `meshrec-compress` names its methods (`MethodId::name`), with
+    /// its one size parameter `param`:
+    ///
+    /// | method | `param` | wire (per gradient element) | aggregation |
+    /// |---|---|---|---|
+    /// | `identity` / `none` | ignored | the gradient | all-reduce |
+    /// | `fp16`, `bf16` | ignored | 2 bytes | all-reduce |
+    /// | `topk`, `dgc_topk` | kept fraction (`ratio`) | `ratio` × (u32 index + f32) | gather |
+    /// | `threshold` | expected kept fraction | as top-k | gather |
+    /// | `randk` | kept fraction (`ratio`) | `ratio` × f32 (shared seed) | all-reduce |
+    /// | `qsgd` | `levels` | sign + level bits, one f32 norm per 512 | gather |
+    /// | `terngrad` | ignored | 2 bits, one f32 scale per 512 | gather |
+    /// | `sign` | ignored | 1 bit, one f32 scale per 512 | gather |
+    /// | `powersgd` | `rank` | `2·rank/d` of a `d×d` matrix | all-reduce |
+    ///
+    /// Compute costs are modelled (FLOPs and memory passes per element), not measured.
+    pub fn from_method(method: &str, param: f64, shape: &ModelShape) -> Result<Self, BalanceError> {
+        let g = f64::from(shape.precision.grad_bytes.max(1));
+        let lower = method.to_ascii_lowercase();
+        let bad = |reason: String| BalanceError::InvalidLayout {
+            layout: format!("compressor {method:?}"),
+            reason,
+        };
+        let fraction = || {
+            if param.is_finite() && param > 0.0 && param <= 1.0 {
+                Ok(param)
+            } else {
+                Err(bad(format!("ratio {param} must be in (0, 1]")))
+            }
+        };
+        let quantised = |name: String, bits: f64, flops: f64| Self {
+            name,
+            wire_ratio: ((bits / 8.0 + 4.0 / 512.0) / g).min(1.0),
+            flops_per_element: flops,
+            memory_passes: 3.0,
+            aggregation: Aggregation::GatherThenSum,
+        };
+        Ok(match lower.as_str() {
+            "identity" | "none" => Self::none(),
+            "fp16" | "bf16" => Self {
+                name: lower.clone(),
+                wire_ratio: (2.0 / g).min(1.0),
+                flops_per_element: 1.0,
+                memory_passes: 2.0,
+                aggregation: Aggregation::AllReduce,
+            },
+            "topk" => Self::top_k(fraction()?, shape.precision.grad_bytes),
+            "dgc_topk" | "threshold" => {
+                let r = fraction()?;
+                Self {
+                    name: format!("{lower}{}%", r * 100.0),
+                    // A sampled threshold instead of a selection: 2 passes.
+                    memory_passes: 2.0,
+                    flops_per_element: 2.0,
+                    ..Self::top_k(r, shape.precision.grad_bytes)
+                }
+            }
+            "randk" => {
+                let r = fraction()?;
+                Self {
+                    name: format!("randk{}%", r * 100.0),
+                    wire_ratio: (r * 4.0 / g).min(1.0),
+                    flops_per_element: 1.0,
+                    memory_passes: 3.0,
+                    aggregation: Aggregation::AllReduce,
+                }
+            }
+            "qsgd" => {
+                if !(param.is_finite() && param >= 1.0) {
+                    return Err(bad(format!("levels {param} must be at least 1")));
+                }
+                let levels = param.round();
+                let bits = 1.0 + (levels + 1.0).log2().ceil();
+                quantised(format!("qsgd-l{levels}"), bits, 6.0)
+            }
+            "terngrad" => quantised("terngrad".into(), 2.0, 4.0),
+            "sign" => quantised("sign".into(), 1.0, 2.0),
+            "powersgd" => {
+                if !(param.is_finite() && param >= 1.0) {
+                    return Err(bad(format!("rank {param} must be at least 1")));
+                }
+                Self::power_sgd(param.round() as u32, shape.d_model)
+            }
+            _ => {
+                return Err(bad(
+                    "unknown compressor (known: identity, fp16, bf16, topk, dgc_topk, threshold, randk, qsgd, terngrad, sign, powersgd)".into(),
+                ))
+            }
+        })
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -374,10 +542,7 @@ impl SimConfig {
 
     /// `dp2·tp2·pp2 1f1b m8 sync none` (`rev` appended for reversed stages).
     pub fn label(&self) -> String {
-        let mode = match self.dp_mode {
-            DpMode::Sync => "sync".to_string(),
-            DpMode::Async { max_staleness } => format!("async-s{max_staleness}"),
-        };
+        let mode = self.dp_mode.label();
         format!(
             "{}{} {} m{} {} {}",
             self.mesh.label(),
@@ -439,6 +604,9 @@ impl SimConfig {
         self.compression
             .validate()
             .map_err(|r| self.layout_err(r))?;
+        if self.dp_mode == (DpMode::LocalSgd { sync_every: 0 }) {
+            return Err(self.layout_err("local SGD needs sync_every >= 1".into()));
+        }
         if let Some(p) = &self.profile {
             p.validate()?;
             if p.len() != self.shape.n_partition_layers() || p.tp != 1 {
@@ -538,6 +706,33 @@ impl CommBytes {
     }
 }
 
+/// Where one device's step time goes, in seconds, averaged over the pipeline devices (a
+/// TP group counts once). The parts add up to the replica's step time: up to the device's
+/// last backward it computes, waits on blocking TP all-reduces, or idles for pipeline
+/// inputs; after it, it runs the optimizer or waits for gradient synchronisation (DP
+/// buckets not hidden behind backward, the tied-embedding all-reduce, other replicas and
+/// stages, local SGD's amortised parameter average).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct StepBreakdown {
+    /// Forward and backward compute.
+    pub compute_s: f64,
+    /// Blocking tensor-parallel all-reduces.
+    pub tp_comm_s: f64,
+    /// Idle inside the pipeline section (bubble, waiting for activations or gradients).
+    pub pipeline_idle_s: f64,
+    /// Exposed gradient/parameter synchronisation and waiting for the rest of the job.
+    pub sync_s: f64,
+    /// The optimizer step.
+    pub optimizer_s: f64,
+}
+
+impl StepBreakdown {
+    /// The sum of the parts: the mean device's step time.
+    pub fn total_s(&self) -> f64 {
+        self.compute_s + self.tp_comm_s + self.pipeline_idle_s + self.sync_s + self.optimizer_s
+    }
+}
+
 /// The simulated outcome of one step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SimResult {
@@ -573,6 +768,8 @@ pub struct SimResult {
     pub replica_micro_batch: Vec<usize>,
     /// Per replica step time (sync: all equal).
     pub replica_step_s: Vec<f64>,
+    /// Where a device's step goes, averaged over pipeline devices.
+    pub breakdown: StepBreakdown,
     /// Events of the step.
     pub timeline: Vec<Event>,
 }
@@ -1072,7 +1269,8 @@ fn run_step(
             buckets[d][s].sort_by(|a, b| a.0.total_cmp(&b.0));
         }
     }
-    if dp > 1 {
+    let local_sgd = matches!(cfg.dp_mode, DpMode::LocalSgd { .. });
+    if dp > 1 && !local_sgd {
         let comp = &cfg.compression;
         let gb = f64::from(cfg.shape.precision.grad_bytes);
         let compress_s = |dev: &DeviceSpec, raw: f64| {
@@ -1119,6 +1317,8 @@ fn run_step(
                             after,
                         });
                     }
+                    // Local SGD exchanges no gradients (see the parameter average below).
+                    DpMode::LocalSgd { .. } => {}
                     DpMode::Async { .. } => {
                         for d in 0..dp {
                             let after: Vec<usize> = if has_tied {
@@ -1221,6 +1421,25 @@ fn run_step(
             let t = replica_end.iter().copied().fold(0.0, f64::max);
             (vec![t; dp], t, cfg.global_batch as f64 / t)
         }
+        DpMode::LocalSgd { sync_every } => {
+            // Between averages every replica runs at its own pace; at the average all wait
+            // for the slowest, then all-reduce the parameters stage by stage (in parallel).
+            let k = f64::from(sync_every.max(1));
+            let mut avg = 0.0f64;
+            if dp > 1 {
+                for s in 0..pp {
+                    let group: Vec<usize> = (0..dp).map(|d| cfg.rank(d, 0, s)).collect();
+                    let lk = topo.group_link_kind(&group);
+                    let param_bytes = (0..v).map(|c| prep.vst[0][c * pp + s].params).sum::<f64>()
+                        * f64::from(cfg.shape.precision.param_bytes);
+                    let (t, sent) = all_reduce_cost(dp, param_bytes, &topo.link(lk));
+                    bytes.add("dp", lk, sent * (dp * tp) as f64 / k);
+                    avg = avg.max(t);
+                }
+            }
+            let t = replica_end.iter().copied().fold(0.0, f64::max) + avg / k;
+            (vec![t; dp], t, cfg.global_batch as f64 / t)
+        }
         DpMode::Async { .. } => {
             let sps: f64 = (0..dp)
                 .map(|d| (m * prep.b[d]) as f64 / replica_end[d])
@@ -1236,13 +1455,23 @@ fn run_step(
     let mut fits = true;
     let mut bubbles = Vec::with_capacity(dp * pp);
     let mut bubble_per_stage = Vec::with_capacity(pp);
+    let mut breakdown = StepBreakdown::default();
     for d in 0..dp {
         let span = compute_end[d].iter().copied().fold(0.0, f64::max);
         for s in 0..pp {
             let u = (busy[d][s] + opt_s[d][s]) / replica_step_s[d];
-            // Two DP buckets in flight as communication buffers.
+            breakdown.compute_s += busy[d][s];
+            breakdown.tp_comm_s += occupied[d][s] - busy[d][s];
+            breakdown.pipeline_idle_s += (compute_end[d][s] - occupied[d][s]).max(0.0);
+            breakdown.optimizer_s += opt_s[d][s];
+            breakdown.sync_s += (replica_step_s[d] - compute_end[d][s] - opt_s[d][s]).max(0.0);
+            // Two DP buckets in flight as communication buffers (never more than the
+            // device's gradients).
             let comm_buf = if dp > 1 {
-                2.0 * cfg.bucket_bytes as f64
+                let grads: f64 = (0..v)
+                    .flat_map(|c| prep.vst[d][c * pp + s].grads_rev.iter().map(|g| g.1))
+                    .sum();
+                (2.0 * cfg.bucket_bytes as f64).min(grads)
             } else {
                 0.0
             };
@@ -1258,12 +1487,20 @@ fn run_step(
             } else {
                 0.0
             };
+            // Float residue of a stage busy for the whole span is no bubble.
+            let bub = if bub < 1e-12 { 0.0 } else { bub };
             bubbles.push(bub);
             if d == 0 {
                 bubble_per_stage.push(bub);
             }
         }
     }
+    let units = (dp * pp) as f64;
+    breakdown.compute_s /= units;
+    breakdown.tp_comm_s /= units;
+    breakdown.pipeline_idle_s /= units;
+    breakdown.optimizer_s /= units;
+    breakdown.sync_s /= units;
     let utilization_mean = utilization.iter().sum::<f64>() / world as f64;
     let utilization_min = utilization.iter().copied().fold(f64::INFINITY, f64::min);
     let peak: f64 = (0..world).map(|r| cluster.devices[r].peak_flops).sum();
@@ -1285,6 +1522,7 @@ fn run_step(
         partition: prep.partition.clone(),
         replica_micro_batch: prep.b.clone(),
         replica_step_s,
+        breakdown,
         timeline,
     })
 }
@@ -1337,7 +1575,7 @@ pub fn simulate_steps(
             .collect();
         let out = run_step(cfg, cluster, &prep, &slow)?;
         match cfg.dp_mode {
-            DpMode::Sync => {
+            DpMode::Sync | DpMode::LocalSgd { .. } => {
                 let prev = done[0].last().copied().unwrap_or(0.0);
                 for row in done.iter_mut() {
                     row.push(prev + out.step_s);

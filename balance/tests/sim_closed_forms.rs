@@ -1,6 +1,7 @@
 //! The simulator against closed forms: compute-only single stage, the ring all-reduce of
-//! pure DP, the pipeline bubble of GPipe/1F1B and of interleaved 1F1B, plus schedule
-//! deadlock freedom, 1F1B's in-flight bound, async vs sync and compression bytes.
+//! pure DP (and local SGD's amortised parameter average), the pipeline bubble of GPipe/1F1B
+//! and of interleaved 1F1B, plus schedule deadlock freedom, 1F1B's in-flight bound, async vs
+//! sync, compression bytes and the names the trainer's config uses.
 
 use meshrec_balance::cost::{CostProfile, LayerCost};
 use meshrec_balance::shape::LayerKind;
@@ -81,6 +82,9 @@ fn one_stage_is_compute_plus_optimizer() {
     );
     assert!(close(r.utilization_mean, 1.0, 1e-9));
     assert_eq!(r.bubble, 0.0);
+    let b = r.breakdown;
+    assert!(close(b.compute_s, compute, 1e-9) && close(b.optimizer_s, opt, 1e-9));
+    assert_eq!((b.tp_comm_s, b.pipeline_idle_s, b.sync_s), (0.0, 0.0, 0.0));
     assert_eq!(r.bytes.total(), 0.0);
     assert!(close(r.samples_per_s, 16.0 / r.step_s, 1e-12));
     assert!(r.fits);
@@ -481,4 +485,150 @@ fn tied_embedding_is_synchronised_between_first_and_last_stage() {
     // Both stages hold a copy of the table's state.
     let state = shape.vocab * shape.d_model * shape.precision.state_bytes_per_param();
     assert!(r.peak_memory_bytes.iter().all(|&m| m > state));
+}
+
+#[test]
+fn local_sgd_adds_an_amortised_parameter_ring_all_reduce() {
+    // dp 4, local SGD averaging every k steps: no gradient exchange; one step is compute +
+    // optimizer + 1/k of a ring all-reduce of the parameters.
+    let shape = ModelShape::preset_100m();
+    let link = LinkClass::new_us_gbps(5.0, 10.0);
+    let cluster = Cluster::homogeneous("dp", DeviceSpec::a100_80gb(), 4, 4, link, link).unwrap();
+    let prof = CostProfile::modelled(&shape, &cluster.devices[0], 2, 1).unwrap();
+    let compute = prof.train_s(0..prof.len());
+    let opt = cluster.devices[0].roofline_s(
+        12.0 * shape.params() as f64,
+        2.0 * shape.state_bytes() as f64,
+    );
+    let params = shape.param_bytes() as f64;
+    let ring = 2.0 * 3.0 / 4.0 * params / 10e9 + 2.0 * 3.0 * 5e-6;
+    for k in [1u32, 4, 16] {
+        let mut cfg = SimConfig::new(
+            shape.clone(),
+            Mesh {
+                dp: 4,
+                tp: 1,
+                pp: 1,
+            },
+            Schedule::OneFOneB,
+            1,
+            8,
+        );
+        cfg.dp_mode = DpMode::LocalSgd { sync_every: k };
+        let r = simulate(&cfg, &cluster).unwrap();
+        let closed = compute + opt + ring / f64::from(k);
+        assert!(
+            close(r.step_s, closed, 1e-9),
+            "k {k}: {} vs {closed}",
+            r.step_s
+        );
+        let bytes = 4.0 * 2.0 * 3.0 / 4.0 * params / f64::from(k);
+        assert!(
+            close(r.bytes.dp, bytes, 1e-9),
+            "k {k}: {} vs {bytes}",
+            r.bytes.dp
+        );
+        assert!(cfg.label().contains(&format!("local-sgd-k{k}")));
+        // The breakdown adds up to the step: the average shows as synchronisation.
+        let b = r.breakdown;
+        assert!(close(b.total_s(), r.step_s, 1e-9));
+        assert!(close(b.sync_s, ring / f64::from(k), 1e-6));
+    }
+    // Local SGD with k = 1 exchanges parameters instead of gradients after the step, so it
+    // never overlaps; sync DP with buckets overlaps backward and is faster.
+    let mut cfg = SimConfig::new(
+        shape,
+        Mesh {
+            dp: 4,
+            tp: 1,
+            pp: 1,
+        },
+        Schedule::OneFOneB,
+        1,
+        8,
+    );
+    let sync = simulate(&cfg, &cluster).unwrap();
+    cfg.dp_mode = DpMode::LocalSgd { sync_every: 1 };
+    assert!(simulate(&cfg, &cluster).unwrap().step_s > sync.step_s);
+    cfg.dp_mode = DpMode::LocalSgd { sync_every: 0 };
+    assert!(simulate(&cfg, &cluster)
+        .unwrap_err()
+        .to_string()
+        .contains("sync_every"));
+}
+
+#[test]
+fn compressors_by_name_shrink_the_wire_as_documented() {
+    let shape = ModelShape::preset_100m(); // bf16 gradients: 2 bytes
+    let by = |m: &str, p: f64| Compression::from_method(m, p, &shape).unwrap();
+    assert_eq!(by("identity", 0.0), Compression::none());
+    assert_eq!(by("fp16", 0.0).wire_ratio, 1.0); // already 2 bytes
+    let topk = by("topk", 0.01);
+    assert!(close(topk.wire_ratio, 0.01 * (4.0 + 2.0) / 2.0, 1e-12));
+    assert!(close(by("randk", 0.01).wire_ratio, 0.01 * 4.0 / 2.0, 1e-12));
+    assert!(close(
+        by("sign", 0.0).wire_ratio,
+        (1.0 / 8.0 + 4.0 / 512.0) / 2.0,
+        1e-12
+    ));
+    assert!(close(
+        by("terngrad", 0.0).wire_ratio,
+        (2.0 / 8.0 + 4.0 / 512.0) / 2.0,
+        1e-12
+    ));
+    // 4 levels: sign + 3 bits.
+    assert!(close(
+        by("qsgd", 4.0).wire_ratio,
+        (4.0 / 8.0 + 4.0 / 512.0) / 2.0,
+        1e-12
+    ));
+    assert!(close(
+        by("powersgd", 4.0).wire_ratio,
+        8.0 / shape.d_model as f64,
+        1e-12
+    ));
+    for bad in [
+        ("topk", 0.0),
+        ("topk", 1.5),
+        ("qsgd", 0.0),
+        ("powersgd", 0.5),
+        ("zip", 1.0),
+    ] {
+        assert!(
+            Compression::from_method(bad.0, bad.1, &shape).is_err(),
+            "{bad:?}"
+        );
+    }
+    // Cheaper wire, fewer DP bytes in the simulation.
+    let cluster = Cluster::preset("a100x8", 16).unwrap();
+    let mut cfg = SimConfig::new(
+        shape.clone(),
+        Mesh {
+            dp: 16,
+            tp: 1,
+            pp: 1,
+        },
+        Schedule::OneFOneB,
+        1,
+        64,
+    );
+    let dense = simulate(&cfg, &cluster).unwrap().bytes.dp;
+    cfg.compression = by("powersgd", 4.0);
+    assert!(simulate(&cfg, &cluster).unwrap().bytes.dp < 0.05 * dense);
+    // Names of schedules and DP modes as the trainer's config writes them.
+    assert_eq!(Schedule::from_name("1f1b", 1).unwrap(), Schedule::OneFOneB);
+    assert_eq!(Schedule::from_name("GPipe", 1).unwrap(), Schedule::GPipe);
+    assert_eq!(
+        Schedule::from_name("interleaved", 3).unwrap(),
+        Schedule::Interleaved { chunks: 3 }
+    );
+    assert!(Schedule::from_name("interleaved", 1).is_err());
+    assert_eq!(
+        DpMode::from_name("local_sgd", 0, 8).unwrap(),
+        DpMode::LocalSgd { sync_every: 8 }
+    );
+    assert_eq!(
+        DpMode::from_name("async", 2, 0).unwrap(),
+        DpMode::Async { max_staleness: 2 }
+    );
 }

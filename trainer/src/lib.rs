@@ -3,4 +3,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod hybrid;
+pub mod measure;
+pub mod profile;
 pub mod run;
+pub mod simulate;

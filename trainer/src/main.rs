@@ -1,4 +1,5 @@
-//! The `meshrec` command line: train, eval and the training-throughput benchmark.
+//! The `meshrec` command line: train (one device or a mesh, resumable), eval, profile,
+//! simulate, plan and the training-throughput benchmark.
 
 use std::path::PathBuf;
 
@@ -7,7 +8,7 @@ use clap::{Parser, Subcommand};
 use meshrec_model::data::{EvalSet, EvalSplit};
 use meshrec_model::device::parse_device;
 use meshrec_trainer::config::RunConfig;
-use meshrec_trainer::{hybrid, run};
+use meshrec_trainer::{hybrid, profile, run, simulate};
 
 #[derive(Parser)]
 #[command(
@@ -59,6 +60,62 @@ enum Command {
         common: Common,
         #[arg(long)]
         checkpoint: PathBuf,
+    },
+    /// Measure the model's per-layer costs (embedding, blocks, head) on this backend: the
+    /// profile `simulate --profile` and the balancer read.
+    Profile {
+        #[command(flatten)]
+        common: Common,
+        /// Sequences per micro-batch.
+        #[arg(long, default_value_t = 32)]
+        micro_batch: usize,
+        /// Timed repeats (after two untimed).
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        /// Copies measured at once (the ranks sharing this machine); their mean is kept.
+        #[arg(long, default_value_t = 1)]
+        copies: usize,
+        /// Write the profile as JSON here (default: the run folder's `profile.json`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Simulate one training step of the configured layout on a modelled cluster
+    /// (SIMULATED: roofline compute or a measured profile, alpha-beta links).
+    Simulate {
+        #[command(flatten)]
+        common: Common,
+        /// Cluster preset: cpu, a100x8, h100x8, v100x8, a100+v100x8.
+        #[arg(long, default_value = "cpu")]
+        cluster: String,
+        /// Devices in the cluster (default: dp × tp × pp).
+        #[arg(long)]
+        devices: Option<usize>,
+        /// A profile from `meshrec profile` instead of the roofline model.
+        #[arg(long)]
+        profile: Option<PathBuf>,
+        /// Draw the simulated timeline as SVG here.
+        #[arg(long)]
+        svg: Option<PathBuf>,
+    },
+    /// Rank DP × TP × PP layouts, schedules, micro-batch counts and compressors that fit in
+    /// memory by simulated throughput, and explain the winner (SIMULATED).
+    Plan {
+        /// Planning preset (100m, 1b); or give --config to plan the run's own model.
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        devices: usize,
+        /// Cluster preset: a100x8, h100x8, v100x8, a100+v100x8, cpu.
+        #[arg(long)]
+        cluster: String,
+        /// Sequences per step over the whole job.
+        #[arg(long, default_value_t = 1024)]
+        batch: usize,
+        /// Layouts listed.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
     },
     /// Measure single-device training throughput (steps only, after warm-up).
     Bench {
@@ -165,6 +222,89 @@ fn main() -> anyhow::Result<()> {
                 &eval(EvalSplit::Valid),
                 &eval(EvalSplit::Test),
             );
+        }
+        Command::Profile {
+            common,
+            micro_batch,
+            repeats,
+            copies,
+            out,
+        } => {
+            let (config, device, _) = setup(&common)?;
+            let profile =
+                profile::measure_profile(&config, &device, micro_batch, 2, repeats, copies)?;
+            print!("{}", profile::render(&profile));
+            let path = out.unwrap_or_else(|| config.run_dir().join("profile.json"));
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("creating {}", dir.display()))?;
+            }
+            std::fs::write(&path, serde_json::to_string_pretty(&profile)?)
+                .with_context(|| format!("writing {}", path.display()))?;
+            println!("profile written to {}", path.display());
+        }
+        Command::Simulate {
+            common,
+            cluster,
+            devices,
+            profile,
+            svg,
+        } => {
+            let (config, _, _) = setup(&common)?;
+            let dataset = run::load_dataset(&config)?;
+            let model = config.model_config(
+                dataset.num_items,
+                dataset.features.as_ref().map(|f| f.num_genres),
+            )?;
+            let profile = match profile {
+                Some(path) => Some(
+                    serde_json::from_str(
+                        &std::fs::read_to_string(&path)
+                            .with_context(|| format!("reading {}", path.display()))?,
+                    )
+                    .with_context(|| format!("parsing profile {}", path.display()))?,
+                ),
+                None => None,
+            };
+            let mut spec = simulate::sim_spec(&config, &model, &cluster, profile)?;
+            spec.devices = devices;
+            let report = meshrec_balance::simulate_spec(&spec)?;
+            print!("{}", report.render());
+            if let Some(path) = svg {
+                report.write_timeline(&path)?;
+                println!("simulated timeline written to {}", path.display());
+            }
+        }
+        Command::Plan {
+            model,
+            config,
+            devices,
+            cluster,
+            batch,
+            top,
+        } => {
+            let request = match (model, config) {
+                (Some(name), None) => {
+                    meshrec_balance::PlanRequest::from_names(&name, &cluster, devices, batch)?
+                }
+                (None, Some(path)) => {
+                    let config = RunConfig::load(Some(&path), &[])?;
+                    let dataset = run::load_dataset(&config)?;
+                    let model = config.model_config(
+                        dataset.num_items,
+                        dataset.features.as_ref().map(|f| f.num_genres),
+                    )?;
+                    meshrec_balance::PlanRequest::new(
+                        model.shape(&config.model.preset),
+                        meshrec_balance::Cluster::preset(&cluster, devices)?,
+                        devices,
+                        batch,
+                    )
+                }
+                _ => anyhow::bail!("give exactly one of --model (a planning preset) or --config"),
+            };
+            let plan = meshrec_balance::plan(&request)?;
+            print!("{}", meshrec_balance::plan::render_report(&plan, top));
         }
         Command::Bench {
             common,

@@ -223,7 +223,7 @@ pub struct ParallelStepStats {
 }
 
 impl ParallelStepStats {
-    fn add(&mut self, other: &Self) {
+    pub(crate) fn add(&mut self, other: &Self) {
         self.utilization_mean += other.utilization_mean;
         self.utilization_min += other.utilization_min;
         self.bubble += other.bubble;
@@ -236,7 +236,7 @@ impl ParallelStepStats {
         self.staleness_max = self.staleness_max.max(other.staleness_max);
     }
 
-    fn mean_of(sum: &Self, steps: u64) -> Self {
+    pub(crate) fn mean_of(sum: &Self, steps: u64) -> Self {
         let n = steps.max(1);
         Self {
             utilization_mean: sum.utilization_mean / n as f64,

@@ -1,4 +1,4 @@
-//! Developer commands: `data`, `demo`, `bench` and `ci`. Each shells out to cargo and the
+//! Developer commands: `data`, `demo`, `bench`, `validate-sim` and `ci`. Each shells out to cargo and the
 //! system tools a newcomer has after `.ci/run`'s installs; nothing here is a library.
 
 mod data;
@@ -32,8 +32,15 @@ enum Cmd {
         #[arg(long = "set")]
         set: Vec<String>,
     },
-    /// Run a benchmark: train, comm, compress, pipeline, tp, paper (simulated).
+    /// Run a benchmark: train, comm, compress, pipeline, tp, strategies, paper (simulated).
     Bench { name: String },
+    /// The cluster simulator's predicted step time against the measured one, for every
+    /// layout that runs on this machine (`target/bench/validate-sim.{json,md}`).
+    ValidateSim {
+        /// A tiny synthetic model, for CI.
+        #[arg(long)]
+        quick: bool,
+    },
     /// Everything CI checks: fmt, clippy, tests (CPU and wgpu), cuda type-check, MPI tests.
     Ci,
 }
@@ -175,6 +182,25 @@ fn bench(name: &str) -> Result<()> {
                 "bench_tp",
             ])
             .env("MESHREC_BENCH_DIR", bench_dir())),
+        // Measured: every parallel layout of 4 ranks and one device, sync/async DP, with and
+        // without top-k compression; then a few epochs of each DP mode for convergence.
+        "strategies" => {
+            if data::verify_ml100k(&root().join("data/ml-100k")).is_err() {
+                data::fetch_ml100k(None)?;
+            }
+            run(cargo()
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "meshrec-trainer",
+                    "--example",
+                    "bench_strategies",
+                    "--",
+                    "--out",
+                ])
+                .arg(bench_dir()))
+        }
         // Simulated, not measured: the planner's best hybrid against the best single-mode
         // layouts on 8–64 modelled GPUs; writes paper.{md,json,svg}.
         "paper" => run(cargo()
@@ -190,9 +216,32 @@ fn bench(name: &str) -> Result<()> {
             ])
             .arg(bench_dir())),
         other => {
-            bail!("unknown benchmark `{other}` (known: train, comm, compress, pipeline, tp, paper)")
+            bail!("unknown benchmark `{other}` (known: train, comm, compress, pipeline, tp, strategies, paper)")
         }
     }
+}
+
+fn validate_sim(quick: bool) -> Result<()> {
+    if !quick && data::verify_ml100k(&root().join("data/ml-100k")).is_err() {
+        data::fetch_ml100k(None)?;
+    }
+    std::fs::create_dir_all(bench_dir())?;
+    let mut cmd = cargo();
+    cmd.args([
+        "run",
+        "--release",
+        "-p",
+        "meshrec-trainer",
+        "--example",
+        "validate_sim",
+        "--",
+        "--out",
+    ])
+    .arg(bench_dir());
+    if quick {
+        cmd.arg("--quick");
+    }
+    run(&mut cmd)
 }
 
 /// `mpirun` as CI runs it here: as root, with more ranks than cores allowed.
@@ -263,6 +312,69 @@ fn ci() -> Result<()> {
             "cuda",
         ])
         .env("DOCS_RS", "1"))?;
+    // The balance commands: profile this machine, simulate a layout with that profile, plan
+    // a cluster, validate the simulator on a tiny model, and the (simulated) paper table.
+    let meshrec = |args: &[&str]| {
+        let mut cmd = cargo();
+        cmd.args([
+            "run",
+            "--release",
+            "-p",
+            "meshrec-trainer",
+            "--bin",
+            "meshrec",
+            "--",
+        ]);
+        cmd.args(args);
+        cmd
+    };
+    let tiny = [
+        "--set",
+        "data.path=synthetic",
+        "--set",
+        "model.preset=tiny",
+        "--set",
+        "train.batch_size=32",
+    ];
+    let profile = std::env::temp_dir().join("meshrec-ci-profile.json");
+    let profile_arg = profile.to_string_lossy().into_owned();
+    let mut args = vec![
+        "profile",
+        "--micro-batch",
+        "8",
+        "--copies",
+        "2",
+        "--out",
+        &profile_arg,
+    ];
+    args.extend(tiny);
+    run(&mut meshrec(&args))?;
+    let mut args = vec![
+        "simulate",
+        "--profile",
+        &profile_arg,
+        "--set",
+        "parallel.dp=2",
+        "--set",
+        "parallel.pp=2",
+        "--set",
+        "parallel.micro_batches=4",
+    ];
+    args.extend(tiny);
+    run(&mut meshrec(&args))?;
+    run(&mut meshrec(&[
+        "plan",
+        "--model",
+        "1b",
+        "--devices",
+        "64",
+        "--cluster",
+        "a100x8",
+        "--top",
+        "5",
+    ]))?;
+    validate_sim(true)?;
+    bench("paper")?;
     // MPI: the collective self-test across processes.
     run(cargo().args([
         "build",
@@ -394,6 +506,7 @@ fn main() -> Result<()> {
         },
         Cmd::Demo { set } => demo(&set),
         Cmd::Bench { name } => bench(&name),
+        Cmd::ValidateSim { quick } => validate_sim(quick),
         Cmd::Ci => ci(),
     }
 }

@@ -1,0 +1,133 @@
+//! Steady-state step measurements of any layout (no evaluation, no files): the figures of
+//! `cargo xtask bench strategies` and of the simulator's validation. Every number here is
+//! measured on this machine.
+
+use std::time::Instant;
+
+use burn::tensor::Device;
+use meshrec_comm::LocalCluster;
+use meshrec_model::data::{Batch, TrainSet};
+use serde::Serialize;
+
+use crate::config::RunConfig;
+use crate::hybrid::MeshRank;
+use crate::run::{
+    build_model, load_dataset, ParallelStepStats, RunError, SingleDevice, StepResult, Stepper,
+};
+
+/// Measured steps of one layout.
+#[derive(Debug, Clone, Serialize)]
+pub struct Measured {
+    pub steps: usize,
+    /// Median wall time of a step (on the leader, which waits for the slowest rank when the
+    /// step ends with a collective over all ranks).
+    pub step_s: f64,
+    pub samples_per_s: f64,
+    pub tokens_per_s: f64,
+    /// Means per step over the measured steps (on a mesh).
+    pub parallel: Option<ParallelStepStats>,
+    /// Mean loss of the first and last measured step (a sanity check that it trains).
+    pub loss_first: f64,
+    pub loss_last: f64,
+}
+
+/// The first `n` full batches of the run's data order.
+fn batches(config: &RunConfig, train_set: &TrainSet, n: usize) -> Vec<Batch> {
+    (0..)
+        .flat_map(|e| {
+            train_set
+                .epoch(config.train.seed, e, config.train.batch_size)
+                .collect::<Vec<_>>()
+        })
+        .filter(|b| b.batch_size == config.train.batch_size)
+        .take(n)
+        .collect()
+}
+
+fn run_steps(
+    stepper: &mut dyn Stepper,
+    batches: &[Batch],
+    warmup: usize,
+    lr: f32,
+) -> Result<Option<Measured>, RunError> {
+    let mut times = Vec::new();
+    let (mut samples, mut tokens) = (0u64, 0u64);
+    let (mut sum, mut n) = (None::<ParallelStepStats>, 0u64);
+    let mut losses = Vec::new();
+    for (i, batch) in batches.iter().enumerate() {
+        let t0 = Instant::now();
+        let out: StepResult = stepper.step(batch, i as u64, lr)?;
+        let dt = t0.elapsed().as_secs_f64();
+        if i >= warmup {
+            times.push(dt);
+            samples += batch.batch_size as u64;
+            tokens += out.targets as u64;
+            losses.push(out.loss_sum / out.loss_targets.max(1) as f64);
+            if let Some(p) = &out.parallel {
+                sum.get_or_insert_with(Default::default).add(p);
+                n += 1;
+            }
+        }
+    }
+    if !stepper.is_leader() || times.is_empty() {
+        return Ok(None);
+    }
+    let total: f64 = times.iter().sum();
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    Ok(Some(Measured {
+        steps: times.len(),
+        step_s: sorted[sorted.len() / 2],
+        samples_per_s: samples as f64 / total,
+        tokens_per_s: tokens as f64 / total,
+        parallel: sum.map(|s| ParallelStepStats::mean_of(&s, n)),
+        loss_first: losses.first().copied().unwrap_or(f64::NAN),
+        loss_last: losses.last().copied().unwrap_or(f64::NAN),
+    }))
+}
+
+/// Runs `warmup + steps` training steps of the config's layout (one device, or the mesh
+/// as threads on the local engine) and measures the last `steps`.
+pub fn measure_layout(
+    config: &RunConfig,
+    device: &Device,
+    warmup: usize,
+    steps: usize,
+) -> Result<Measured, RunError> {
+    let dataset = load_dataset(config)?;
+    let (model_config, model) = build_model(config, &dataset, device)?;
+    let train_set = TrainSet::new(&dataset, model_config.max_len, config.data.windows)?;
+    let batches = batches(config, &train_set, warmup + steps);
+    if batches.len() < warmup + steps {
+        return Err(RunError::NoTrainingData);
+    }
+    let lr = config.train.lr as f32;
+    let measured = if config.parallel.world_size() == 1 {
+        let mut single = SingleDevice::new(model, config, device);
+        run_steps(&mut single, &batches, warmup, lr)?
+    } else {
+        let genres = dataset.features.as_ref().map(|f| f.item_genres.clone());
+        let results = LocalCluster::run(config.parallel.world_size(), |comm| {
+            let mut rank = MeshRank::new(
+                Box::new(comm),
+                config,
+                &model_config,
+                genres.clone(),
+                device,
+                true,
+            )?;
+            run_steps(&mut rank, &batches, warmup, lr)
+        })
+        .map_err(|e| RunError::Parallel(e.to_string()))?;
+        let mut leader = None;
+        for (rank, r) in results.into_iter().enumerate() {
+            match r {
+                Ok(Some(m)) => leader = Some(m),
+                Ok(None) => {}
+                Err(e) => return Err(RunError::Parallel(format!("rank {rank}: {e}"))),
+            }
+        }
+        leader
+    };
+    measured.ok_or_else(|| RunError::Parallel("the leader measured nothing".into()))
+}
