@@ -490,6 +490,13 @@ impl DpEngine {
         self.receive(true).map(|_| ())
     }
 
+    /// Drops the compressor memories (the buckets changed shape); between steps only.
+    pub fn reset_memory(&mut self) -> Result<(), ParallelError> {
+        self.idle("reset")?;
+        self.submit(Job::Restore(MemoryBank::new()))?;
+        self.receive(true).map(|_| ())
+    }
+
     /// The compressor memories (error-feedback residuals, warm starts) for a checkpoint;
     /// only between steps with nothing in flight.
     pub fn memory_bytes(&mut self) -> Result<Vec<u8>, ParallelError> {

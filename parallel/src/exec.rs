@@ -49,6 +49,27 @@ pub fn micro_batches(batch: &Batch, m: usize) -> Vec<Batch> {
         .collect()
 }
 
+/// [`Segment::slowdown`]: stretches one piece of compute to `factor` times its length.
+struct SlowDevice {
+    factor: f64,
+    start: std::time::Instant,
+}
+
+impl SlowDevice {
+    fn start(factor: f64) -> Self {
+        Self {
+            factor,
+            start: std::time::Instant::now(),
+        }
+    }
+
+    fn finish(self) {
+        if self.factor > 1.0 {
+            std::thread::sleep(self.start.elapsed().mul_f64(self.factor - 1.0));
+        }
+    }
+}
+
 /// Messages this rank sends to itself (two chunks of one device, interleaved schedules with
 /// one pipeline rank) skip the communicator.
 #[derive(Default)]
@@ -146,7 +167,10 @@ pub fn run_schedule_releasing(
                     ParallelError::Step(format!("stage {pp_rank} has no local chunk {chunk}"))
                 })?;
                 let out = timeline.record(EventKind::Forward, Some(mb), Some(chunk), || {
-                    segment.forward(mb, batch, input, grad_scale, tp)
+                    let slow = SlowDevice::start(segment.slowdown);
+                    let out = segment.forward(mb, batch, input, grad_scale, tp);
+                    slow.finish();
+                    out
                 })?;
                 match out {
                     ForwardOutput::Activations(values) => {
@@ -197,16 +221,18 @@ pub fn run_schedule_releasing(
                     ParallelError::Step(format!("stage {pp_rank} has no local chunk {chunk}"))
                 })?;
                 let releasing = last_backward[chunk] == position;
-                let dx =
-                    timeline.record(EventKind::Backward, Some(mb), Some(chunk), || {
-                        match (releasing, ready.as_mut()) {
-                            (true, Some(ready)) => {
-                                let mut per_param = |p: usize, g: &[f32]| ready(chunk, p, g);
-                                segment.backward_releasing(mb, grad, tp, Some(&mut per_param))
-                            }
-                            _ => segment.backward(mb, grad, tp),
+                let dx = timeline.record(EventKind::Backward, Some(mb), Some(chunk), || {
+                    let slow = SlowDevice::start(segment.slowdown);
+                    let dx = match (releasing, ready.as_mut()) {
+                        (true, Some(ready)) => {
+                            let mut per_param = |p: usize, g: &[f32]| ready(chunk, p, g);
+                            segment.backward_releasing(mb, grad, tp, Some(&mut per_param))
                         }
-                    })?;
+                        _ => segment.backward(mb, grad, tp),
+                    };
+                    slow.finish();
+                    dx
+                })?;
                 if let Some(dx) = dx {
                     let dst = layout.device_of_chunk(k - 1);
                     send(

@@ -180,6 +180,9 @@ pub struct Segment {
     /// Accumulated parameter gradients in [`Segment::infos`] order.
     pub grads: Vec<Vec<f32>>,
     pub dropout_key: DropoutKey,
+    /// Fault injection for balancing tests: this chunk computes as on a device this many
+    /// times slower (each forward and backward is stretched by sleeping); 1 = off.
+    pub slowdown: f64,
     /// First item row of this rank's vocabulary shard.
     vocab_first: usize,
     dropout: f64,
@@ -272,6 +275,7 @@ impl Segment {
             specs,
             grads,
             dropout_key: DropoutKey::default(),
+            slowdown: 1.0,
             vocab_first: vocab.start,
             dropout: config.dropout,
             d_model: config.d_model,

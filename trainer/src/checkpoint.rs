@@ -123,6 +123,8 @@ pub struct TrainState {
     pub adam_m: BTreeMap<String, Vec<f32>>,
     pub adam_v: BTreeMap<String, Vec<f32>>,
     pub optimizer_steps: u64,
+    /// Blocks per pipeline chunk when saved (the online rebalancer may have moved them).
+    pub partition: Vec<usize>,
     /// Per world rank, the bytes of its compressor memories (empty without compression).
     #[serde(skip)]
     pub compressor: Vec<Vec<u8>>,
@@ -144,6 +146,7 @@ impl TrainState {
             shapes: values.shapes,
             values: values.values,
             optimizer_steps,
+            partition: Vec::new(),
             compressor: Vec::new(),
         }
     }
@@ -452,6 +455,7 @@ mod tests {
             adam_m: BTreeMap::new(),
             adam_v: BTreeMap::new(),
             optimizer_steps: 7,
+            partition: vec![2, 2],
             compressor: vec![vec![1, 2, 3], vec![4]],
         };
         s.shapes.insert("w".into(), vec![2, 3]);

@@ -373,8 +373,55 @@ impl Default for CheckpointSection {
     }
 }
 
+/// `[balance]`: adaptive load balancing during training, from measured step times.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BalanceSection {
+    /// Move blocks between pipeline stages when measured stage times stay imbalanced.
+    pub rebalance: bool,
+    /// Split each global batch over DP replicas in proportion to their measured speed.
+    pub dp_split: bool,
+    /// Steps per measurement window (the balancers decide once per window).
+    pub window_steps: u64,
+    /// Stage imbalance (`max / mean - 1` of smoothed stage times) that counts.
+    pub imbalance_threshold: f64,
+    /// Consecutive imbalanced windows, with the same proposal, before acting.
+    pub patience: u32,
+    /// Standard errors of the measured window-to-window jitter a gain must clear on top
+    /// of 5% (0: act on any gain above 5%).
+    pub noise_margin: f64,
+}
+
+impl Default for BalanceSection {
+    fn default() -> Self {
+        Self {
+            rebalance: false,
+            dp_split: false,
+            window_steps: 4,
+            imbalance_threshold: 0.1,
+            patience: 3,
+            noise_margin: 2.0,
+        }
+    }
+}
+
+impl Default for FaultSection {
+    fn default() -> Self {
+        Self {
+            nan_step: None,
+            nan_rank: 0,
+            crash_step: None,
+            crash_rank: 0,
+            slow_ms: 0,
+            slow_rank: 0,
+            slow_compute: 1.0,
+            slow_compute_rank: 0,
+        }
+    }
+}
+
 /// `[fault]`: failure injection, for the tests that prove a run survives it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FaultSection {
     /// Poison this world rank's gradient with NaN at this step.
@@ -386,6 +433,10 @@ pub struct FaultSection {
     /// Make this world rank a straggler: it sleeps this long in every step (0: off).
     pub slow_ms: u64,
     pub slow_rank: usize,
+    /// Make this world rank a slower device: its forward and backward take this many
+    /// times as long (1: off).
+    pub slow_compute: f64,
+    pub slow_compute_rank: usize,
 }
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -399,6 +450,7 @@ pub struct RunConfig {
     pub eval: EvalSection,
     pub output: OutputSection,
     pub checkpoint: CheckpointSection,
+    pub balance: BalanceSection,
     pub fault: FaultSection,
 }
 
@@ -536,6 +588,39 @@ impl RunConfig {
                 "local SGD averages parameters, not gradients: leave compress.method = \"none\"",
             ));
         }
+        if !(self.fault.slow_compute.is_finite() && self.fault.slow_compute >= 1.0) {
+            return Err(invalid("fault.slow_compute", "must be a factor >= 1"));
+        }
+        let b = &self.balance;
+        if (b.rebalance || b.dp_split) && (b.window_steps == 0 || b.patience == 0) {
+            return Err(invalid(
+                "balance.window_steps",
+                "balance.window_steps and balance.patience must be at least 1",
+            ));
+        }
+        for (key, v) in [
+            ("balance.imbalance_threshold", b.imbalance_threshold),
+            ("balance.noise_margin", b.noise_margin),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(invalid(key, "must be a finite number >= 0"));
+            }
+        }
+        if b.rebalance && (p.pp < 2 || p.virtual_stages > 1) {
+            return Err(invalid(
+                "balance.rebalance",
+                "moves blocks between pipeline stages: needs parallel.pp >= 2 and virtual_stages = 1",
+            ));
+        }
+        if (b.rebalance || b.dp_split) && matches!(mode, DpMode::LocalSgd { .. }) {
+            return Err(invalid(
+                "balance.rebalance",
+                "local SGD replicas hold different parameters between averages; balance sync or async DP",
+            ));
+        }
+        if b.dp_split && p.dp < 2 {
+            return Err(invalid("balance.dp_split", "needs parallel.dp >= 2"));
+        }
         if self.checkpoint.keep == 0 {
             return Err(invalid("checkpoint.keep", "must be at least 1"));
         }
@@ -550,6 +635,11 @@ impl RunConfig {
                 "fault.slow_rank",
                 self.fault.slow_rank,
                 (self.fault.slow_ms > 0).then_some(0),
+            ),
+            (
+                "fault.slow_compute_rank",
+                self.fault.slow_compute_rank,
+                (self.fault.slow_compute != 1.0).then_some(0),
             ),
         ] {
             if step.is_some() && rank >= p.world_size() {

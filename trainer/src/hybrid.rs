@@ -11,6 +11,13 @@ use meshrec_model::params::{param_paths, write_values, ParamInfo};
 use meshrec_model::{ModelConfig, Recommender};
 use std::collections::VecDeque;
 use std::path::Path;
+use std::time::Instant;
+
+use meshrec_balance::{
+    split_batch, CostProfile, Decision, DeviceSpec, DpBalancer, Partition, RebalanceConfig,
+    Rebalancer, StageSpec,
+};
+use meshrec_model::optim::AdamWConfig;
 
 use meshrec_parallel::check::{build_segments, initial_state};
 use meshrec_parallel::dp::{DpEngine, DpSettings, DpTraffic};
@@ -26,7 +33,7 @@ use meshrec_parallel::timeline::{busy_s, write_svg, Event, EventKind, Recorder, 
 use meshrec_parallel::ParallelError;
 
 use crate::checkpoint::{StateKind, TrainState};
-use crate::config::{DpMode, FaultSection, RunConfig};
+use crate::config::{BalanceSection, DpMode, FaultSection, RunConfig};
 use crate::run::{
     adamw_config, build_model, dropout_seed, load_dataset, train_with, ParallelStepStats, RunError,
     StepResult, Stepper, Summary,
@@ -75,6 +82,26 @@ pub struct MeshRank {
     fault: FaultSection,
     /// Under MPI a crash injected by `[fault]` kills the process, as a real one would.
     crash_aborts: bool,
+    adamw: AdamWConfig,
+    balance: BalanceSection,
+    /// Online pipeline rebalancer (`balance.rebalance`).
+    rebalancer: Option<Rebalancer>,
+    /// Speed-proportional DP split (`balance.dp_split`) and the replicas' current weights.
+    dp_balancer: Option<DpBalancer>,
+    dp_weights: Option<Vec<f64>>,
+    /// This rank's measurements over the current balancing window.
+    window: Window,
+}
+
+/// Sums over a balancing window.
+#[derive(Debug, Clone, Copy, Default)]
+struct Window {
+    steps: u64,
+    /// Forward + backward seconds per micro-batch.
+    compute_s: f64,
+    /// Seconds from the step's start to the end of its pipeline schedule (what a replica
+    /// makes the others wait for).
+    worker_s: f64,
 }
 
 /// A step whose gradients are on their way through the DP reduction.
@@ -154,28 +181,55 @@ impl MeshRank {
             .iter()
             .map(|s| s.infos.iter().map(ParamSpec::decays).collect())
             .collect();
-        // The specs of every rank (built, not communicated: each rank derives the layout).
-        let all_specs = (0..mesh.world_size())
-            .map(|r| {
-                let coord = mesh.coord(r);
-                let chunks = (0..layout.virtual_stages)
-                    .map(|local| {
-                        let k = layout.model_chunk(coord.pp, local);
-                        let s = Segment::new(
-                            model_config,
-                            genres.as_deref(),
-                            &layout,
-                            coord,
-                            k,
-                            device,
-                        );
-                        (s.specs, Vec::new())
-                    })
-                    .collect();
-                RankState { coord, chunks }
-            })
-            .collect();
+        let all_specs = all_rank_specs(model_config, genres.as_deref(), &layout, device);
+        let balance = config.balance.clone();
+        let micro_rows = (config.train.batch_size / mesh.dp / p.micro_batches).max(1);
+        let rebalancer = if balance.rebalance {
+            // Relative layer costs from the model's shape (the measured stage times correct
+            // them); stage state fits: the model is small next to host memory.
+            let profile = CostProfile::modelled(
+                &model_config.shape(&config.model.preset),
+                &DeviceSpec::cpu_default(),
+                micro_rows as u64,
+                p.tp as u32,
+            )
+            .map_err(balance_err)?;
+            let stages = (0..p.pp)
+                .map(|s| StageSpec {
+                    speed: 1.0,
+                    memory_bytes: u64::MAX / 4,
+                    in_flight: (p.pp - s) as u32,
+                })
+                .collect();
+            let cfg = RebalanceConfig {
+                imbalance_threshold: balance.imbalance_threshold,
+                patience: balance.patience,
+                noise_margin: balance.noise_margin,
+                micro_batches: p.micro_batches as u32,
+                ..RebalanceConfig::default()
+            };
+            let current =
+                Partition::from_blocks_per_stage(&layout.partition).map_err(balance_err)?;
+            Some(Rebalancer::new(cfg, profile, stages, current).map_err(balance_err)?)
+        } else {
+            None
+        };
+        let dp_balancer = if balance.dp_split {
+            Some(
+                DpBalancer::new(config.train.batch_size, mesh.dp, 0.3, 0.05)
+                    .and_then(|b| b.with_hysteresis(balance.patience, balance.noise_margin))
+                    .map_err(balance_err)?,
+            )
+        } else {
+            None
+        };
         Ok(Self {
+            adamw: adamw_config(config),
+            balance,
+            rebalancer,
+            dp_balancer,
+            dp_weights: None,
+            window: Window::default(),
             groups,
             layout,
             schedule,
@@ -322,6 +376,140 @@ impl MeshRank {
         })
     }
 
+    /// Rows of a batch of `n` per DP replica: speed-proportional once the DP balancer has
+    /// weights (every replica keeping at least one row per micro-batch), else equal.
+    fn split_of(&self, n: usize) -> Vec<usize> {
+        let (dp, m) = (self.layout.mesh.dp, self.schedule.micro_batches);
+        let equal = || (0..dp).map(|r| meshrec_comm::chunk_len(n, dp, r)).collect();
+        match &self.dp_weights {
+            Some(w) => match split_batch(n, w) {
+                Ok(split) if split.batch.iter().all(|&b| b >= m) => split.batch,
+                _ => equal(),
+            },
+            None => equal(),
+        }
+    }
+
+    /// This replica's rows of a batch of `n` (the gradient sum over all rows divided by the
+    /// global target count is the same whatever the split, so an uneven split weights
+    /// each replica by its rows automatically).
+    fn replica_rows(&self, n: usize) -> Result<std::ops::Range<usize>, RunError> {
+        let split = self.split_of(n);
+        let dp = self.groups.coord.dp;
+        let start: usize = split[..dp].iter().sum();
+        Ok(start..start + split[dp])
+    }
+
+    /// At the end of each balancing window: every rank shares its stage and replica times
+    /// (so all make the same decisions), the pipeline rebalancer may move blocks and the
+    /// DP balancer may re-split the batch. Returns the migrations done (0 or 1).
+    fn balance_window(&mut self, step: u64) -> Result<u64, RunError> {
+        if self.rebalancer.is_none() && self.dp_balancer.is_none() {
+            return Ok(0);
+        }
+        if !(step + 1).is_multiple_of(self.balance.window_steps) {
+            return Ok(0);
+        }
+        let (pp, dp) = (self.layout.mesh.pp, self.layout.mesh.dp);
+        let coord = self.groups.coord;
+        let w = std::mem::take(&mut self.window);
+        let n = w.steps.max(1) as f64;
+        let mut times = vec![0.0f32; pp + dp];
+        times[coord.pp] = (w.compute_s / n) as f32;
+        times[pp + coord.dp] = (w.worker_s / n) as f32;
+        self.groups.world.all_reduce(&mut times, ReduceOp::Max)?;
+        let stage_s: Vec<f64> = times[..pp]
+            .iter()
+            .map(|&t| f64::from(t).max(1e-9))
+            .collect();
+        let worker_s: Vec<f64> = times[pp..]
+            .iter()
+            .map(|&t| f64::from(t).max(1e-9))
+            .collect();
+        if let Some(b) = self.dp_balancer.as_mut() {
+            if let Some(split) = b.observe(&worker_s).map_err(balance_err)? {
+                if self.is_leader() {
+                    tracing::info!(step, rows = ?split.batch, "DP split follows measured replica speeds");
+                }
+                self.dp_weights = Some(split.weights);
+            }
+        }
+        let decision = match self.rebalancer.as_mut() {
+            Some(r) => r.observe(&stage_s).map_err(balance_err)?,
+            None => return Ok(0),
+        };
+        let Decision::Migrate(proposal) = decision else {
+            if self.is_leader() {
+                tracing::debug!(step, ?stage_s, ?decision, "pipeline balance kept");
+            }
+            return Ok(0);
+        };
+        let blocks = proposal.partition.blocks_per_stage();
+        if self.is_leader() {
+            tracing::info!(
+                step,
+                from = ?self.layout.partition,
+                to = ?blocks,
+                stage_ms = ?stage_s.iter().map(|s| (s * 1e4).round() / 10.0).collect::<Vec<_>>(),
+                "rebalancing the pipeline"
+            );
+        }
+        self.migrate(blocks)?;
+        if let Some(r) = self.rebalancer.as_mut() {
+            r.commit(proposal.partition).map_err(balance_err)?;
+        }
+        Ok(1)
+    }
+
+    /// Moves blocks between pipeline stages: the state goes through its layout-free form
+    /// (gathered, then re-sharded for the new partition), parameters and AdamW moments
+    /// alike, so training continues as if nothing moved.
+    fn migrate(&mut self, blocks: Vec<usize>) -> Result<(), RunError> {
+        self.settle()?;
+        let values = self.gather_full(|me, i| me.segments[i].values())?;
+        let m = self.gather_full(|me, i| me.optimizers[i].m.clone())?;
+        let v = self.gather_full(|me, i| me.optimizers[i].v.clone())?;
+        let steps = self.optimizers.first().map_or(0, |o| o.step);
+        let layout =
+            Layout::with_partition(self.layout.mesh, 1, blocks, self.model_config.n_layers)
+                .map_err(ParallelError::from)?;
+        let (mesh, coord) = (layout.mesh, self.groups.coord);
+        let segments = build_segments(
+            &self.model_config,
+            self.genres.as_deref(),
+            &layout,
+            &self.groups,
+            &values,
+            &self.device,
+        )?;
+        let mut optimizers = Vec::with_capacity(segments.len());
+        for s in &segments {
+            let mut opt = AdamW::new(self.adamw, s.infos.iter().map(ParamInfo::numel));
+            opt.m = shard_chunk(&m, &s.specs, &mesh, coord)?;
+            opt.v = shard_chunk(&v, &s.specs, &mesh, coord)?;
+            opt.step = steps;
+            optimizers.push(opt);
+        }
+        self.decay = segments
+            .iter()
+            .map(|s| s.infos.iter().map(ParamSpec::decays).collect())
+            .collect();
+        self.all_specs = all_rank_specs(
+            &self.model_config,
+            self.genres.as_deref(),
+            &layout,
+            &self.device,
+        );
+        self.segments = segments;
+        self.optimizers = optimizers;
+        self.layout = layout;
+        if let Some(engine) = self.dp_engine.as_mut() {
+            // Compressor memories follow the DP buckets, which the move reshapes.
+            engine.reset_memory()?;
+        }
+        Ok(())
+    }
+
     /// Whether every rank of this replica says `yes` (they must apply updates together).
     fn replica_agrees(&self, yes: bool) -> Result<bool, RunError> {
         if self.replica.size() == 1 {
@@ -456,15 +644,22 @@ impl Stepper for MeshRank {
         meshrec_model::dropout::seed_dropout(
             dropout_seed(self.seed, step) ^ (world_rank as u64).wrapping_mul(0x9e37_79b9),
         );
+        let slowdown = if self.fault.slow_compute_rank == world_rank {
+            self.fault.slow_compute
+        } else {
+            1.0
+        };
         for s in &mut self.segments {
             s.zero_grads();
+            s.slowdown = slowdown;
             s.dropout_key = DropoutKey {
                 seed: self.seed,
                 step,
                 dp_rank: coord.dp as u64,
             };
         }
-        let rows = meshrec_comm::chunk_range(batch.batch_size, self.layout.mesh.dp, coord.dp);
+        let step_start = Instant::now();
+        let rows = self.replica_rows(batch.batch_size)?;
         let local = batch.rows(rows.start, rows.end);
         let micro = micro_batches(&local, self.schedule.micro_batches);
         if micro.len() != self.schedule.micro_batches {
@@ -522,6 +717,12 @@ impl Stepper for MeshRank {
             &mut recorder,
             releasing.then_some(&mut push as ChunkGradReady<'_>),
         )?;
+        self.window.steps += 1;
+        self.window.worker_s += step_start.elapsed().as_secs_f64();
+        self.window.compute_s += busy_s(
+            recorder.events(),
+            &[EventKind::Forward, EventKind::Backward],
+        ) / self.schedule.micro_batches as f64;
         if self.fault.crash_step == Some(step) && self.fault.crash_rank == world_rank {
             // Dies mid-step: its peers are waiting on the DP and model-parallel reductions.
             if self.crash_aborts {
@@ -595,7 +796,12 @@ impl Stepper for MeshRank {
             loss_sum = f64::from(loss_parts[0]);
             loss_targets = global_targets;
         }
+        let migrations = self.balance_window(step)?;
         let mut parallel = self.step_stats(&recorder, traffic)?;
+        parallel.migrations = migrations;
+        let split = self.split_of(batch.batch_size);
+        parallel.dp_rows_min = split.iter().copied().min().unwrap_or(0) as u64;
+        parallel.dp_rows_max = split.iter().copied().max().unwrap_or(0) as u64;
         parallel.updates_applied = staleness.len() as u64;
         parallel.staleness_max = staleness.iter().copied().max().unwrap_or(0);
         parallel.staleness_mean =
@@ -651,6 +857,7 @@ impl Stepper for MeshRank {
             adam_m: m.values,
             adam_v: v.values,
             optimizer_steps,
+            partition: self.layout.partition.clone(),
             compressor: if compressor.iter().all(Vec::is_empty) {
                 Vec::new()
             } else {
@@ -683,6 +890,33 @@ impl Stepper for MeshRank {
         }
         Ok(())
     }
+}
+
+/// The parameter specs of every rank of `layout` (derived, not communicated).
+fn all_rank_specs(
+    model_config: &ModelConfig,
+    genres: Option<&[Vec<u32>]>,
+    layout: &Layout,
+    device: &Device,
+) -> Vec<RankState> {
+    let mesh = layout.mesh;
+    (0..mesh.world_size())
+        .map(|r| {
+            let coord = mesh.coord(r);
+            let chunks = (0..layout.virtual_stages)
+                .map(|local| {
+                    let k = layout.model_chunk(coord.pp, local);
+                    let s = Segment::new(model_config, genres, layout, coord, k, device);
+                    (s.specs, Vec::new())
+                })
+                .collect();
+            RankState { coord, chunks }
+        })
+        .collect()
+}
+
+fn balance_err(e: meshrec_balance::BalanceError) -> RunError {
+    RunError::Parallel(format!("balance: {e}"))
 }
 
 /// `[fault]`'s NaN where gradients stay on this rank (no DP reduction to carry it).

@@ -220,6 +220,11 @@ pub struct ParallelStepStats {
     pub updates_applied: u64,
     pub staleness_mean: f64,
     pub staleness_max: u64,
+    /// Pipeline re-partitions done by the online rebalancer.
+    pub migrations: u64,
+    /// Rows of the global batch of the smallest and largest DP replica's share.
+    pub dp_rows_min: u64,
+    pub dp_rows_max: u64,
 }
 
 impl ParallelStepStats {
@@ -234,6 +239,9 @@ impl ParallelStepStats {
         self.updates_applied += other.updates_applied;
         self.staleness_mean += other.staleness_mean * other.updates_applied as f64;
         self.staleness_max = self.staleness_max.max(other.staleness_max);
+        self.migrations += other.migrations;
+        self.dp_rows_min += other.dp_rows_min;
+        self.dp_rows_max += other.dp_rows_max;
     }
 
     pub(crate) fn mean_of(sum: &Self, steps: u64) -> Self {
@@ -249,6 +257,9 @@ impl ParallelStepStats {
             updates_applied: sum.updates_applied,
             staleness_mean: sum.staleness_mean / sum.updates_applied.max(1) as f64,
             staleness_max: sum.staleness_max,
+            migrations: sum.migrations,
+            dp_rows_min: sum.dp_rows_min / n,
+            dp_rows_max: sum.dp_rows_max / n,
         }
     }
 }
