@@ -31,8 +31,8 @@ pub struct Measured {
     pub loss_last: f64,
 }
 
-/// The first `n` full batches of the run's data order.
-fn batches(config: &RunConfig, train_set: &TrainSet, n: usize) -> Vec<Batch> {
+/// The first `n` full batches of the run's data order (epochs repeat as needed).
+pub(crate) fn full_batches(config: &RunConfig, train_set: &TrainSet, n: usize) -> Vec<Batch> {
     (0..)
         .flat_map(|e| {
             train_set
@@ -97,7 +97,7 @@ pub fn measure_layout(
     let dataset = load_dataset(config)?;
     let (model_config, model) = build_model(config, &dataset, device)?;
     let train_set = TrainSet::new(&dataset, model_config.max_len, config.data.windows)?;
-    let batches = batches(config, &train_set, warmup + steps);
+    let batches = full_batches(config, &train_set, warmup + steps);
     if batches.len() < warmup + steps {
         return Err(RunError::NoTrainingData);
     }

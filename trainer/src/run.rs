@@ -835,15 +835,7 @@ pub fn measure_throughput(
     let decay: Vec<bool> = infos.iter().map(|p| p.shape.len() > 1).collect();
     let mut optimizer = AdamW::new(AdamWConfig::default(), infos.iter().map(|p| p.numel()));
     let mut values = read_values(&model);
-    let batches: Vec<_> = (0..)
-        .flat_map(|e| {
-            train_set
-                .epoch(config.train.seed, e, config.train.batch_size)
-                .collect::<Vec<_>>()
-        })
-        .filter(|b| b.batch_size == config.train.batch_size)
-        .take(warmup + steps)
-        .collect();
+    let batches = crate::measure::full_batches(config, &train_set, warmup + steps);
     let mut th = Throughput::default();
     for (i, batch) in batches.iter().enumerate() {
         let measured = i >= warmup;

@@ -92,11 +92,8 @@ fn bench_dir() -> PathBuf {
     root().join("target/bench")
 }
 
-fn demo(set: &[String]) -> Result<()> {
-    let data = root().join("data/ml-100k");
-    if data::verify_ml100k(&data).is_err() {
-        data::fetch_ml100k(None)?;
-    }
+/// `cargo run --release ... --bin meshrec --`, arguments to follow.
+fn meshrec_release() -> Command {
     let mut cmd = cargo();
     cmd.args([
         "run",
@@ -106,6 +103,17 @@ fn demo(set: &[String]) -> Result<()> {
         "--bin",
         "meshrec",
         "--",
+    ]);
+    cmd
+}
+
+fn demo(set: &[String]) -> Result<()> {
+    let data = root().join("data/ml-100k");
+    if data::verify_ml100k(&data).is_err() {
+        data::fetch_ml100k(None)?;
+    }
+    let mut cmd = meshrec_release();
+    cmd.args([
         "train",
         "--config",
         "configs/ml100k.toml",
@@ -125,14 +133,7 @@ fn bench(name: &str) -> Result<()> {
             if data::verify_ml100k(&root().join("data/ml-100k")).is_err() {
                 data::fetch_ml100k(None)?;
             }
-            run(cargo().args([
-                "run",
-                "--release",
-                "-p",
-                "meshrec-trainer",
-                "--bin",
-                "meshrec",
-                "--",
+            run(meshrec_release().args([
                 "bench",
                 "--config",
                 "configs/ml100k.toml",
@@ -315,16 +316,7 @@ fn ci() -> Result<()> {
     // The balance commands: profile this machine, simulate a layout with that profile, plan
     // a cluster, validate the simulator on a tiny model, and the (simulated) paper table.
     let meshrec = |args: &[&str]| {
-        let mut cmd = cargo();
-        cmd.args([
-            "run",
-            "--release",
-            "-p",
-            "meshrec-trainer",
-            "--bin",
-            "meshrec",
-            "--",
-        ]);
+        let mut cmd = meshrec_release();
         cmd.args(args);
         cmd
     };
