@@ -170,7 +170,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let cfg = config(&sets)?;
             let m: Measured = measure_layout(&cfg, &device, WARMUP, STEPS)?;
             let base_sps = *single.get_or_insert(m.samples_per_s);
+            let measured_mesh = m.parallel.is_some();
             let p = m.parallel.unwrap_or_default();
+            // One device has no mesh measurements: shown as "-".
+            let cell = |x: String| if measured_mesh { x } else { "-".into() };
             let compression = if *compress == "topk" {
                 "top-k 1% + EF"
             } else {
@@ -179,19 +182,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mb = |b: u64| b as f64 / 1e6;
             writeln!(
                 md,
-                "| {} | {mode} | {compression} | {:.0} | {:.2}× | {:.0} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {} |",
+                "| {} | {mode} | {compression} | {:.0} | {:.2}× | {:.0} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 layout.name,
                 m.samples_per_s,
                 m.samples_per_s / base_sps,
                 m.step_s * 1e3,
-                p.utilization_mean,
-                p.utilization_min,
-                p.bubble,
-                mb(p.comm_bytes_dp),
-                mb(p.comm_bytes_tp),
-                mb(p.comm_bytes_pp),
-                p.compression_ratio,
-                p.staleness_max,
+                cell(format!("{:.2}", p.utilization_mean)),
+                cell(format!("{:.2}", p.utilization_min)),
+                cell(format!("{:.2}", p.bubble)),
+                cell(format!("{:.2}", mb(p.comm_bytes_dp))),
+                cell(format!("{:.2}", mb(p.comm_bytes_tp))),
+                cell(format!("{:.2}", mb(p.comm_bytes_pp))),
+                cell(format!("{:.1}", p.compression_ratio)),
+                cell(p.staleness_max.to_string()),
             )?;
             println!(
                 "{} {mode} {compression}: {:.0} samples/s",

@@ -367,11 +367,9 @@ impl MeshRank {
             comm_bytes_dp: bytes(self.groups.dp.as_ref()) + dp.sent_bytes,
             comm_bytes_tp: bytes(self.groups.tp.as_ref()),
             comm_bytes_pp: bytes(self.groups.pp.as_ref()),
-            compression_ratio: if dp.wire_bytes == 0 {
-                1.0
-            } else {
-                dp.compression_ratio()
-            },
+            compression_ratio: crate::run::ratio(dp.dense_bytes, dp.wire_bytes),
+            dp_dense_bytes: dp.dense_bytes,
+            dp_wire_bytes: dp.wire_bytes,
             ..Default::default()
         })
     }

@@ -214,8 +214,12 @@ pub struct ParallelStepStats {
     pub comm_bytes_dp: u64,
     pub comm_bytes_tp: u64,
     pub comm_bytes_pp: u64,
-    /// Dense gradient bytes over the compressor's wire bytes on the DP group (1 = dense).
+    /// Dense gradient bytes over the compressor's wire bytes on the DP group (1 = dense),
+    /// over the reductions applied (none in some async steps: then 1).
     pub compression_ratio: f64,
+    /// The DP reductions' dense and wire (payload) bytes behind the ratio.
+    pub dp_dense_bytes: u64,
+    pub dp_wire_bytes: u64,
     /// Updates applied in the step and how many other updates each missed (0 in sync DP).
     pub updates_applied: u64,
     pub staleness_mean: f64,
@@ -235,7 +239,8 @@ impl ParallelStepStats {
         self.comm_bytes_dp += other.comm_bytes_dp;
         self.comm_bytes_tp += other.comm_bytes_tp;
         self.comm_bytes_pp += other.comm_bytes_pp;
-        self.compression_ratio += other.compression_ratio;
+        self.dp_dense_bytes += other.dp_dense_bytes;
+        self.dp_wire_bytes += other.dp_wire_bytes;
         self.updates_applied += other.updates_applied;
         self.staleness_mean += other.staleness_mean * other.updates_applied as f64;
         self.staleness_max = self.staleness_max.max(other.staleness_max);
@@ -253,7 +258,9 @@ impl ParallelStepStats {
             comm_bytes_dp: sum.comm_bytes_dp / n,
             comm_bytes_tp: sum.comm_bytes_tp / n,
             comm_bytes_pp: sum.comm_bytes_pp / n,
-            compression_ratio: sum.compression_ratio / n as f64,
+            compression_ratio: ratio(sum.dp_dense_bytes, sum.dp_wire_bytes),
+            dp_dense_bytes: sum.dp_dense_bytes / n,
+            dp_wire_bytes: sum.dp_wire_bytes / n,
             updates_applied: sum.updates_applied,
             staleness_mean: sum.staleness_mean / sum.updates_applied.max(1) as f64,
             staleness_max: sum.staleness_max,
@@ -261,6 +268,15 @@ impl ParallelStepStats {
             dp_rows_min: sum.dp_rows_min / n,
             dp_rows_max: sum.dp_rows_max / n,
         }
+    }
+}
+
+/// Dense over wire bytes; 1 when nothing was reduced.
+pub(crate) fn ratio(dense: u64, wire: u64) -> f64 {
+    if wire == 0 {
+        1.0
+    } else {
+        dense as f64 / wire as f64
     }
 }
 
