@@ -167,9 +167,14 @@ pub struct DpTraffic {
 }
 
 impl DpTraffic {
-    /// Dense bytes over the compressor's payload bytes (1 without compression).
+    /// Dense bytes over the compressor's payload bytes (1 without compression, and when
+    /// nothing was reduced).
     pub fn compression_ratio(&self) -> f64 {
-        self.dense_bytes as f64 / (self.wire_bytes.max(1)) as f64
+        if self.wire_bytes == 0 {
+            1.0
+        } else {
+            self.dense_bytes as f64 / self.wire_bytes as f64
+        }
     }
 
     pub fn add(&mut self, other: DpTraffic) {

@@ -19,7 +19,7 @@ use meshrec_model::device::test_device;
 use meshrec_trainer::config::RunConfig;
 use meshrec_trainer::measure::measure_layout;
 use meshrec_trainer::profile::measure_profile;
-use meshrec_trainer::run::load_dataset;
+use meshrec_trainer::run::{dataset_model_config, load_dataset};
 use meshrec_trainer::simulate::sim_spec;
 use serde_json::json;
 
@@ -74,10 +74,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let repeats = if quick { 2 } else { 5 };
     let mut profiles = std::collections::BTreeMap::new();
     let dataset = load_dataset(&single)?;
-    let model = single.model_config(
-        dataset.num_items,
-        dataset.features.as_ref().map(|f| f.num_genres),
-    )?;
+    let model = dataset_model_config(&single, &dataset)?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut md = String::new();
     writeln!(

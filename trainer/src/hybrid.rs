@@ -35,8 +35,8 @@ use meshrec_parallel::ParallelError;
 use crate::checkpoint::{StateKind, TrainState};
 use crate::config::{BalanceSection, DpMode, FaultSection, RunConfig};
 use crate::run::{
-    adamw_config, build_model, dropout_seed, load_dataset, train_with, ParallelStepStats, RunError,
-    StepResult, Stepper, Summary,
+    adamw_config, dataset_model_config, dropout_seed, load_dataset, poison_first, train_with,
+    ParallelStepStats, RunError, StepResult, Stepper, Summary,
 };
 
 impl From<ParallelError> for RunError {
@@ -335,6 +335,7 @@ impl MeshRank {
     fn step_stats(
         &self,
         recorder: &Recorder,
+        pipeline_s: f64,
         dp: DpTraffic,
     ) -> Result<ParallelStepStats, RunError> {
         let group = match self.mode {
@@ -345,7 +346,7 @@ impl MeshRank {
         let mut wall = [recorder.now_s() as f32];
         group.all_reduce(&mut wall, ReduceOp::Max)?;
         let wall = f64::from(wall[0]).max(1e-9);
-        let pipeline = busy_s(events, &[EventKind::Forward, EventKind::Backward]) / wall;
+        let pipeline = pipeline_s / wall;
         let compute = busy_s(
             events,
             &[
@@ -367,7 +368,7 @@ impl MeshRank {
             comm_bytes_dp: bytes(self.groups.dp.as_ref()) + dp.sent_bytes,
             comm_bytes_tp: bytes(self.groups.tp.as_ref()),
             comm_bytes_pp: bytes(self.groups.pp.as_ref()),
-            compression_ratio: crate::run::ratio(dp.dense_bytes, dp.wire_bytes),
+            compression_ratio: dp.compression_ratio(),
             dp_dense_bytes: dp.dense_bytes,
             dp_wire_bytes: dp.wire_bytes,
             ..Default::default()
@@ -463,32 +464,25 @@ impl MeshRank {
     /// (gathered, then re-sharded for the new partition), parameters and AdamW moments
     /// alike, so training continues as if nothing moved.
     fn migrate(&mut self, blocks: Vec<usize>) -> Result<(), RunError> {
-        self.settle()?;
-        let values = self.gather_full(|me, i| me.segments[i].values())?;
-        let m = self.gather_full(|me, i| me.optimizers[i].m.clone())?;
-        let v = self.gather_full(|me, i| me.optimizers[i].v.clone())?;
-        let steps = self.optimizers.first().map_or(0, |o| o.step);
+        let state = self.gather_state()?;
         let layout =
             Layout::with_partition(self.layout.mesh, 1, blocks, self.model_config.n_layers)
                 .map_err(ParallelError::from)?;
-        let (mesh, coord) = (layout.mesh, self.groups.coord);
-        let segments = build_segments(
+        self.segments = build_segments(
             &self.model_config,
             self.genres.as_deref(),
             &layout,
             &self.groups,
-            &values,
+            &state.full(StateKind::Values),
             &self.device,
         )?;
-        let mut optimizers = Vec::with_capacity(segments.len());
-        for s in &segments {
-            let mut opt = AdamW::new(self.adamw, s.infos.iter().map(ParamInfo::numel));
-            opt.m = shard_chunk(&m, &s.specs, &mesh, coord)?;
-            opt.v = shard_chunk(&v, &s.specs, &mesh, coord)?;
-            opt.step = steps;
-            optimizers.push(opt);
-        }
-        self.decay = segments
+        self.optimizers = self
+            .segments
+            .iter()
+            .map(|s| AdamW::new(self.adamw, s.infos.iter().map(ParamInfo::numel)))
+            .collect();
+        self.decay = self
+            .segments
             .iter()
             .map(|s| s.infos.iter().map(ParamSpec::decays).collect())
             .collect();
@@ -498,12 +492,41 @@ impl MeshRank {
             &layout,
             &self.device,
         );
-        self.segments = segments;
-        self.optimizers = optimizers;
         self.layout = layout;
+        self.adopt_moments(&state)?;
         if let Some(engine) = self.dp_engine.as_mut() {
             // Compressor memories follow the DP buckets, which the move reshapes.
             engine.reset_memory()?;
+        }
+        Ok(())
+    }
+
+    /// The whole training state, gathered on every rank (updates in flight applied first);
+    /// without compressor memories.
+    fn gather_state(&mut self) -> Result<TrainState, RunError> {
+        self.settle()?;
+        let values = self.gather_full(|me, i| me.segments[i].values())?;
+        let m = self.gather_full(|me, i| me.optimizers[i].m.clone())?;
+        let v = self.gather_full(|me, i| me.optimizers[i].v.clone())?;
+        Ok(TrainState {
+            shapes: values.shapes,
+            values: values.values,
+            adam_m: m.values,
+            adam_v: v.values,
+            optimizer_steps: self.optimizers.first().map_or(0, |o| o.step),
+            partition: self.layout.partition.clone(),
+            compressor: Vec::new(),
+        })
+    }
+
+    /// This rank's shards of the AdamW moments and step count of `state`.
+    fn adopt_moments(&mut self, state: &TrainState) -> Result<(), RunError> {
+        let (mesh, coord) = (self.layout.mesh, self.groups.coord);
+        let (m, v) = (state.full(StateKind::AdamM), state.full(StateKind::AdamV));
+        for (s, opt) in self.segments.iter().zip(self.optimizers.iter_mut()) {
+            opt.m = shard_chunk(&m, &s.specs, &mesh, coord)?;
+            opt.v = shard_chunk(&v, &s.specs, &mesh, coord)?;
+            opt.step = state.optimizer_steps;
         }
         Ok(())
     }
@@ -698,9 +721,9 @@ impl Stepper for MeshRank {
         let releasing = engine.is_some();
         let mut push = |chunk: usize, param: usize, g: &[f32]| match engine.as_mut() {
             Some(e) if poison && std::mem::take(&mut first) => {
-                let mut bad = g.to_vec();
-                bad[0] = f32::NAN;
-                e.push(chunk, param, &bad)
+                let mut bad = [g.to_vec()];
+                poison_first(&mut bad);
+                e.push(chunk, param, &bad[0])
             }
             Some(e) => e.push(chunk, param, g),
             None => Ok(()),
@@ -717,10 +740,12 @@ impl Stepper for MeshRank {
         )?;
         self.window.steps += 1;
         self.window.worker_s += step_start.elapsed().as_secs_f64();
-        self.window.compute_s += busy_s(
+        // Forward and backward are done for the step: its pipeline compute is final here.
+        let pipeline_s = busy_s(
             recorder.events(),
             &[EventKind::Forward, EventKind::Backward],
-        ) / self.schedule.micro_batches as f64;
+        );
+        self.window.compute_s += pipeline_s / self.schedule.micro_batches as f64;
         if self.fault.crash_step == Some(step) && self.fault.crash_rank == world_rank {
             // Dies mid-step: its peers are waiting on the DP and model-parallel reductions.
             if self.crash_aborts {
@@ -732,7 +757,9 @@ impl Stepper for MeshRank {
             )));
         }
         if poison && !releasing {
-            meshrec_trainer_inject(&mut self.segments);
+            if let Some(s) = self.segments.first_mut() {
+                poison_first(&mut s.grads);
+            }
         }
         let mut traffic = DpTraffic::default();
         let (mut skipped, mut staleness) = (false, Vec::new());
@@ -795,7 +822,7 @@ impl Stepper for MeshRank {
             loss_targets = global_targets;
         }
         let migrations = self.balance_window(step)?;
-        let mut parallel = self.step_stats(&recorder, traffic)?;
+        let mut parallel = self.step_stats(&recorder, pipeline_s, traffic)?;
         parallel.migrations = migrations;
         let split = self.split_of(batch.batch_size);
         parallel.dp_rows_min = split.iter().copied().min().unwrap_or(0) as u64;
@@ -836,10 +863,7 @@ impl Stepper for MeshRank {
     }
 
     fn export_state(&mut self) -> Result<Option<TrainState>, RunError> {
-        self.settle()?;
-        let values = self.gather_full(|me, i| me.segments[i].values())?;
-        let m = self.gather_full(|me, i| me.optimizers[i].m.clone())?;
-        let v = self.gather_full(|me, i| me.optimizers[i].v.clone())?;
+        let mut state = self.gather_state()?;
         let memory = match self.dp_engine.as_mut() {
             Some(e) => e.memory_bytes()?,
             None => Vec::new(),
@@ -848,35 +872,19 @@ impl Stepper for MeshRank {
         if !self.is_leader() {
             return Ok(None);
         }
-        let optimizer_steps = self.optimizers.first().map_or(0, |o| o.step);
-        Ok(Some(TrainState {
-            shapes: values.shapes,
-            values: values.values,
-            adam_m: m.values,
-            adam_v: v.values,
-            optimizer_steps,
-            partition: self.layout.partition.clone(),
-            compressor: if compressor.iter().all(Vec::is_empty) {
-                Vec::new()
-            } else {
-                compressor
-            },
-        }))
+        if compressor.iter().any(|c| !c.is_empty()) {
+            state.compressor = compressor;
+        }
+        Ok(Some(state))
     }
 
     fn import_state(&mut self, state: &TrainState, same_layout: bool) -> Result<(), RunError> {
         let (mesh, coord) = (self.layout.mesh, self.groups.coord);
-        let (values, m, v) = (
-            state.full(StateKind::Values),
-            state.full(StateKind::AdamM),
-            state.full(StateKind::AdamV),
-        );
-        for (s, opt) in self.segments.iter_mut().zip(self.optimizers.iter_mut()) {
+        let values = state.full(StateKind::Values);
+        for s in &mut self.segments {
             s.set_values(&shard_chunk(&values, &s.specs, &mesh, coord)?)?;
-            opt.m = shard_chunk(&m, &s.specs, &mesh, coord)?;
-            opt.v = shard_chunk(&v, &s.specs, &mesh, coord)?;
-            opt.step = state.optimizer_steps;
         }
+        self.adopt_moments(state)?;
         self.version = state.optimizer_steps;
         let rank = self.groups.world.rank();
         if let (true, Some(engine), Some(bytes)) = (
@@ -917,17 +925,6 @@ fn balance_err(e: meshrec_balance::BalanceError) -> RunError {
     RunError::Parallel(format!("balance: {e}"))
 }
 
-/// `[fault]`'s NaN where gradients stay on this rank (no DP reduction to carry it).
-fn meshrec_trainer_inject(segments: &mut [Segment]) {
-    if let Some(x) = segments
-        .iter_mut()
-        .flat_map(|s| s.grads.iter_mut())
-        .find_map(|g| g.first_mut())
-    {
-        *x = f32::NAN;
-    }
-}
-
 /// Local SGD's synchronisation: every parameter replaced by its mean over the DP group.
 fn average_parameters(
     segments: &mut [Segment],
@@ -955,7 +952,7 @@ pub fn train_local(
     resume: Option<&Path>,
 ) -> Result<Summary, RunError> {
     let dataset = load_dataset(config)?;
-    let (model_config, _) = build_model(config, &dataset, device)?;
+    let model_config = dataset_model_config(config, &dataset)?;
     let world = config.parallel.world_size();
     let results = LocalCluster::run(world, |comm| {
         rank_main(
@@ -970,20 +967,26 @@ pub fn train_local(
         )
     })
     .map_err(|e| RunError::Parallel(e.to_string()))?;
-    let mut summary = None;
+    leader_result(results)
+}
+
+/// The leader's result of a mesh run on the local engine (the others return `None`); if any
+/// rank failed, every failing rank's account: the first failure and what it did to the
+/// others.
+pub(crate) fn leader_result<T>(results: Vec<Result<Option<T>, RunError>>) -> Result<T, RunError> {
+    let mut leader = None;
     let mut failures = Vec::new();
     for (rank, r) in results.into_iter().enumerate() {
         match r {
-            Ok(Some(s)) => summary = Some(s),
+            Ok(Some(t)) => leader = Some(t),
             Ok(None) => {}
             Err(e) => failures.push(format!("rank {rank}: {e}")),
         }
     }
     if !failures.is_empty() {
-        // Every rank's account: the first failure and what it did to the others.
         return Err(RunError::Parallel(failures.join("; ")));
     }
-    summary.ok_or_else(|| RunError::Parallel("the leader returned no summary".into()))
+    leader.ok_or_else(|| RunError::Parallel("the leader returned nothing".into()))
 }
 
 /// One rank's whole run (any engine).
@@ -1043,7 +1046,7 @@ pub fn train_mpi(
         )));
     }
     let dataset = load_dataset(config)?;
-    let (model_config, _) = build_model(config, &dataset, device)?;
+    let model_config = dataset_model_config(config, &dataset)?;
     rank_main(
         Box::new(world),
         config,

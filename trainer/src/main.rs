@@ -252,10 +252,7 @@ fn main() -> anyhow::Result<()> {
         } => {
             let (config, _, _) = setup(&common)?;
             let dataset = run::load_dataset(&config)?;
-            let model = config.model_config(
-                dataset.num_items,
-                dataset.features.as_ref().map(|f| f.num_genres),
-            )?;
+            let model = run::dataset_model_config(&config, &dataset)?;
             let profile = match profile {
                 Some(path) => Some(
                     serde_json::from_str(
@@ -290,10 +287,7 @@ fn main() -> anyhow::Result<()> {
                 (None, Some(path)) => {
                     let config = RunConfig::load(Some(&path), &[])?;
                     let dataset = run::load_dataset(&config)?;
-                    let model = config.model_config(
-                        dataset.num_items,
-                        dataset.features.as_ref().map(|f| f.num_genres),
-                    )?;
+                    let model = run::dataset_model_config(&config, &dataset)?;
                     meshrec_balance::PlanRequest::new(
                         model.shape(&config.model.preset),
                         meshrec_balance::Cluster::preset(&cluster, devices)?,

@@ -12,7 +12,8 @@ use serde::Serialize;
 use crate::config::RunConfig;
 use crate::hybrid::MeshRank;
 use crate::run::{
-    build_model, load_dataset, ParallelStepStats, RunError, SingleDevice, StepResult, Stepper,
+    build_model, dataset_model_config, load_dataset, ParallelStepStats, RunError, SingleDevice,
+    StepResult, Stepper,
 };
 
 /// Measured steps of one layout.
@@ -95,16 +96,18 @@ pub fn measure_layout(
     steps: usize,
 ) -> Result<Measured, RunError> {
     let dataset = load_dataset(config)?;
-    let (model_config, model) = build_model(config, &dataset, device)?;
+    let model_config = dataset_model_config(config, &dataset)?;
     let train_set = TrainSet::new(&dataset, model_config.max_len, config.data.windows)?;
     let batches = full_batches(config, &train_set, warmup + steps);
     if batches.len() < warmup + steps {
         return Err(RunError::NoTrainingData);
     }
     let lr = config.train.lr as f32;
-    let measured = if config.parallel.world_size() == 1 {
+    if config.parallel.world_size() == 1 {
+        let (_, model) = build_model(config, &dataset, device)?;
         let mut single = SingleDevice::new(model, config, device);
         run_steps(&mut single, &batches, warmup, lr)?
+            .ok_or_else(|| RunError::Parallel("the single device measured nothing".into()))
     } else {
         let genres = dataset.features.as_ref().map(|f| f.item_genres.clone());
         let results = LocalCluster::run(config.parallel.world_size(), |comm| {
@@ -119,15 +122,6 @@ pub fn measure_layout(
             run_steps(&mut rank, &batches, warmup, lr)
         })
         .map_err(|e| RunError::Parallel(e.to_string()))?;
-        let mut leader = None;
-        for (rank, r) in results.into_iter().enumerate() {
-            match r {
-                Ok(Some(m)) => leader = Some(m),
-                Ok(None) => {}
-                Err(e) => return Err(RunError::Parallel(format!("rank {rank}: {e}"))),
-            }
-        }
-        leader
-    };
-    measured.ok_or_else(|| RunError::Parallel("the leader measured nothing".into()))
+        crate::hybrid::leader_result(results)
+    }
 }

@@ -44,10 +44,7 @@ pub fn measure_profile(
 ) -> Result<CostProfile, RunError> {
     let dataset = load_dataset(config)?;
     let genres = dataset.features.as_ref().map(|f| f.item_genres.clone());
-    let model_config = config.model_config(
-        dataset.num_items,
-        dataset.features.as_ref().map(|f| f.num_genres),
-    )?;
+    let model_config = crate::run::dataset_model_config(config, &dataset)?;
     let n = model_config.n_layers;
     let mut probe = model_config.clone();
     probe.n_layers = n + 2;

@@ -17,6 +17,8 @@ use meshrec_model::step::{evaluate_batch, forward_backward};
 use meshrec_model::{ModelConfig, Recommender};
 use serde::Serialize;
 
+use meshrec_parallel::dp::DpTraffic;
+
 use crate::checkpoint::{
     self, Manifest, Progress, RngState, SavedCompressor, SavedLayout, StateKind, TrainState,
 };
@@ -54,6 +56,15 @@ pub fn load_dataset(config: &RunConfig) -> Result<Dataset, RunError> {
     Ok(Dataset::load(Path::new(&config.data.path))?)
 }
 
+/// The model config of a run on a dataset (catalogue size and genres come from the data).
+pub fn dataset_model_config(
+    config: &RunConfig,
+    dataset: &Dataset,
+) -> Result<ModelConfig, RunError> {
+    let genres = dataset.features.as_ref().map(|f| f.num_genres);
+    Ok(config.model_config(dataset.num_items, genres)?)
+}
+
 /// Builds and seeds the model for a dataset.
 pub fn build_model(
     config: &RunConfig,
@@ -61,7 +72,7 @@ pub fn build_model(
     device: &Device,
 ) -> Result<(ModelConfig, Recommender), RunError> {
     let genres = dataset.features.as_ref();
-    let model_config = config.model_config(dataset.num_items, genres.map(|f| f.num_genres))?;
+    let model_config = dataset_model_config(config, dataset)?;
     let model = Recommender::new(
         &model_config,
         genres.map(|f| f.item_genres.as_slice()),
@@ -258,7 +269,12 @@ impl ParallelStepStats {
             comm_bytes_dp: sum.comm_bytes_dp / n,
             comm_bytes_tp: sum.comm_bytes_tp / n,
             comm_bytes_pp: sum.comm_bytes_pp / n,
-            compression_ratio: ratio(sum.dp_dense_bytes, sum.dp_wire_bytes),
+            compression_ratio: DpTraffic {
+                dense_bytes: sum.dp_dense_bytes,
+                wire_bytes: sum.dp_wire_bytes,
+                sent_bytes: 0,
+            }
+            .compression_ratio(),
             dp_dense_bytes: sum.dp_dense_bytes / n,
             dp_wire_bytes: sum.dp_wire_bytes / n,
             updates_applied: sum.updates_applied,
@@ -268,15 +284,6 @@ impl ParallelStepStats {
             dp_rows_min: sum.dp_rows_min / n,
             dp_rows_max: sum.dp_rows_max / n,
         }
-    }
-}
-
-/// Dense over wire bytes; 1 when nothing was reduced.
-pub(crate) fn ratio(dense: u64, wire: u64) -> f64 {
-    if wire == 0 {
-        1.0
-    } else {
-        dense as f64 / wire as f64
     }
 }
 
@@ -346,9 +353,14 @@ pub fn dropout_seed(seed: u64, step: u64) -> u64 {
 /// `[fault]`'s NaN injection: poisons `grads` when this is the rank and step it names.
 pub fn inject_nan(fault: &FaultSection, rank: usize, step: u64, grads: &mut [Vec<f32>]) {
     if fault.nan_step == Some(step) && fault.nan_rank == rank {
-        if let Some(x) = grads.iter_mut().find_map(|g| g.first_mut()) {
-            *x = f32::NAN;
-        }
+        poison_first(grads);
+    }
+}
+
+/// Sets the first gradient element to NaN (what `[fault]`'s NaN injection does).
+pub(crate) fn poison_first(grads: &mut [Vec<f32>]) {
+    if let Some(x) = grads.iter_mut().find_map(|g| g.first_mut()) {
+        *x = f32::NAN;
     }
 }
 
@@ -724,8 +736,10 @@ pub fn train_with(
                 }
                 break 'epochs;
             }
+            // The epoch's end saves anyway (with its evaluation in the state).
             let every = config.checkpoint.every_steps;
-            if every > 0 && progress.step.is_multiple_of(every) {
+            let last_of_epoch = progress.batch_in_epoch == batches_per_epoch;
+            if every > 0 && progress.step.is_multiple_of(every) && !last_of_epoch {
                 save_state(stepper, &progress)?;
             }
         }
@@ -841,11 +855,7 @@ pub fn measure_throughput(
     steps: usize,
 ) -> Result<Throughput, RunError> {
     let dataset = load_dataset(config)?;
-    let (_, mut model) = build_model(config, &dataset, device)?;
-    let model_config = config.model_config(
-        dataset.num_items,
-        dataset.features.as_ref().map(|f| f.num_genres),
-    )?;
+    let (model_config, mut model) = build_model(config, &dataset, device)?;
     let train_set = TrainSet::new(&dataset, model_config.max_len, config.data.windows)?;
     let infos = param_paths(&model);
     let decay: Vec<bool> = infos.iter().map(|p| p.shape.len() > 1).collect();
