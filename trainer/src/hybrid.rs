@@ -886,9 +886,12 @@ impl Stepper for MeshRank {
         }
         self.adopt_moments(state)?;
         self.version = state.optimizer_steps;
+        // Compressor memories follow the DP buckets: only the same layout and partition
+        // (the rebalancer may have moved blocks since) can take them.
+        let same_buckets = same_layout && state.partition == self.layout.partition;
         let rank = self.groups.world.rank();
         if let (true, Some(engine), Some(bytes)) = (
-            same_layout,
+            same_buckets,
             self.dp_engine.as_mut(),
             state.compressor.get(rank),
         ) {

@@ -40,6 +40,15 @@ fn a_resumed_run_continues_bit_for_bit() {
             "mesh",
             &["parallel.dp=2", "parallel.pp=2", "parallel.micro_batches=2"][..],
         ),
+        // Error-feedback residuals must come back too.
+        (
+            "compressed",
+            &[
+                "parallel.dp=2",
+                "compress.method=topk",
+                "compress.ratio=0.05",
+            ][..],
+        ),
     ] {
         let whole = format!("{name}-whole");
         train(&config(dir.path(), &whole, layout), None);
