@@ -15,7 +15,8 @@ use std::error::Error;
 use std::path::{Path, PathBuf};
 
 use meshrec_balance::plan::{plan, PaperRow, Plan, PlanRequest};
-use meshrec_balance::ModelShape;
+use meshrec_balance::report::fmt_bytes;
+use meshrec_balance::{Candidate, Cluster, ModelShape, StepPart};
 use plotters::prelude::*;
 
 const CLUSTERS: [&str; 2] = ["a100x8", "a100+v100x8"];
@@ -91,11 +92,10 @@ fn markdown(runs: &[Run]) -> String {
             .collect::<Vec<_>>()
             .join("; "),
     );
-    md.push_str(
-        ". Clusters: `a100x8` (A100-80GB, 8 per node, NVLink 150 GB/s, 25 GB/s per GPU \
-         between nodes) and `a100+v100x8` (nodes alternate A100 and V100-32GB, NVLink 100 \
-         GB/s, 12 GB/s between nodes).\n\n",
-    );
+    md.push_str(&format!(
+        ". Clusters (modelled links, nominal per-direction rates): {}.\n\n",
+        clusters()
+    ));
     md.push_str("## Best hybrid against best single-mode (simulated)\n\n");
     md.push_str("| cluster | model | devices | balance | best hybrid | samples/s | util | best DP-only | samples/s | best TP-only | samples/s | best PP-only | samples/s | best single | throughput ratio | utilization ratio |\n");
     md.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
@@ -259,65 +259,206 @@ fn summary(runs: &[Run]) -> String {
             100.0 * mean(&sync_hybrid),
         ));
     }
+    // Per (model, devices) pair of a cluster: best overall samples/s with balancing on over
+    // off, and whether the winner with it on pipelines.
     let gain = |cluster: &str| {
         let mut v = Vec::new();
         for on in plans.iter().filter(|p| p.cluster == cluster && p.balance) {
             if let Some(off) = plans.iter().find(|p| {
                 p.cluster == cluster && !p.balance && p.model == on.model && p.devices == on.devices
             }) {
-                v.push(on.best.result.samples_per_s / off.best.result.samples_per_s);
+                v.push((
+                    on.best.result.samples_per_s / off.best.result.samples_per_s,
+                    on.best.config.mesh.pp > 1,
+                ));
             }
         }
-        let min = v.iter().copied().fold(f64::INFINITY, f64::min);
-        let max = v.iter().copied().fold(0.0, f64::max);
-        (min, max)
+        v
     };
     for cluster in CLUSTERS {
-        let (lo, hi) = gain(cluster);
+        let v = gain(cluster);
+        if v.is_empty() {
+            continue;
+        }
+        let ratios: Vec<f64> = v.iter().map(|g| g.0).collect();
+        let same: Vec<&(f64, bool)> = v.iter().filter(|g| (g.0 - 1.0).abs() <= 1e-3).collect();
+        let unpipelined = same.iter().filter(|g| !g.1).count();
         s.push_str(&format!(
-            "- Adaptive balancing on {cluster}: the best layout overall is {lo:.2}–{hi:.2}x as fast with balancing on as with it off.\n"
+            "- Adaptive balancing on {cluster}: the best layout overall is {}x as fast with balancing on as with it off; {} of {} (model, devices) pairs differ by more than 0.1%; of the {} that do not, {unpipelined} winners have pp = 1.\n",
+            span(&ratios),
+            v.len() - same.len(),
+            v.len(),
+            same.len(),
         ));
     }
-    let range = |d: usize, f: &dyn Fn(&PaperRow) -> f64| {
-        let v: Vec<f64> = rows
+    s.push_str(&why(runs));
+    s
+}
+
+/// The clusters as their presets define them: devices, devices per node and the two link
+/// classes (from `meshrec_comm`'s link table).
+fn clusters() -> String {
+    let n = DEVICES[DEVICES.len() - 1];
+    CLUSTERS
+        .iter()
+        .filter_map(|name| Cluster::preset(name, n).ok())
+        .map(|c| {
+            let mut kinds: Vec<&str> = Vec::new();
+            for d in &c.devices {
+                if !kinds.contains(&d.name.as_str()) {
+                    kinds.push(&d.name);
+                }
+            }
+            format!(
+                "`{}` ({} per node, {}; inside a node {}, between nodes {} per GPU)",
+                c.name,
+                c.topology.devices_per_node,
+                kinds.join(" and "),
+                c.topology.intra.describe(),
+                c.topology.inter.describe()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// `a–b` of the values, or `a` when they are equal at two decimals.
+fn span(v: &[f64]) -> String {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if format!("{lo:.2}") == format!("{hi:.2}") {
+        format!("{lo:.2}")
+    } else {
+        format!("{lo:.2}–{hi:.2}")
+    }
+}
+
+/// Which part of the step accounts for most of the faster layout's lead, tallied over
+/// `rows`: `pipeline idle in 3 (on average 12% of the slower layout's step), ...`.
+fn dominant_parts(rows: &[&PaperRow]) -> String {
+    // Per part: rows it dominates, and what it saves as a share of the slower layout's step.
+    let mut parts: BTreeMap<StepPart, (usize, f64)> = BTreeMap::new();
+    let mut hidden = 0;
+    for r in rows {
+        let c = &r.comparison;
+        match c.dominant {
+            Some(p) => {
+                let e = parts.entry(p).or_default();
+                e.0 += 1;
+                e.1 += c.gap(p) / c.slower_step_s;
+            }
+            None => hidden += 1,
+        }
+    }
+    let mut by_count: Vec<(StepPart, (usize, f64))> = parts.into_iter().collect();
+    by_count.sort_by_key(|b| std::cmp::Reverse(b.1 .0));
+    let mut out: Vec<String> = by_count
+        .iter()
+        .map(|(p, (k, share))| {
+            format!(
+                "{p} in {k} (saving on average {:.0}% of the slower layout's step)",
+                100.0 * share / *k as f64
+            )
+        })
+        .collect();
+    if hidden > 0 {
+        out.push(format!(
+            "in {hidden} no part of the mean device's step (the breakdown does not show where)"
+        ));
+    }
+    out.join(", ")
+}
+
+/// Bytes per link class: `a intra-node / b inter-node`, mean over the plans' layouts.
+fn mean_bytes(cands: &[&Candidate]) -> String {
+    let n = cands.len().max(1) as f64;
+    let intra = cands.iter().map(|c| c.result.bytes.intra).sum::<f64>() / n;
+    let inter = cands.iter().map(|c| c.result.bytes.inter).sum::<f64>() / n;
+    format!(
+        "{} intra-node / {} inter-node",
+        fmt_bytes(intra),
+        fmt_bytes(inter)
+    )
+}
+
+/// Why the hybrid wins or loses, per device count, written from the rows' comparisons
+/// (which layout is faster, by what ratio, which part of the step makes the difference)
+/// and the plans' bytes per link class.
+fn why(runs: &[Run]) -> String {
+    let mut s = String::from(
+        "\nWhy (SIMULATED; every statement below is counted from the rows above: a row's \
+         faster layout, its lead, and the part of the mean device's step — compute, TP \
+         all-reduce, pipeline idle, DP sync/wait, optimizer — where the faster layout saves \
+         the most time, as a share of the slower layout's mean step by the breakdown):\n\n",
+    );
+    for d in DEVICES {
+        let sel: Vec<&Run> = runs
             .iter()
-            .filter(|r| r.devices == d)
-            .map(|r| f(r))
+            .filter(|r| r.row.as_ref().is_some_and(|row| row.devices == d))
             .collect();
-        (
-            v.iter().copied().fold(f64::INFINITY, f64::min),
-            v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-        )
-    };
-    let pct = |x: f64| 100.0 * (x - 1.0);
-    let (d_lo, d_hi) = (DEVICES[0], DEVICES[DEVICES.len() - 1]);
-    let single_lead = range(d_lo, &|r| 1.0 / r.throughput_ratio);
-    let t_hi = range(d_hi, &|r| r.throughput_ratio);
-    let u_hi = range(d_hi, &|r| r.utilization_ratio);
-    s.push_str(&format!(
-        "\nWhy: inside one 8-GPU NVLink node ({d_lo} devices; `a100+v100x8` with 8 devices is one \
-         A100 node) DP-only's bucketed gradient all-reduce hides behind backward, so any TP \
-         or PP only adds blocking all-reduces or a bubble: the best single-mode layout leads by \
-         {:.0}–{:.0}%. Once the DP group spans nodes, DP-only's all-reduce (or top-k \
-         all-gather, which grows with the number of replicas) moves the whole gradient over \
-         the 25 GB/s (12 GB/s) per-GPU inter-node links and stops being hidden; a hybrid \
-         layout keeps TP inside a node on NVLink, divides each rank's gradient by the TP \
-         degree and the DP group by TP × PP, so at {d_hi} devices it beats the best \
-         single-mode layout by {:.0}–{:.0}% in throughput and {:.0}–{:.0}% in utilization \
-         (the paper: +30% / +20%). PP-only is bounded by the stage holding the \
-         catalogue-sized output head (which cannot be split across stages) and TP-only by the \
-         head count and blocking all-reduces in every block. Adaptive balancing matters on \
-         the heterogeneous cluster (the speed-proportional batch split gives A100 replicas \
-         more sequences; pipelines give the slower stage fewer blocks) and for pipelined \
-         layouts (second table); where the winners do not pipeline on identical devices, on \
-         and off tie.\n",
-        pct(single_lead.0),
-        pct(single_lead.1),
-        pct(t_hi.0),
-        pct(t_hi.1),
-        pct(u_hi.0),
-        pct(u_hi.1),
-    ));
+        if sel.is_empty() {
+            continue;
+        }
+        let rows: Vec<&PaperRow> = sel.iter().filter_map(|r| r.row.as_ref()).collect();
+        let won: Vec<&PaperRow> = rows
+            .iter()
+            .copied()
+            .filter(|r| r.comparison.first_faster && r.comparison.speedup > 1.0)
+            .collect();
+        let lost: Vec<&PaperRow> = rows
+            .iter()
+            .copied()
+            .filter(|r| !r.comparison.first_faster)
+            .collect();
+        let tied = rows.len() - won.len() - lost.len();
+        let mut line = format!("- {d} devices: the best hybrid layout is ");
+        let mut clauses = Vec::new();
+        if !won.is_empty() {
+            let v: Vec<f64> = won.iter().map(|r| r.comparison.speedup).collect();
+            clauses.push(format!(
+                "faster in {} of {} rows ({}x the best single-mode layout's samples/s; most of its lead is {})",
+                won.len(),
+                rows.len(),
+                span(&v),
+                dominant_parts(&won)
+            ));
+        }
+        if !lost.is_empty() {
+            let v: Vec<f64> = lost.iter().map(|r| r.comparison.speedup).collect();
+            let mut classes: BTreeMap<&str, usize> = BTreeMap::new();
+            for r in &lost {
+                *classes.entry(r.best_single_class.as_str()).or_default() += 1;
+            }
+            clauses.push(format!(
+                "slower in {} of {} rows (the best single-mode layout — {} — reaches {}x its samples/s; most of that lead is {})",
+                lost.len(),
+                rows.len(),
+                classes
+                    .iter()
+                    .map(|(c, k)| format!("{c} in {k}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                span(&v),
+                dominant_parts(&lost)
+            ));
+        }
+        if tied > 0 {
+            clauses.push(format!("as fast in {tied} of {} rows", rows.len()));
+        }
+        line.push_str(&clauses.join("; and "));
+        let plans: Vec<&Plan> = sel.iter().filter_map(|r| r.plan.as_ref().ok()).collect();
+        let hybrids: Vec<&Candidate> = plans
+            .iter()
+            .filter_map(|p| p.best_hybrid.as_ref())
+            .collect();
+        let singles: Vec<&Candidate> = plans.iter().filter_map(|p| p.best_single()).collect();
+        line.push_str(&format!(
+            ". Bytes per step (mean): best hybrid {}, best single-mode {}.\n",
+            mean_bytes(&hybrids),
+            mean_bytes(&singles)
+        ));
+        s.push_str(&line);
+    }
     s
 }
 

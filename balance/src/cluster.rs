@@ -1,8 +1,9 @@
 //! Clusters: one [`DeviceSpec`] per global device and `meshrec-comm`'s [`Topology`] (devices
 //! per node, intra- and inter-node link classes), with named presets such as `a100x8`.
 //!
-//! Link numbers are modelled presets (datasheet orders of magnitude), never measurements;
-//! the link *formulas* all come from `meshrec_comm::cost`.
+//! Link numbers are modelled presets, never measurements: each is an entry of
+//! `meshrec_comm::cost`'s link table ([`LinkClass::TABLE`], nominal per-direction datasheet
+//! rates), where the link *formulas* also come from.
 
 use meshrec_comm::cost::{LinkClass, Topology};
 use serde::{Deserialize, Serialize};
@@ -94,50 +95,50 @@ impl Cluster {
     pub const PRESET_NAMES: [&'static str; 5] =
         ["a100x8", "h100x8", "v100x8", "a100+v100x8", "cpu"];
 
-    /// A named preset with `n_devices` devices (modelled numbers):
-    /// - `a100x8`: A100-80GB, 8 per node, NVLink 3 (2 µs, 150 GB/s) inside, one HDR
-    ///   200 Gb/s InfiniBand NIC per GPU (5 µs, 25 GB/s) between nodes (DGX A100);
-    /// - `h100x8`: H100-80GB, 8 per node, NVLink 4 (2 µs, 450 GB/s), NDR 400 Gb/s per GPU
-    ///   (5 µs, 50 GB/s) (DGX H100);
-    /// - `v100x8`: V100-32GB, 8 per node, NVLink 2 (2 µs, 100 GB/s), EDR 100 Gb/s (5 µs,
-    ///   12 GB/s);
+    /// A named preset with `n_devices` devices (modelled numbers; every link is an entry of
+    /// `meshrec_comm`'s link table, per-direction datasheet rates, see [`LinkClass::TABLE`]):
+    /// - `a100x8`: A100-80GB, 8 per node, [`LinkClass::NVLINK3_A100`] inside, one
+    ///   [`LinkClass::IB_HDR`] NIC per GPU between nodes (DGX A100);
+    /// - `h100x8`: H100-80GB, 8 per node, [`LinkClass::NVLINK4_H100`] inside, one
+    ///   [`LinkClass::IB_NDR`] NIC per GPU between nodes (DGX H100);
+    /// - `v100x8`: V100-32GB, 8 per node, [`LinkClass::NVLINK2_V100`] inside, one
+    ///   [`LinkClass::IB_EDR`] port per GPU between nodes (optimistic for DGX-1, whose 8
+    ///   GPUs share 4 EDR ports);
     /// - `a100+v100x8`: heterogeneous, nodes alternate between A100 and V100 devices, links
     ///   as `v100x8` (the slower generation's network);
     /// - `cpu`: this machine's CPU cores shared by `n_devices` threads on one node (each
     ///   device gets `1/n` of [`DeviceSpec::cpu_default`]'s FLOP/s and bandwidth, memory
-    ///   shared), linked by shared memory (5 µs, 5 GB/s, modelled).
+    ///   shared), linked by [`LinkClass::SHARED_MEMORY`] (an assumption).
     pub fn preset(name: &str, n_devices: usize) -> Result<Self, BalanceError> {
         if n_devices == 0 {
             return Err(BalanceError::InvalidDevice(format!(
                 "preset {name}: 0 devices"
             )));
         }
-        let nvlink3 = LinkClass::nvlink();
-        let hdr = LinkClass::new_us_gbps(5.0, 25.0);
         match name.to_ascii_lowercase().as_str() {
             "a100x8" => Self::homogeneous(
                 "a100x8",
                 DeviceSpec::a100_80gb(),
                 n_devices,
                 8,
-                nvlink3,
-                hdr,
+                LinkClass::NVLINK3_A100,
+                LinkClass::IB_HDR,
             ),
             "h100x8" => Self::homogeneous(
                 "h100x8",
                 DeviceSpec::h100_80gb(),
                 n_devices,
                 8,
-                LinkClass::new_us_gbps(2.0, 450.0),
-                LinkClass::new_us_gbps(5.0, 50.0),
+                LinkClass::NVLINK4_H100,
+                LinkClass::IB_NDR,
             ),
             "v100x8" => Self::homogeneous(
                 "v100x8",
                 DeviceSpec::v100_32gb(),
                 n_devices,
                 8,
-                LinkClass::new_us_gbps(2.0, 100.0),
-                LinkClass::infiniband_100g(),
+                LinkClass::NVLINK2_V100,
+                LinkClass::IB_EDR,
             ),
             "a100+v100x8" => {
                 let devices = (0..n_devices)
@@ -154,8 +155,8 @@ impl Cluster {
                     devices,
                     topology: Topology {
                         devices_per_node: 8,
-                        intra: LinkClass::new_us_gbps(2.0, 100.0),
-                        inter: LinkClass::infiniband_100g(),
+                        intra: LinkClass::NVLINK2_V100,
+                        inter: LinkClass::IB_EDR,
                     },
                 };
                 c.validate()?;
@@ -171,7 +172,7 @@ impl Cluster {
                     memory_bytes: base.memory_bytes / n_devices as u64,
                     ..base
                 };
-                let shm = LinkClass::new_us_gbps(5.0, 5.0);
+                let shm = LinkClass::SHARED_MEMORY;
                 Self::homogeneous("cpu", share, n_devices, n_devices, shm, shm)
             }
             other => Err(BalanceError::InvalidDevice(format!(
@@ -198,6 +199,16 @@ mod tests {
         assert!(!h.is_homogeneous());
         assert_eq!(h.devices[8].name, "v100-32gb");
         assert_eq!(h.devices[16].name, "a100-80gb");
+        // Every preset's links are entries of the link table (one source for the numbers).
+        for name in Cluster::PRESET_NAMES {
+            let t = Cluster::preset(name, 16).unwrap().topology;
+            for l in [t.intra, t.inter] {
+                assert!(l.table_name().is_some(), "{name}: {l:?}");
+            }
+        }
+        assert_eq!(c.topology.intra, LinkClass::NVLINK3_A100);
+        assert_eq!(c.topology.inter, LinkClass::IB_HDR);
+        assert_eq!(h.topology.intra, LinkClass::NVLINK2_V100);
         let cpu = Cluster::preset("cpu", 4).unwrap();
         assert!(
             (cpu.devices[0].peak_flops * 4.0 - DeviceSpec::cpu_default().peak_flops).abs() < 1.0

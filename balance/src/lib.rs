@@ -1,6 +1,7 @@
 //! The cost side of meshrec: cost profiles, stage partitioner, rebalancer, cluster simulator, planner.
 //!
-//! Plain Rust over numbers (no burn). The trainer feeds it measurements; the model crate
+//! Plain Rust over numbers (no burn). The mesh, schedules, DP modes and timelines it
+//! simulates are `meshrec-pipeline`'s, the very ones the executor runs. The trainer feeds it measurements; the model crate
 //! turns its config into a [`shape::ModelShape`], the single home of the FLOP, parameter
 //! and activation formulas.
 //!
@@ -35,7 +36,8 @@ pub use device::DeviceSpec;
 pub use error::BalanceError;
 pub use partition::{Partition, PartitionPlan, PartitionProblem, StageSpec};
 pub use plan::{
-    plan, render_report, Candidate, LayoutClass, LayoutScore, PaperRow, Plan, PlanRequest,
+    plan, render_report, Candidate, Comparison, LayoutClass, LayoutScore, PaperRow, Plan,
+    PlanRequest,
 };
 pub use rebalance::{
     split_batch, Decision, DpBalancer, DpSplit, KeepReason, Proposal, RebalanceConfig, Rebalancer,
@@ -43,6 +45,6 @@ pub use rebalance::{
 pub use report::{simulate_config, simulate_spec, SimReport, SimSpec};
 pub use shape::{LayerKind, MlpKind, ModelShape, Positions, Precision};
 pub use sim::{
-    simulate, simulate_steps, timeline_svg, Aggregation, CommBytes, Compression, DpMode, Mesh,
-    Schedule, SimConfig, SimResult, StepBreakdown,
+    simulate, simulate_steps, Aggregation, CommBytes, Compression, MultiStepResult, SimConfig,
+    SimResult, StepBreakdown, StepPart,
 };

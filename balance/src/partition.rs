@@ -23,7 +23,7 @@ pub struct StageSpec {
     /// Memory available for resident state and stashed activations, bytes.
     pub memory_bytes: u64,
     /// Micro-batches whose activations the stage holds at its peak (GPipe: all `m`;
-    /// 1F1B: `pp - stage`; see [`crate::sim::Schedule::in_flight`]).
+    /// 1F1B: `pp - stage`; see `meshrec_pipeline::Schedule::peak_in_flight`).
     pub in_flight: u32,
 }
 

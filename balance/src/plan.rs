@@ -19,7 +19,9 @@ use crate::cluster::Cluster;
 use crate::error::BalanceError;
 use crate::report::{fmt_bytes, fmt_mem, fmt_s};
 use crate::shape::ModelShape;
-use crate::sim::{simulate, Compression, DpMode, Mesh, Schedule, SimConfig, SimResult};
+use crate::sim::{simulate, Compression, SimConfig, SimResult, StepPart};
+use meshrec_comm::cost::Topology;
+use meshrec_pipeline::{DpMode, Mesh, ScheduleSpec};
 
 /// What to plan for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,7 +35,7 @@ pub struct PlanRequest {
     /// Sequences per step.
     pub global_batch: usize,
     /// Schedules to try when `pp > 1` (interleaved only where `pp · v` blocks exist).
-    pub schedules: Vec<Schedule>,
+    pub schedules: Vec<ScheduleSpec>,
     /// Micro-batch counts to try (kept when they divide the batch sensibly).
     pub micro_batches: Vec<usize>,
     /// DP modes to try when `dp > 1`.
@@ -57,10 +59,10 @@ impl PlanRequest {
             devices,
             global_batch,
             schedules: vec![
-                Schedule::GPipe,
-                Schedule::OneFOneB,
-                Schedule::Interleaved { chunks: 2 },
-                Schedule::Interleaved { chunks: 4 },
+                ScheduleSpec::GPIPE,
+                ScheduleSpec::ONE_F_ONE_B,
+                ScheduleSpec::interleaved(2),
+                ScheduleSpec::interleaved(4),
             ],
             micro_batches: vec![1, 2, 4, 8, 16, 32, 64],
             dp_modes: vec![DpMode::Sync],
@@ -279,6 +281,8 @@ pub struct PaperRow {
     pub best_pipelined: Option<LayoutScore>,
     /// The overall winner's label.
     pub best_overall: String,
+    /// The best hybrid (first) against the best single-mode layout (second).
+    pub comparison: Comparison,
     /// The plan's explanation.
     pub explanation: String,
 }
@@ -311,6 +315,7 @@ impl PaperRow {
             best_pp: pair(&plan.best_pp),
             best_pipelined: pair(&plan.best_pipelined),
             best_overall: plan.best.config.label(),
+            comparison: Comparison::of(h, s),
             explanation: plan.explanation.clone(),
         })
     }
@@ -329,14 +334,16 @@ pub fn enumerate(req: &PlanRequest) -> Vec<SimConfig> {
     for tp in divisors(n).filter(|t| heads.is_multiple_of(*t)) {
         for pp in divisors(n / tp).filter(|&p| p <= blocks) {
             let dp = n / (tp * pp);
-            let mesh = Mesh { dp, tp, pp };
-            let schedules: Vec<Schedule> = if pp == 1 {
-                vec![Schedule::OneFOneB]
+            let Ok(mesh) = Mesh::new(dp, tp, pp) else {
+                continue;
+            };
+            let schedules: Vec<ScheduleSpec> = if pp == 1 {
+                vec![ScheduleSpec::ONE_F_ONE_B]
             } else {
                 req.schedules
                     .iter()
                     .copied()
-                    .filter(|s| pp * s.chunks() <= blocks)
+                    .filter(|s| s.chunks(pp) <= blocks)
                     .collect()
             };
             let modes: Vec<DpMode> = if dp == 1 {
@@ -361,7 +368,7 @@ pub fn enumerate(req: &PlanRequest) -> Vec<SimConfig> {
                     if m == 0 || !req.global_batch.is_multiple_of(m) || req.global_batch / m < dp {
                         continue;
                     }
-                    if schedule.validate(pp, m).is_err() {
+                    if schedule.build(pp, m).is_err() {
                         continue;
                     }
                     for &mode in &modes {
@@ -410,119 +417,225 @@ fn describe(c: &Candidate) -> String {
     )
 }
 
-/// Why `a` is faster (or slower) than `b`: where a device's step goes in each (compute,
-/// TP all-reduces, pipeline idle, exposed DP synchronisation, optimizer), which part makes
-/// the difference and what causes it, then bytes per link class, utilization, bubble and
-/// memory against `capacity`. Every number is simulated and the text says so.
-pub fn explain(a: &Candidate, b: &Candidate, capacity: u64) -> String {
-    let (ra, rb) = (&a.result, &b.result);
-    let (ma, mb) = (a.config.mesh, b.config.mesh);
-    let (la, lb) = (ma.label(), mb.label());
-    let (ba, bb) = (ra.breakdown, rb.breakdown);
-    let ratio = ra.samples_per_s / rb.samples_per_s;
-    let mut out = format!(
-        "SIMULATED: {} ({}) reaches {:.2}x the samples/s of {} ({}): {:.1} vs {:.1} samples/s, step {} vs {}. ",
-        a.config.label(),
-        a.class().label(),
-        ratio,
-        b.config.label(),
-        b.class().label(),
-        ra.samples_per_s,
-        rb.samples_per_s,
-        fmt_s(ra.step_s),
-        fmt_s(rb.step_s),
-    );
-    let parts = [
-        ("compute", ba.compute_s, bb.compute_s),
-        ("TP all-reduce", ba.tp_comm_s, bb.tp_comm_s),
-        ("pipeline idle", ba.pipeline_idle_s, bb.pipeline_idle_s),
-        ("DP sync/wait", ba.sync_s, bb.sync_s),
-        ("optimizer", ba.optimizer_s, bb.optimizer_s),
-    ];
-    out.push_str(&format!(
-        "Per device and step ({la} vs {lb}): {}. ",
-        parts
+/// Two simulated layouts side by side, everything read off their results: which one is
+/// faster and by how much, and how each part of a device's step ([`StepPart`]) differs.
+/// [`explain`] writes its text from this; [`PaperRow::comparison`] carries it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Comparison {
+    /// Whether the first layout has at least the second's simulated samples/s.
+    pub first_faster: bool,
+    /// Faster / slower simulated samples/s (at least 1).
+    pub speedup: f64,
+    /// Per part of the mean device's step: the slower layout's seconds minus the faster's
+    /// (positive: the faster layout spends less there), in [`StepPart::ALL`] order.
+    pub gaps: Vec<(StepPart, f64)>,
+    /// The part with the largest positive gap: where most of the faster layout's lead comes
+    /// from (`None` when it spends no less anywhere).
+    pub dominant: Option<StepPart>,
+    /// The part with the most negative gap: where the faster layout spends most extra time
+    /// (`None` when it spends no more anywhere).
+    pub offset: Option<StepPart>,
+    /// The slower layout's mean device step by the breakdown, seconds.
+    pub slower_step_s: f64,
+}
+
+impl Comparison {
+    /// Compares `a` with `b`.
+    pub fn of(a: &Candidate, b: &Candidate) -> Self {
+        let first_faster = a.result.samples_per_s >= b.result.samples_per_s;
+        let (fast, slow) = if first_faster { (a, b) } else { (b, a) };
+        let gaps: Vec<(StepPart, f64)> = StepPart::ALL
             .iter()
-            .map(|(n, x, y)| format!("{n} {} vs {}", fmt_s(*x), fmt_s(*y)))
+            .map(|&p| {
+                (
+                    p,
+                    slow.result.breakdown.part(p) - fast.result.breakdown.part(p),
+                )
+            })
+            .collect();
+        let extreme = |sign: f64| {
+            gaps.iter()
+                // Float residue of equal parts (below a nanosecond) is no difference.
+                .filter(|(_, g)| sign * g > 1e-9)
+                .max_by(|x, y| (sign * x.1).total_cmp(&(sign * y.1)))
+                .map(|(p, _)| *p)
+        };
+        Self {
+            first_faster,
+            speedup: fast.result.samples_per_s / slow.result.samples_per_s,
+            dominant: extreme(1.0),
+            offset: extreme(-1.0),
+            slower_step_s: slow.result.breakdown.total_s(),
+            gaps,
+        }
+    }
+
+    /// The slower layout's seconds in `part` minus the faster's.
+    pub fn gap(&self, part: StepPart) -> f64 {
+        self.gaps
+            .iter()
+            .find(|(p, _)| *p == part)
+            .map_or(0.0, |(_, g)| *g)
+    }
+
+    /// The slower layout's mean step (by the breakdown) minus the faster's: the sum of the
+    /// gaps.
+    pub fn step_gap_s(&self) -> f64 {
+        self.gaps.iter().map(|(_, g)| g).sum()
+    }
+
+    /// The two layouts as `(faster, slower)`.
+    pub fn ordered<'c>(
+        &self,
+        a: &'c Candidate,
+        b: &'c Candidate,
+    ) -> (&'c Candidate, &'c Candidate) {
+        if self.first_faster {
+            (a, b)
+        } else {
+            (b, a)
+        }
+    }
+}
+
+/// What `part` of a step depends on, with the two layouts' numbers (faster first).
+fn part_cause(part: StepPart, f: &Candidate, s: &Candidate) -> String {
+    let (rf, rs) = (&f.result, &s.result);
+    let (mf, ms) = (f.config.mesh, s.config.mesh);
+    match part {
+        StepPart::Compute => format!(
+            "forward and backward at {} vs {} sequences per micro-batch on tp {} vs {} shards, MFU {:.1}% vs {:.1}%",
+            rf.replica_micro_batch.iter().max().copied().unwrap_or(0),
+            rs.replica_micro_batch.iter().max().copied().unwrap_or(0),
+            mf.tp,
+            ms.tp,
+            100.0 * rf.mfu,
+            100.0 * rs.mfu
+        ),
+        StepPart::TpAllReduce => format!(
+            "blocking tensor-parallel all-reduces at tp {} vs {}, {} vs {} per step",
+            mf.tp,
+            ms.tp,
+            fmt_bytes(rf.bytes.tp),
+            fmt_bytes(rs.bytes.tp)
+        ),
+        StepPart::PipelineIdle => format!(
+            "idle inside the pipeline at pp {} with {} micro-batches ({}) vs pp {} with {} ({}), bubble {:.1}% vs {:.1}%",
+            mf.pp,
+            f.config.micro_batches,
+            f.config.schedule,
+            ms.pp,
+            s.config.micro_batches,
+            s.config.schedule,
+            100.0 * rf.bubble,
+            100.0 * rs.bubble
+        ),
+        StepPart::DpSync => format!(
+            "gradient synchronisation not hidden behind backward: dp {} vs {} replicas, {} vs {} of DP traffic per step (compression {} vs {})",
+            mf.dp,
+            ms.dp,
+            fmt_bytes(rf.bytes.dp),
+            fmt_bytes(rs.bytes.dp),
+            f.config.compression.name,
+            s.config.compression.name
+        ),
+        StepPart::Optimizer => format!(
+            "the optimizer over each device's share of the state, sharded {} vs {} ways (tp·pp)",
+            mf.tp * mf.pp,
+            ms.tp * ms.pp
+        ),
+    }
+}
+
+/// Which of `a` and `b` is faster, written from their simulated numbers: by what ratio;
+/// where a device's step goes in each (compute, TP all-reduces, pipeline idle, exposed DP
+/// synchronisation, optimizer); which part accounts for most of the difference and in which
+/// direction, and which part works the other way; bytes per link class of `topology`;
+/// utilization, bubble and memory against `capacity`. The faster layout is named first
+/// whatever the argument order; every number is simulated and the text says so.
+pub fn explain(a: &Candidate, b: &Candidate, capacity: u64, topology: &Topology) -> String {
+    let cmp = Comparison::of(a, b);
+    let (f, s) = cmp.ordered(a, b);
+    let (rf, rs) = (&f.result, &s.result);
+    let (lf, ls) = (f.config.mesh.to_string(), s.config.mesh.to_string());
+    let verdict = if cmp.speedup > 1.0 {
+        "is faster than"
+    } else {
+        "is as fast as"
+    };
+    let mut out = format!(
+        "SIMULATED: {} ({}) {verdict} {} ({}): {:.2}x the samples/s ({:.1} vs {:.1}), step {} vs {}. ",
+        f.config.label(),
+        f.class().label(),
+        s.config.label(),
+        s.class().label(),
+        cmp.speedup,
+        rf.samples_per_s,
+        rs.samples_per_s,
+        fmt_s(rf.step_s),
+        fmt_s(rs.step_s),
+    );
+    out.push_str(&format!(
+        "Per device and step ({lf} vs {ls}): {}. ",
+        StepPart::ALL
+            .iter()
+            .map(|&p| format!(
+                "{p} {} vs {}",
+                fmt_s(rf.breakdown.part(p)),
+                fmt_s(rs.breakdown.part(p))
+            ))
             .collect::<Vec<_>>()
             .join(", ")
     ));
-    let reason = |name: &str| -> String {
-        match name {
-            "compute" => format!(
-                "compute per device: the same global batch spread as {} vs {} sequences per micro-batch on tp {} vs {} shards changes how efficiently each kernel runs (small kernels are memory-bound)",
-                ra.replica_micro_batch.iter().max().copied().unwrap_or(0),
-                rb.replica_micro_batch.iter().max().copied().unwrap_or(0),
-                ma.tp,
-                mb.tp
-            ),
-            "TP all-reduce" => format!(
-                "blocking tensor-parallel all-reduces (4 per block per micro-batch): tp {} vs {} moving {} vs {} per step",
-                ma.tp,
-                mb.tp,
-                fmt_bytes(ra.bytes.tp),
-                fmt_bytes(rb.bytes.tp)
-            ),
-            "pipeline idle" => format!(
-                "pipeline idle time (bubble and stage imbalance; the catalogue-sized head cannot be split across stages): pp {} with {} micro-batches vs pp {} with {}, bubble {:.1}% vs {:.1}%",
-                ma.pp,
-                a.config.micro_batches,
-                mb.pp,
-                b.config.micro_batches,
-                100.0 * ra.bubble,
-                100.0 * rb.bubble
-            ),
-            "DP sync/wait" => format!(
-                "gradient synchronisation not hidden behind backward: dp {} vs {} replicas exchange {} vs {} per step, {} vs {} of it over inter-node links",
-                ma.dp,
-                mb.dp,
-                fmt_bytes(ra.bytes.dp),
-                fmt_bytes(rb.bytes.dp),
-                fmt_bytes(ra.bytes.inter),
-                fmt_bytes(rb.bytes.inter)
-            ),
-            _ => format!(
-                "the optimizer over each device's share of the state (sharded {} vs {} ways by tp·pp)",
-                ma.tp * ma.pp,
-                mb.tp * mb.pp
-            ),
+    let step_gap = cmp.step_gap_s();
+    match cmp.dominant {
+        Some(p) => {
+            let share = if step_gap <= 0.0 {
+                String::new()
+            } else if cmp.gap(p) <= step_gap {
+                format!(
+                    ", {:.0}% of the {} by which its mean step is shorter",
+                    100.0 * cmp.gap(p) / step_gap,
+                    fmt_s(step_gap)
+                )
+            } else {
+                format!(
+                    ", more than the {} by which its mean step is shorter (the other parts give {} back)",
+                    fmt_s(step_gap),
+                    fmt_s(cmp.gap(p) - step_gap)
+                )
+            };
+            out.push_str(&format!(
+                "Most of the difference is {p}: {lf} spends {} less there per step{share} ({}). ",
+                fmt_s(cmp.gap(p)),
+                part_cause(p, f, s)
+            ));
         }
-    };
-    // Where `a` saves most, and where it pays most.
-    let saves = parts
-        .iter()
-        .map(|(n, x, y)| (*n, y - x))
-        .max_by(|p, q| p.1.total_cmp(&q.1));
-    let pays = parts
-        .iter()
-        .map(|(n, x, y)| (*n, x - y))
-        .max_by(|p, q| p.1.total_cmp(&q.1));
-    if let Some((name, d)) = saves.filter(|s| s.1 > 0.0) {
-        out.push_str(&format!(
-            "{la} saves most in {name} ({} per step): {}. ",
-            fmt_s(d),
-            reason(name)
-        ));
+        None => out.push_str(&format!(
+            "No part of {lf}'s mean device step is shorter: the breakdown, a mean over devices, does not show where its lead comes from. "
+        )),
     }
-    if let Some((name, d)) = pays.filter(|p| p.1 > 0.0) {
+    if let Some(p) = cmp.offset {
         out.push_str(&format!(
-            "It pays {} more in {name}: {}. ",
-            fmt_s(d),
-            reason(name)
+            "Against that, it spends {} more on {p} ({}). ",
+            fmt_s(-cmp.gap(p)),
+            part_cause(p, f, s)
         ));
     }
     out.push_str(&format!(
-        "Bytes per step: intra-node {} vs {}, inter-node {} vs {}. Utilization {:.1}% vs {:.1}%, bubble {:.1}% vs {:.1}%, peak memory {} vs {} of {} per device.",
-        fmt_bytes(ra.bytes.intra),
-        fmt_bytes(rb.bytes.intra),
-        fmt_bytes(ra.bytes.inter),
-        fmt_bytes(rb.bytes.inter),
-        100.0 * ra.utilization_mean,
-        100.0 * rb.utilization_mean,
-        100.0 * ra.bubble,
-        100.0 * rb.bubble,
-        fmt_mem(a.peak_memory() as f64),
-        fmt_mem(b.peak_memory() as f64),
+        "Bytes per step: intra-node over {} {} vs {}, inter-node over {} {} vs {}. Utilization {:.1}% vs {:.1}%, bubble {:.1}% vs {:.1}%, peak memory {} vs {} of {} per device.",
+        topology.intra.describe(),
+        fmt_bytes(rf.bytes.intra),
+        fmt_bytes(rs.bytes.intra),
+        topology.inter.describe(),
+        fmt_bytes(rf.bytes.inter),
+        fmt_bytes(rs.bytes.inter),
+        100.0 * rf.utilization_mean,
+        100.0 * rs.utilization_mean,
+        100.0 * rf.bubble,
+        100.0 * rs.bubble,
+        fmt_mem(f.peak_memory() as f64),
+        fmt_mem(s.peak_memory() as f64),
         fmt_mem(capacity as f64),
     ));
     out
@@ -596,16 +709,14 @@ pub fn plan(req: &PlanRequest) -> Result<Plan, BalanceError> {
         rejected_memory,
         explanation: String::new(),
     };
+    let topology = &req.cluster.topology;
     plan.explanation = match (plan.best_single(), plan.best_hybrid.as_ref()) {
         // The winner is hybrid (or a single device): against the best single-mode layout.
         (Some(single), _) if plan.best.class() != single.class() => {
-            explain(&plan.best, single, capacity_bytes)
+            explain(&plan.best, single, capacity_bytes, topology)
         }
-        // A single-mode layout wins: why it beats the best hybrid.
-        (Some(_), Some(hybrid)) => format!(
-            "The best layout is single-mode. {}",
-            explain(&plan.best, hybrid, capacity_bytes)
-        ),
+        // A single-mode layout wins: against the best hybrid.
+        (Some(_), Some(hybrid)) => explain(&plan.best, hybrid, capacity_bytes, topology),
         (Some(_), None) => format!(
             "SIMULATED: no hybrid layout fits or exists for {} devices; the winner is {}.",
             req.devices,
@@ -661,10 +772,10 @@ pub fn render_report(plan: &Plan, top: usize) -> String {
             cfg.mesh.dp,
             cfg.mesh.tp,
             cfg.mesh.pp,
-            cfg.schedule.label(),
+            cfg.schedule,
             if cfg.reverse_stages { " rev" } else { "" },
             cfg.micro_batches,
-            cfg.dp_mode.label(),
+            cfg.dp_mode,
             cfg.compression.name,
             r.samples_per_s,
             fmt_s(r.step_s),
@@ -717,6 +828,8 @@ pub fn render_report(plan: &Plan, top: usize) -> String {
 mod tests {
     use super::*;
     use crate::device::DeviceSpec;
+    use crate::partition::Partition;
+    use crate::sim::{CommBytes, StepBreakdown};
     use meshrec_comm::cost::LinkClass;
 
     #[test]
@@ -734,8 +847,8 @@ mod tests {
             small,
             8,
             8,
-            LinkClass::pcie4(),
-            LinkClass::ethernet_10g(),
+            LinkClass::PCIE4_X16,
+            LinkClass::ETHERNET_10G,
         )
         .unwrap();
         let mut req = PlanRequest::new(shape, cluster, 8, 64);
@@ -771,9 +884,15 @@ mod tests {
             memory_bytes: 1 << 30,
             ..DeviceSpec::t4_16gb()
         };
-        let cluster =
-            Cluster::homogeneous("tiny", tiny, 2, 2, LinkClass::pcie4(), LinkClass::pcie4())
-                .unwrap();
+        let cluster = Cluster::homogeneous(
+            "tiny",
+            tiny,
+            2,
+            2,
+            LinkClass::PCIE4_X16,
+            LinkClass::PCIE4_X16,
+        )
+        .unwrap();
         let req = PlanRequest::new(shape, cluster, 2, 16);
         let e = plan(&req).unwrap_err();
         assert!(matches!(e, BalanceError::NoFeasibleLayout(_)), "{e}");
@@ -787,9 +906,9 @@ mod tests {
         let configs = enumerate(&req);
         assert!(!configs.is_empty());
         for c in &configs {
-            assert_eq!(c.mesh.world(), 16);
+            assert_eq!(c.mesh.world_size(), 16);
             assert_eq!(6 % c.mesh.tp, 0);
-            assert!(c.mesh.pp * c.schedule.chunks() <= 8);
+            assert!(c.schedule.chunks(c.mesh.pp) <= 8);
             assert!(64 / c.micro_batches >= c.mesh.dp);
         }
         // tp 4 does not divide 6 heads; pp 16 exceeds 8 blocks.
@@ -862,6 +981,151 @@ mod tests {
         // Asking for more than were kept shows what there is.
         assert!(render_report(&plan, 50).contains("Top 5 by"));
         assert_eq!(plan.to_string(), render_report(&plan, 10));
+    }
+
+    /// A candidate with hand-set numbers: the step is the breakdown's total.
+    fn hand_built(mesh: Mesh, breakdown: StepBreakdown, bytes: CommBytes) -> Candidate {
+        let shape = ModelShape::preset_100m();
+        let n = shape.n_partition_layers();
+        let config = SimConfig::new(shape, mesh, ScheduleSpec::ONE_F_ONE_B, 8, 256);
+        let step_s = breakdown.total_s();
+        let world = mesh.world_size();
+        let result = SimResult {
+            layout: config.label(),
+            step_s,
+            samples_per_s: 256.0 / step_s,
+            tokens_per_s: 0.0,
+            utilization: vec![breakdown.compute_s / step_s; world],
+            utilization_mean: breakdown.compute_s / step_s,
+            utilization_min: breakdown.compute_s / step_s,
+            mfu: 0.3,
+            bubble: breakdown.pipeline_idle_s / step_s,
+            bubble_per_stage: vec![0.0; mesh.pp],
+            bytes,
+            peak_memory_bytes: vec![1 << 30; world],
+            fits: true,
+            partition: Partition::from_bounds(vec![0, n], n).unwrap(),
+            replica_micro_batch: vec![256 / mesh.dp / 8; mesh.dp],
+            replica_step_s: vec![step_s; mesh.dp],
+            breakdown,
+            timeline: Vec::new(),
+        };
+        Candidate { config, result }
+    }
+
+    #[test]
+    fn explanation_follows_the_numbers_when_single_mode_wins() {
+        let topology = Cluster::preset("a100x8", 8).unwrap().topology;
+        let hybrid = hand_built(
+            Mesh::new(2, 2, 2).unwrap(),
+            StepBreakdown {
+                compute_s: 0.100,
+                tp_comm_s: 0.020,
+                pipeline_idle_s: 0.030,
+                sync_s: 0.005,
+                optimizer_s: 0.002,
+            },
+            CommBytes {
+                dp: 1e8,
+                tp: 4e9,
+                pp: 1e8,
+                intra: 4.2e9,
+                inter: 0.0,
+            },
+        );
+        let dp_only = |tp_comm_s: f64| {
+            hand_built(
+                Mesh::new(8, 1, 1).unwrap(),
+                StepBreakdown {
+                    compute_s: 0.090,
+                    tp_comm_s,
+                    pipeline_idle_s: 0.0,
+                    sync_s: 0.030,
+                    optimizer_s: 0.004,
+                },
+                CommBytes {
+                    dp: 3e9,
+                    tp: 0.0,
+                    pp: 0.0,
+                    intra: 3e9,
+                    inter: 0.0,
+                },
+            )
+        };
+        let single = dp_only(0.0);
+        assert_eq!(hybrid.class(), LayoutClass::Hybrid);
+        assert_eq!(single.class(), LayoutClass::DpOnly);
+        // Hybrid 157 ms against DP-only 124 ms: DP-only is 157/124 = 1.27x as fast. The
+        // hybrid's extra time: compute +10, TP all-reduce +20, pipeline idle +30 ms (the most);
+        // DP-only pays 25 ms more in DP sync and 2 ms more in the optimizer.
+        let cmp = Comparison::of(&hybrid, &single);
+        assert!(!cmp.first_faster);
+        assert!(
+            (cmp.speedup - 0.157 / 0.124).abs() < 1e-12,
+            "{}",
+            cmp.speedup
+        );
+        assert_eq!(cmp.dominant, Some(StepPart::PipelineIdle));
+        assert_eq!(cmp.offset, Some(StepPart::DpSync));
+        assert!((cmp.step_gap_s() - 0.033).abs() < 1e-12);
+        assert!((cmp.slower_step_s - 0.157).abs() < 1e-12);
+        for (a, b) in [(&hybrid, &single), (&single, &hybrid)] {
+            let text = explain(a, b, 80 << 30, &topology);
+            let head = format!(
+                "SIMULATED: {} (DP-only) is faster than {} (hybrid): 1.27x the samples/s",
+                single.config.label(),
+                hybrid.config.label()
+            );
+            assert!(text.starts_with(&head), "{text}");
+            assert!(
+                text.contains(
+                    "Most of the difference is pipeline idle: dp8·tp1·pp1 spends 30.00 ms less there per step, 91% of the 33.00 ms"
+                ),
+                "{text}"
+            );
+            assert!(
+                text.contains("Against that, it spends 25.00 ms more on DP sync/wait"),
+                "{text}"
+            );
+            assert!(text.contains("inter-node over InfiniBand HDR"), "{text}");
+            assert!(text.contains("intra-node over A100 NVLink 3"), "{text}");
+        }
+        // With 50 ms of TP all-reduces on the hybrid's side instead, that part dominates.
+        let tp_heavy = hand_built(
+            hybrid.config.mesh,
+            StepBreakdown {
+                tp_comm_s: 0.050,
+                ..hybrid.result.breakdown
+            },
+            hybrid.result.bytes,
+        );
+        let text = explain(&tp_heavy, &single, 80 << 30, &topology);
+        assert!(text.contains("(DP-only) is faster than"), "{text}");
+        assert!(
+            text.contains(
+                "Most of the difference is TP all-reduce: dp8·tp1·pp1 spends 50.00 ms less"
+            ),
+            "{text}"
+        );
+        // And when the hybrid's numbers are the better ones, the text turns round.
+        let slow_single = dp_only(0.100);
+        let text = explain(&hybrid, &slow_single, 80 << 30, &topology);
+        assert!(
+            text.starts_with(&format!(
+                "SIMULATED: {} (hybrid) is faster than {} (DP-only)",
+                hybrid.config.label(),
+                slow_single.config.label()
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "Most of the difference is TP all-reduce: dp2·tp2·pp2 spends 80.00 ms less there \
+                 per step, more than the 67.00 ms by which its mean step is shorter (the other \
+                 parts give 13.00 ms back)"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! The `meshrec simulate` entry point: a run described with plain numbers and names
-//! ([`SimSpec`], filled in by the trainer from its configuration), simulated on a cluster
-//! preset and rendered as text marked SIMULATED ([`SimReport`]), with the timeline as SVG.
+//! The `meshrec simulate` entry point: a run described in the trainer's terms ([`SimSpec`],
+//! filled in by the trainer from its configuration), simulated on a cluster preset and
+//! rendered as text marked SIMULATED ([`SimReport`]), with the timeline as SVG.
 //!
 //! Also the number formatting shared by the planner's report.
 
@@ -13,46 +13,33 @@ use crate::cluster::Cluster;
 use crate::cost::{CostProfile, ProfileSource};
 use crate::error::BalanceError;
 use crate::shape::ModelShape;
-use crate::sim::{
-    simulate, timeline_svg, Compression, DpMode, Mesh, Schedule, SimConfig, SimResult,
-};
+use crate::sim::{simulate, Compression, SimConfig, SimResult};
+use meshrec_compress::MethodConfig;
+use meshrec_pipeline::timeline::write_svg;
+use meshrec_pipeline::{DpMode, Mesh, ScheduleSpec};
 
-/// One run to simulate, as plain numbers and names (the trainer's configuration converted
-/// field by field). Build it with [`SimSpec::new`] and set what differs from the defaults.
+/// One run to simulate, in the trainer's terms (its configuration converted field by
+/// field, typed). Build it with [`SimSpec::new`] and set what differs from the defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SimSpec {
     /// The model (`ModelConfig::shape` in the model crate, or [`ModelShape::preset_by_name`]).
     pub shape: ModelShape,
     /// Cluster preset name ([`Cluster::PRESET_NAMES`]), e.g. `cpu` or `a100x8`.
     pub cluster: String,
-    /// Devices in the cluster; `None`: exactly `dp · tp · pp`.
+    /// Devices in the cluster; `None`: exactly the mesh's world size.
     pub devices: Option<usize>,
-    /// Data-parallel replicas.
-    pub dp: usize,
-    /// Tensor-parallel ranks.
-    pub tp: usize,
-    /// Pipeline stages.
-    pub pp: usize,
+    /// The layout.
+    pub mesh: Mesh,
     /// Micro-batches per step (per replica).
     pub micro_batches: usize,
-    /// `gpipe`, `1f1b` or `interleaved` ([`Schedule::from_name`]).
-    pub schedule: String,
-    /// Model chunks per pipeline rank, for `interleaved`.
-    pub virtual_stages: usize,
+    /// The pipeline schedule.
+    pub schedule: ScheduleSpec,
     /// Sequences per step over the whole job (the trainer's `train.batch_size`).
     pub global_batch: usize,
-    /// `sync`, `async` or `local_sgd` ([`DpMode::from_name`]).
-    pub dp_mode: String,
-    /// Async DP: steps a replica may run ahead (the trainer's `dp.max_staleness`).
-    pub max_staleness: u64,
-    /// Local SGD: steps between parameter averages (the trainer's `dp.sync_every`).
-    pub sync_every: u64,
-    /// Gradient compressor by `meshrec-compress` method name ([`Compression::from_method`]).
-    pub compressor: String,
-    /// The compressor's size parameter (see [`Compression::from_method`]): the trainer's
-    /// `compress.ratio` for topk / dgc_topk / randk, `levels` for qsgd, `rank` for powersgd,
-    /// the expected kept fraction for threshold; ignored by the others.
-    pub compressor_param: f64,
+    /// DP synchronisation.
+    pub dp_mode: DpMode,
+    /// The DP gradient compressor ([`Compression::of`]).
+    pub compressor: MethodConfig,
     /// DP bucket size in MB (10^6 bytes).
     pub bucket_mb: f64,
     /// Adaptive balancing (partitioner and speed-proportional batch split).
@@ -64,32 +51,24 @@ pub struct SimSpec {
 }
 
 impl SimSpec {
-    /// One device of nothing in particular: `dp`, `tp`, `pp` as given, 1F1B with one
-    /// micro-batch, sync DP without compression, 25 MB buckets, balancing on.
+    /// `mesh` on `cluster`: 1F1B with one micro-batch, sync DP without compression, 25 MB
+    /// buckets, balancing on.
     pub fn new(
         shape: ModelShape,
         cluster: impl Into<String>,
-        dp: usize,
-        tp: usize,
-        pp: usize,
+        mesh: Mesh,
         global_batch: usize,
     ) -> Self {
         Self {
             shape,
             cluster: cluster.into(),
             devices: None,
-            dp,
-            tp,
-            pp,
+            mesh,
             micro_batches: 1,
-            schedule: "1f1b".into(),
-            virtual_stages: 1,
+            schedule: ScheduleSpec::ONE_F_ONE_B,
             global_batch,
-            dp_mode: "sync".into(),
-            max_staleness: 1,
-            sync_every: 8,
-            compressor: "identity".into(),
-            compressor_param: 0.0,
+            dp_mode: DpMode::Sync,
+            compressor: MethodConfig::Identity,
             bucket_mb: 25.0,
             balance: true,
             blocks_per_stage: None,
@@ -99,41 +78,17 @@ impl SimSpec {
 
     /// The simulator's configuration and cluster; errors name the offending field.
     pub fn to_config(&self) -> Result<(SimConfig, Cluster), BalanceError> {
-        let mesh = Mesh {
-            dp: self.dp,
-            tp: self.tp,
-            pp: self.pp,
-        };
-        let world = mesh.world();
-        if world == 0 {
-            return Err(BalanceError::InvalidLayout {
-                layout: mesh.label(),
-                reason: "dp, tp and pp must be at least 1".into(),
-            });
-        }
-        let devices = self.devices.unwrap_or(world);
+        let devices = self.devices.unwrap_or(self.mesh.world_size());
         let cluster = Cluster::preset(&self.cluster, devices)?;
-        let schedule = if self.pp == 1 && self.schedule.eq_ignore_ascii_case("interleaved") {
-            // One stage has nothing to interleave; the trainer runs it as 1F1B.
-            Schedule::OneFOneB
-        } else {
-            Schedule::from_name(&self.schedule, self.virtual_stages)?
-        };
         let mut cfg = SimConfig::new(
             self.shape.clone(),
-            mesh,
-            schedule,
+            self.mesh,
+            self.schedule,
             self.micro_batches,
             self.global_batch,
         );
-        let narrow = |x: u64| u32::try_from(x).unwrap_or(u32::MAX);
-        cfg.dp_mode = DpMode::from_name(
-            &self.dp_mode,
-            narrow(self.max_staleness),
-            narrow(self.sync_every),
-        )?;
-        cfg.compression =
-            Compression::from_method(&self.compressor, self.compressor_param, &self.shape)?;
+        cfg.dp_mode = self.dp_mode;
+        cfg.compression = Compression::of(&self.compressor, &self.shape)?;
         if !(self.bucket_mb.is_finite() && self.bucket_mb > 0.0) {
             return Err(BalanceError::InvalidLayout {
                 layout: cfg.label(),
@@ -186,7 +141,7 @@ impl SimReport {
         let r = &self.result;
         let b = &r.breakdown;
         let mut out = String::new();
-        let devices = describe_devices(&self.cluster, c.mesh.world());
+        let devices = describe_devices(&self.cluster, c.mesh.world_size());
         out.push_str(&format!(
             "SIMULATED training step (nothing here was measured)\n\
              layout          {}\n\
@@ -255,7 +210,7 @@ impl SimReport {
             .cluster
             .devices
             .iter()
-            .take(c.mesh.world())
+            .take(c.mesh.world_size())
             .map(|d| d.memory_bytes)
             .min()
             .unwrap_or(0);
@@ -267,7 +222,7 @@ impl SimReport {
         ));
         out.push_str(&format!(
             "partition       blocks per {}stage {:?}\n",
-            if c.schedule.chunks() > 1 {
+            if c.schedule.virtual_stages > 1 {
                 "virtual "
             } else {
                 ""
@@ -312,16 +267,24 @@ impl SimReport {
         out
     }
 
-    /// The step's timeline as SVG ([`timeline_svg`]; labelled simulated).
-    pub fn timeline_svg(&self) -> String {
-        timeline_svg(&self.result)
-    }
-
-    /// Writes [`SimReport::timeline_svg`] to `path`.
+    /// Draws the step's timeline (the pipeline devices of the first four replicas) as an
+    /// SVG Gantt chart at `path`, titled as simulated.
     pub fn write_timeline(&self, path: &Path) -> Result<(), BalanceError> {
-        std::fs::write(path, self.timeline_svg()).map_err(|e| BalanceError::Io {
+        let shown: Vec<_> = self
+            .result
+            .timeline
+            .iter()
+            .take(4 * self.config.mesh.pp)
+            .cloned()
+            .collect();
+        let title = format!(
+            "SIMULATED: {} · step {}",
+            self.result.layout,
+            fmt_s(self.result.step_s)
+        );
+        write_svg(path, &title, &shown).map_err(|e| BalanceError::Io {
             path: path.display().to_string(),
-            message: e.to_string(),
+            message: e.reason,
         })
     }
 }
@@ -396,20 +359,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn spec_builds_the_configuration_the_names_describe() {
-        let mut spec = SimSpec::new(ModelShape::preset_100m(), "a100x8", 2, 2, 2, 64);
+    fn spec_builds_the_configuration_it_describes() {
+        let mut spec = SimSpec::new(
+            ModelShape::preset_100m(),
+            "a100x8",
+            Mesh::new(2, 2, 2).unwrap(),
+            64,
+        );
         spec.micro_batches = 4;
-        spec.schedule = "interleaved".into();
-        spec.virtual_stages = 2;
-        spec.dp_mode = "local_sgd".into();
-        spec.sync_every = 4;
-        spec.compressor = "topk".into();
-        spec.compressor_param = 0.01;
+        spec.schedule = ScheduleSpec::interleaved(2);
+        spec.dp_mode = DpMode::LocalSgd { sync_every: 4 };
+        spec.compressor = MethodConfig::TopK { ratio: 0.01 };
         spec.bucket_mb = 10.0;
         let (cfg, cluster) = spec.to_config().unwrap();
         assert_eq!(cluster.len(), 8);
-        assert_eq!(cfg.schedule, Schedule::Interleaved { chunks: 2 });
-        assert_eq!(cfg.dp_mode, DpMode::LocalSgd { sync_every: 4 });
+        assert_eq!(cfg.schedule, ScheduleSpec::interleaved(2));
         assert_eq!(cfg.compression.name, "topk1%");
         assert_eq!(cfg.bucket_bytes, 10_000_000);
         assert_eq!(
@@ -419,32 +383,48 @@ mod tests {
     }
 
     #[test]
-    fn bad_names_are_errors_that_list_the_choices() {
-        let base = SimSpec::new(ModelShape::preset_100m(), "a100x8", 2, 1, 1, 64);
+    fn bad_specs_are_errors_that_name_the_problem() {
+        let base = SimSpec::new(
+            ModelShape::preset_100m(),
+            "a100x8",
+            Mesh::new(2, 1, 1).unwrap(),
+            64,
+        );
         let err = |f: &dyn Fn(&mut SimSpec)| {
             let mut s = base.clone();
             f(&mut s);
             s.to_config().unwrap_err().to_string()
         };
-        assert!(err(&|s| s.schedule = "zigzag".into()).contains("gpipe, 1f1b, interleaved"));
-        assert!(err(&|s| s.dp_mode = "gossip".into()).contains("sync, async, local_sgd"));
-        assert!(err(&|s| s.compressor = "zip".into()).contains("powersgd"));
         assert!(err(&|s| s.cluster = "tpu".into()).contains("a100x8"));
-        assert!(err(&|s| {
-            s.compressor = "topk".into();
-            s.compressor_param = 2.0;
-        })
-        .contains("ratio 2"));
+        assert!(err(&|s| s.compressor = MethodConfig::TopK { ratio: 2.0 }).contains("ratio = 2"));
+        assert!(
+            err(&|s| s.compressor = MethodConfig::Threshold { threshold: 0.1 })
+                .contains("depends on the gradients")
+        );
         assert!(err(&|s| {
             s.micro_batches = 2;
             s.global_batch = 63;
         })
         .contains("multiple of micro_batches"));
+        // The executor's own rules: interleaving needs micro-batches in multiples of pp.
+        assert!(err(&|s| {
+            s.mesh = Mesh::new(1, 1, 2).unwrap();
+            s.schedule = ScheduleSpec::interleaved(2);
+            s.micro_batches = 3;
+            s.global_batch = 63;
+        })
+        .contains("multiple of pp"));
+        assert!(err(&|s| s.mesh = Mesh::new(1, 5, 1).unwrap()).contains("n_heads"));
     }
 
     #[test]
     fn report_says_simulated_and_has_every_section() {
-        let mut spec = SimSpec::new(ModelShape::preset_100m(), "a100x8", 2, 2, 2, 64);
+        let mut spec = SimSpec::new(
+            ModelShape::preset_100m(),
+            "a100x8",
+            Mesh::new(2, 2, 2).unwrap(),
+            64,
+        );
         spec.micro_batches = 4;
         let rep = simulate_spec(&spec).unwrap();
         let text = rep.to_string();
@@ -461,8 +441,11 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle} missing from\n{text}");
         }
-        let svg = rep.timeline_svg();
-        assert!(svg.starts_with("<svg") && svg.contains("simulated"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.svg");
+        rep.write_timeline(&path).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(svg.contains("<svg") && svg.contains("SIMULATED") && svg.contains("dp1 pp1"));
         let b = rep.result.breakdown;
         assert!((b.total_s() - rep.result.step_s).abs() < 1e-9 * rep.result.step_s);
     }

@@ -219,6 +219,17 @@ impl ModelShape {
         }
     }
 
+    /// What a layout must fit of this model: the sizes tensor and pipeline parallelism cut.
+    pub fn dims(&self) -> meshrec_pipeline::ModelDims {
+        let size = |x: u64| usize::try_from(x).unwrap_or(usize::MAX);
+        meshrec_pipeline::ModelDims {
+            n_heads: self.n_heads as usize,
+            d_ff: size(self.d_ff),
+            vocab: size(self.vocab),
+            n_layers: self.n_layers as usize,
+        }
+    }
+
     /// Checks that every size is positive and that heads divide `d_model`.
     pub fn validate(&self) -> Result<(), BalanceError> {
         let positive = [

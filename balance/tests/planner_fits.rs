@@ -20,7 +20,7 @@ fn check_fits(c: &Candidate, cluster: &Cluster, shape: &ModelShape) -> Result<()
     }
     // Re-simulate independently of the planner and check every device.
     let again = simulate(&c.config, cluster).map_err(|e| e.to_string())?;
-    let world = c.config.mesh.world();
+    let world = c.config.mesh.world_size();
     if again.peak_memory_bytes.len() != world {
         return Err(format!(
             "{} devices reported for {world}",
@@ -87,8 +87,8 @@ proptest! {
             device,
             devices,
             1 << per_node_pow,
-            LinkClass::nvlink(),
-            LinkClass::infiniband_100g(),
+            LinkClass::NVLINK3_A100,
+            LinkClass::IB_EDR,
         )
         .unwrap();
         let mut req = PlanRequest::new(shape.clone(), cluster.clone(), devices, global_batch);
@@ -158,8 +158,8 @@ fn a_model_too_big_for_one_device_is_only_planned_sharded() {
         device,
         8,
         8,
-        LinkClass::nvlink(),
-        LinkClass::nvlink(),
+        LinkClass::NVLINK3_A100,
+        LinkClass::NVLINK3_A100,
     )
     .unwrap();
     let mut req = PlanRequest::new(shape.clone(), cluster.clone(), 8, 32);

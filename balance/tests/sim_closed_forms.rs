@@ -1,15 +1,14 @@
 //! The simulator against closed forms: compute-only single stage, the ring all-reduce of
 //! pure DP (and local SGD's amortised parameter average), the pipeline bubble of GPipe/1F1B
-//! and of interleaved 1F1B, plus schedule deadlock freedom, 1F1B's in-flight bound, async vs
-//! sync, compression bytes and the names the trainer's config uses.
+//! and of interleaved 1F1B, async vs sync, and compression bytes.
 
 use meshrec_balance::cost::{CostProfile, LayerCost};
 use meshrec_balance::shape::LayerKind;
-use meshrec_balance::sim::{
-    simulate, simulate_steps, timeline_svg, Compression, DpMode, Mesh, Schedule, SimConfig,
-};
+use meshrec_balance::sim::{simulate, simulate_steps, Compression, SimConfig};
 use meshrec_balance::{Cluster, DeviceSpec, ModelShape};
 use meshrec_comm::cost::{ring_all_reduce_time, LinkClass, Topology};
+use meshrec_compress::MethodConfig;
+use meshrec_pipeline::{DpMode, EventKind, Mesh, ScheduleSpec};
 
 /// A link so fast that transfers take no time.
 fn ideal_link() -> LinkClass {
@@ -60,12 +59,8 @@ fn one_stage_is_compute_plus_optimizer() {
     let cluster = Cluster::preset("a100x8", 1).unwrap();
     let cfg = SimConfig::new(
         shape.clone(),
-        Mesh {
-            dp: 1,
-            tp: 1,
-            pp: 1,
-        },
-        Schedule::OneFOneB,
+        Mesh::new(1, 1, 1).unwrap(),
+        ScheduleSpec::ONE_F_ONE_B,
         4,
         16,
     );
@@ -97,12 +92,8 @@ fn pure_dp_adds_the_ring_all_reduce() {
     let cluster = Cluster::homogeneous("dp", DeviceSpec::a100_80gb(), 4, 4, link, link).unwrap();
     let mut cfg = SimConfig::new(
         shape.clone(),
-        Mesh {
-            dp: 4,
-            tp: 1,
-            pp: 1,
-        },
-        Schedule::OneFOneB,
+        Mesh::new(4, 1, 1).unwrap(),
+        ScheduleSpec::ONE_F_ONE_B,
         1,
         8,
     );
@@ -139,9 +130,9 @@ fn pipeline_bubble_matches_p_minus_1_over_m_plus_p_minus_1() {
     let cluster = ideal_cluster(8);
     for pp in [2usize, 4, 8] {
         for m in [1usize, 4, 8, 16] {
-            for schedule in [Schedule::GPipe, Schedule::OneFOneB] {
+            for schedule in [ScheduleSpec::GPIPE, ScheduleSpec::ONE_F_ONE_B] {
                 let (shape, prof) = equal_blocks(2 * pp as u32, 1e-3);
-                let mut cfg = SimConfig::new(shape, Mesh { dp: 1, tp: 1, pp }, schedule, m, m);
+                let mut cfg = SimConfig::new(shape, Mesh::new(1, 1, pp).unwrap(), schedule, m, m);
                 cfg.profile = Some(prof);
                 cfg.balance = false;
                 let r = simulate(&cfg, &cluster).unwrap();
@@ -171,8 +162,8 @@ fn interleaved_bubble_matches_megatron() {
                 let (shape, prof) = equal_blocks((pp * v) as u32, 1e-3);
                 let mut cfg = SimConfig::new(
                     shape,
-                    Mesh { dp: 1, tp: 1, pp },
-                    Schedule::Interleaved { chunks: v },
+                    Mesh::new(1, 1, pp).unwrap(),
+                    ScheduleSpec::interleaved(v),
                     m,
                     m,
                 );
@@ -193,22 +184,14 @@ fn interleaved_bubble_matches_megatron() {
 }
 
 #[test]
-fn schedules_are_deadlock_free_and_1f1b_bounds_in_flight() {
-    for pp in 1..=16usize {
-        for m in [1usize, 2, 3, 8, 16, 32] {
-            for s in 0..pp {
-                assert!(Schedule::OneFOneB.in_flight(s, pp, m) as usize <= pp.min(m));
-                assert_eq!(Schedule::GPipe.in_flight(s, pp, m) as usize, m);
-            }
-        }
-    }
+fn schedules_simulate_to_completion() {
     // Simulating proves each order completes (a deadlock is an error).
     let cluster = ideal_cluster(16);
     for pp in [1usize, 2, 3, 5, 8, 16] {
         for m in [1usize, 3, 16] {
-            for schedule in [Schedule::GPipe, Schedule::OneFOneB] {
+            for schedule in [ScheduleSpec::GPIPE, ScheduleSpec::ONE_F_ONE_B] {
                 let (shape, prof) = equal_blocks(16, 1e-3);
-                let mut cfg = SimConfig::new(shape, Mesh { dp: 1, tp: 1, pp }, schedule, m, m);
+                let mut cfg = SimConfig::new(shape, Mesh::new(1, 1, pp).unwrap(), schedule, m, m);
                 cfg.profile = Some(prof);
                 simulate(&cfg, &cluster).unwrap();
             }
@@ -221,8 +204,8 @@ fn schedules_are_deadlock_free_and_1f1b_bounds_in_flight() {
                 let (shape, prof) = equal_blocks(16, 1e-3);
                 let mut cfg = SimConfig::new(
                     shape,
-                    Mesh { dp: 1, tp: 1, pp },
-                    Schedule::Interleaved { chunks: v },
+                    Mesh::new(1, 1, pp).unwrap(),
+                    ScheduleSpec::interleaved(v),
                     m,
                     m,
                 );
@@ -239,54 +222,28 @@ fn invalid_layouts_are_errors_naming_the_constraint() {
     let cluster = Cluster::preset("a100x8", 8).unwrap();
     let cases = [
         (
-            Mesh {
-                dp: 1,
-                tp: 4,
-                pp: 1,
-            },
-            Schedule::OneFOneB,
+            Mesh::new(1, 4, 1).unwrap(),
+            ScheduleSpec::ONE_F_ONE_B,
             4,
-            "does not divide n_heads",
+            "must divide model.n_heads",
         ),
         (
-            Mesh {
-                dp: 16,
-                tp: 1,
-                pp: 1,
-            },
-            Schedule::OneFOneB,
+            Mesh::new(16, 1, 1).unwrap(),
+            ScheduleSpec::ONE_F_ONE_B,
             4,
             "needs 16 devices",
         ),
         (
-            Mesh {
-                dp: 1,
-                tp: 1,
-                pp: 2,
-            },
-            Schedule::Interleaved { chunks: 2 },
+            Mesh::new(1, 1, 2).unwrap(),
+            ScheduleSpec::interleaved(2),
             3,
             "multiple of pp",
         ),
         (
-            Mesh {
-                dp: 1,
-                tp: 1,
-                pp: 1,
-            },
-            Schedule::Interleaved { chunks: 2 },
-            4,
-            "pp >= 2",
-        ),
-        (
-            Mesh {
-                dp: 1,
-                tp: 1,
-                pp: 8,
-            },
-            Schedule::Interleaved { chunks: 2 },
+            Mesh::new(1, 1, 8).unwrap(),
+            ScheduleSpec::interleaved(2),
             8,
-            "exceed 8 blocks",
+            "exceed model.n_layers (8)",
         ),
     ];
     for (mesh, schedule, m, needle) in cases {
@@ -296,12 +253,8 @@ fn invalid_layouts_are_errors_naming_the_constraint() {
     }
     let cfg = SimConfig::new(
         shape,
-        Mesh {
-            dp: 8,
-            tp: 1,
-            pp: 1,
-        },
-        Schedule::OneFOneB,
+        Mesh::new(8, 1, 1).unwrap(),
+        ScheduleSpec::ONE_F_ONE_B,
         4,
         16,
     );
@@ -317,12 +270,8 @@ fn tensor_parallel_bytes_follow_megatron() {
     let cluster = Cluster::preset("a100x8", 2).unwrap();
     let mut cfg = SimConfig::new(
         shape.clone(),
-        Mesh {
-            dp: 1,
-            tp: 2,
-            pp: 1,
-        },
-        Schedule::OneFOneB,
+        Mesh::new(1, 2, 1).unwrap(),
+        ScheduleSpec::ONE_F_ONE_B,
         1,
         4,
     );
@@ -344,12 +293,8 @@ fn async_dp_beats_sync_on_a_heterogeneous_cluster_and_compression_cuts_bytes() {
     let cluster = Cluster::preset("a100+v100x8", 16).unwrap();
     let mut cfg = SimConfig::new(
         shape.clone(),
-        Mesh {
-            dp: 16,
-            tp: 1,
-            pp: 1,
-        },
-        Schedule::OneFOneB,
+        Mesh::new(16, 1, 1).unwrap(),
+        ScheduleSpec::ONE_F_ONE_B,
         2,
         256,
     );
@@ -378,12 +323,8 @@ fn many_steps_bound_async_staleness_and_absorb_jitter() {
     let cluster = Cluster::preset("a100x8", 8).unwrap();
     let mut cfg = SimConfig::new(
         shape,
-        Mesh {
-            dp: 8,
-            tp: 1,
-            pp: 1,
-        },
-        Schedule::OneFOneB,
+        Mesh::new(8, 1, 1).unwrap(),
+        ScheduleSpec::ONE_F_ONE_B,
         2,
         64,
     );
@@ -402,24 +343,37 @@ fn timeline_is_drawable_and_consistent() {
     let cluster = Cluster::preset("a100x8", 8).unwrap();
     let cfg = SimConfig::new(
         shape,
-        Mesh {
-            dp: 2,
-            tp: 1,
-            pp: 4,
-        },
-        Schedule::OneFOneB,
+        Mesh::new(2, 1, 4).unwrap(),
+        ScheduleSpec::ONE_F_ONE_B,
         8,
         64,
     );
     let r = simulate(&cfg, &cluster).unwrap();
-    for e in &r.timeline {
-        assert!(
-            e.end_s >= e.start_s && e.start_s >= 0.0 && e.end_s <= r.step_s * (1.0 + 1e-12),
-            "{e:?}"
-        );
+    // One timeline per pipeline device, replica-major, each with every action of the
+    // schedule the executor runs for its stage.
+    assert_eq!(r.timeline.len(), 2 * 4);
+    let schedule = ScheduleSpec::ONE_F_ONE_B.build(4, 8).unwrap();
+    for (i, t) in r.timeline.iter().enumerate() {
+        let (d, s) = (i / 4, i % 4);
+        assert_eq!(t.label, format!("dp{d} pp{s}"));
+        let actions: Vec<_> = t
+            .events
+            .iter()
+            .filter(|e| matches!(e.kind, EventKind::Forward | EventKind::Backward))
+            .map(|e| (e.kind == EventKind::Forward, e.micro_batch.unwrap()))
+            .collect();
+        let expected: Vec<_> = schedule.per_device[s]
+            .iter()
+            .map(|a| (a.is_forward(), a.micro_batch()))
+            .collect();
+        assert_eq!(actions, expected, "{}", t.label);
+        for e in &t.events {
+            assert!(
+                e.end_s >= e.start_s && e.start_s >= 0.0 && e.end_s <= r.step_s * (1.0 + 1e-12),
+                "{e:?}"
+            );
+        }
     }
-    let svg = timeline_svg(&r);
-    assert!(svg.starts_with("<svg") && svg.ends_with("</svg>") && svg.contains("simulated"));
     // Topology from comm decides the link class of PP sends: 8 devices fit one node.
     let _: &Topology = &cluster.topology;
     assert_eq!(r.bytes.inter, 0.0);
@@ -434,12 +388,8 @@ fn heavy_head_goes_to_the_fast_devices_when_stages_are_reversed() {
     let cluster = Cluster::preset("a100+v100x8", 16).unwrap();
     let mut cfg = SimConfig::new(
         shape,
-        Mesh {
-            dp: 4,
-            tp: 2,
-            pp: 2,
-        },
-        Schedule::OneFOneB,
+        Mesh::new(4, 2, 2).unwrap(),
+        ScheduleSpec::ONE_F_ONE_B,
         16,
         256,
     );
@@ -460,12 +410,8 @@ fn tied_embedding_is_synchronised_between_first_and_last_stage() {
     let cluster = Cluster::preset("a100x8", 2).unwrap();
     let cfg = SimConfig::new(
         shape.clone(),
-        Mesh {
-            dp: 1,
-            tp: 1,
-            pp: 2,
-        },
-        Schedule::OneFOneB,
+        Mesh::new(1, 1, 2).unwrap(),
+        ScheduleSpec::ONE_F_ONE_B,
         4,
         16,
     );
@@ -481,7 +427,8 @@ fn tied_embedding_is_synchronised_between_first_and_last_stage() {
     assert!(r
         .timeline
         .iter()
-        .any(|e| e.kind == meshrec_balance::sim::EventKind::TiedSync));
+        .flat_map(|t| &t.events)
+        .any(|e| e.kind == EventKind::GradAllReduce));
     // Both stages hold a copy of the table's state.
     let state = shape.vocab * shape.d_model * shape.precision.state_bytes_per_param();
     assert!(r.peak_memory_bytes.iter().all(|&m| m > state));
@@ -505,16 +452,14 @@ fn local_sgd_adds_an_amortised_parameter_ring_all_reduce() {
     for k in [1u32, 4, 16] {
         let mut cfg = SimConfig::new(
             shape.clone(),
-            Mesh {
-                dp: 4,
-                tp: 1,
-                pp: 1,
-            },
-            Schedule::OneFOneB,
+            Mesh::new(4, 1, 1).unwrap(),
+            ScheduleSpec::ONE_F_ONE_B,
             1,
             8,
         );
-        cfg.dp_mode = DpMode::LocalSgd { sync_every: k };
+        cfg.dp_mode = DpMode::LocalSgd {
+            sync_every: u64::from(k),
+        };
         let r = simulate(&cfg, &cluster).unwrap();
         let closed = compute + opt + ring / f64::from(k);
         assert!(
@@ -538,12 +483,8 @@ fn local_sgd_adds_an_amortised_parameter_ring_all_reduce() {
     // never overlaps; sync DP with buckets overlaps backward and is faster.
     let mut cfg = SimConfig::new(
         shape,
-        Mesh {
-            dp: 4,
-            tp: 1,
-            pp: 1,
-        },
-        Schedule::OneFOneB,
+        Mesh::new(4, 1, 1).unwrap(),
+        ScheduleSpec::ONE_F_ONE_B,
         1,
         8,
     );
@@ -558,77 +499,72 @@ fn local_sgd_adds_an_amortised_parameter_ring_all_reduce() {
 }
 
 #[test]
-fn compressors_by_name_shrink_the_wire_as_documented() {
+fn compressors_shrink_the_wire_as_documented() {
     let shape = ModelShape::preset_100m(); // bf16 gradients: 2 bytes
-    let by = |m: &str, p: f64| Compression::from_method(m, p, &shape).unwrap();
-    assert_eq!(by("identity", 0.0), Compression::none());
-    assert_eq!(by("fp16", 0.0).wire_ratio, 1.0); // already 2 bytes
-    let topk = by("topk", 0.01);
+    let by = |m: MethodConfig| Compression::of(&m, &shape).unwrap();
+    assert_eq!(by(MethodConfig::Identity), Compression::none());
+    assert_eq!(by(MethodConfig::Fp16).wire_ratio, 1.0); // already 2 bytes
+    let topk = by(MethodConfig::TopK { ratio: 0.01 });
     assert!(close(topk.wire_ratio, 0.01 * (4.0 + 2.0) / 2.0, 1e-12));
-    assert!(close(by("randk", 0.01).wire_ratio, 0.01 * 4.0 / 2.0, 1e-12));
+    let randk = by(MethodConfig::RandK {
+        ratio: 0.01,
+        unbiased: false,
+    });
+    assert!(close(randk.wire_ratio, 0.01 * 4.0 / 2.0, 1e-12));
     assert!(close(
-        by("sign", 0.0).wire_ratio,
+        by(MethodConfig::Sign { chunk: 512 }).wire_ratio,
         (1.0 / 8.0 + 4.0 / 512.0) / 2.0,
         1e-12
     ));
     assert!(close(
-        by("terngrad", 0.0).wire_ratio,
+        by(MethodConfig::TernGrad { chunk: 512 }).wire_ratio,
         (2.0 / 8.0 + 4.0 / 512.0) / 2.0,
         1e-12
     ));
     // 4 levels: sign + 3 bits.
+    let qsgd = MethodConfig::Qsgd {
+        levels: 4,
+        bucket: 512,
+    };
     assert!(close(
-        by("qsgd", 4.0).wire_ratio,
+        by(qsgd).wire_ratio,
         (4.0 / 8.0 + 4.0 / 512.0) / 2.0,
         1e-12
     ));
+    let powersgd = MethodConfig::PowerSgd {
+        rank: 4,
+        min_compression_rate: 1.0,
+    };
     assert!(close(
-        by("powersgd", 4.0).wire_ratio,
+        by(powersgd.clone()).wire_ratio,
         8.0 / shape.d_model as f64,
         1e-12
     ));
     for bad in [
-        ("topk", 0.0),
-        ("topk", 1.5),
-        ("qsgd", 0.0),
-        ("powersgd", 0.5),
-        ("zip", 1.0),
+        MethodConfig::TopK { ratio: 0.0 },
+        MethodConfig::TopK { ratio: 1.5 },
+        MethodConfig::Qsgd {
+            levels: 0,
+            bucket: 512,
+        },
+        MethodConfig::PowerSgd {
+            rank: 0,
+            min_compression_rate: 1.0,
+        },
+        MethodConfig::Threshold { threshold: 0.1 },
     ] {
-        assert!(
-            Compression::from_method(bad.0, bad.1, &shape).is_err(),
-            "{bad:?}"
-        );
+        assert!(Compression::of(&bad, &shape).is_err(), "{bad:?}");
     }
     // Cheaper wire, fewer DP bytes in the simulation.
     let cluster = Cluster::preset("a100x8", 16).unwrap();
     let mut cfg = SimConfig::new(
         shape.clone(),
-        Mesh {
-            dp: 16,
-            tp: 1,
-            pp: 1,
-        },
-        Schedule::OneFOneB,
+        Mesh::new(16, 1, 1).unwrap(),
+        ScheduleSpec::ONE_F_ONE_B,
         1,
         64,
     );
     let dense = simulate(&cfg, &cluster).unwrap().bytes.dp;
-    cfg.compression = by("powersgd", 4.0);
+    cfg.compression = by(powersgd);
     assert!(simulate(&cfg, &cluster).unwrap().bytes.dp < 0.05 * dense);
-    // Names of schedules and DP modes as the trainer's config writes them.
-    assert_eq!(Schedule::from_name("1f1b", 1).unwrap(), Schedule::OneFOneB);
-    assert_eq!(Schedule::from_name("GPipe", 1).unwrap(), Schedule::GPipe);
-    assert_eq!(
-        Schedule::from_name("interleaved", 3).unwrap(),
-        Schedule::Interleaved { chunks: 3 }
-    );
-    assert!(Schedule::from_name("interleaved", 1).is_err());
-    assert_eq!(
-        DpMode::from_name("local_sgd", 0, 8).unwrap(),
-        DpMode::LocalSgd { sync_every: 8 }
-    );
-    assert_eq!(
-        DpMode::from_name("async", 2, 0).unwrap(),
-        DpMode::Async { max_staleness: 2 }
-    );
 }

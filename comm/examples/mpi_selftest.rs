@@ -1,14 +1,18 @@
 //! MPI engine self-test: the collective checks of the local engine's tests, run on every rank
-//! under `mpirun` against a naive reference (plus split, non-blocking overlap, SizeMismatch
-//! and Timeout). Prints a summary on rank 0; exits non-zero on any failure on any rank.
+//! under `mpirun` against a naive reference (plus typed i64 / f16 / bf16 reductions, split,
+//! non-blocking overlap, SizeMismatch and Timeout). Prints a summary on rank 0; exits non-zero on any failure on any rank.
 //!
 //! cargo build --release -p meshrec-comm --features mpi --example mpi_selftest
 //! mpirun --allow-run-as-root --oversubscribe -np 3 target/release/examples/mpi_selftest
 
 use std::time::Duration;
 
+use half::{bf16, f16};
 use meshrec_comm::mpi::{MpiConfig, MpiRuntime};
-use meshrec_comm::{chunk_range, CommError, Communicator, OpKind, ReduceOp};
+use meshrec_comm::{
+    all_reduce_as, chunk_range, reduce_scatter_as, CommError, Communicator, DType, Element, OpKind,
+    ReduceOp,
+};
 
 fn value(rank: usize, i: usize) -> f32 {
     ((rank * 7919 + i * 104_729) % 201) as f32 - 100.0
@@ -30,6 +34,84 @@ fn reference(ranks: &[usize], len: usize, op: ReduceOp) -> Vec<f32> {
             }
         })
         .collect()
+}
+
+/// Beyond 2^24 (where f32 stops counting exactly), both signs.
+fn int_value(rank: usize, i: usize) -> i64 {
+    let v = (1i64 << 40) * (rank as i64 + 1) + (i as i64) * 1_000_003 + 1;
+    if (rank + i).is_multiple_of(3) {
+        -v
+    } else {
+        v
+    }
+}
+
+fn int_reference(ranks: &[usize], len: usize, op: ReduceOp) -> Vec<i64> {
+    (0..len)
+        .map(|i| {
+            let xs = ranks.iter().map(|&r| int_value(r, i));
+            match op {
+                ReduceOp::Max => xs.max().unwrap_or(0),
+                ReduceOp::Min => xs.min().unwrap_or(0),
+                _ => xs.sum(),
+            }
+        })
+        .collect()
+}
+
+/// Integers in [-50, 50]: every partial sum over up to 5 ranks is exact in f16 and bf16, so
+/// the half reductions must match an f32 reference rounded once (the mean's division).
+fn small_value(rank: usize, i: usize) -> f32 {
+    ((rank * 7919 + i * 104_729) % 101) as f32 - 50.0
+}
+
+fn half_reference<T: Element>(
+    from: fn(f32) -> T,
+    ranks: &[usize],
+    len: usize,
+    op: ReduceOp,
+) -> Vec<T> {
+    (0..len)
+        .map(|i| {
+            let xs = ranks.iter().map(|&r| small_value(r, i));
+            from(match op {
+                ReduceOp::Sum => xs.sum(),
+                ReduceOp::Avg => xs.sum::<f32>() / ranks.len() as f32,
+                ReduceOp::Max => xs.fold(f32::NEG_INFINITY, f32::max),
+                ReduceOp::Min => xs.fold(f32::INFINITY, f32::min),
+            })
+        })
+        .collect()
+}
+
+/// All-reduce and reduce-scatter of a half type against [`half_reference`], every op.
+fn check_half<T: Element + PartialEq + std::fmt::Debug>(
+    c: &dyn Communicator,
+    from: fn(f32) -> T,
+    lens: &[usize],
+    ck: &mut Checks,
+) -> Result<(), CommError> {
+    let (r, n) = (c.rank(), c.size());
+    let all: Vec<usize> = (0..n).collect();
+    for &len in lens {
+        for op in [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max, ReduceOp::Min] {
+            let input: Vec<T> = (0..len).map(|i| from(small_value(r, i))).collect();
+            let want = half_reference(from, &all, len, op);
+            let mut b = input.clone();
+            all_reduce_as(c, &mut b, op)?;
+            ck.check(
+                &format!("all_reduce {} {op:?} len {len}", T::DTYPE),
+                eq(&b, &want),
+            );
+            let mut out = vec![from(0.0); chunk_range(len, n, r).len()];
+            reduce_scatter_as(c, &input, &mut out, op)?;
+            ck.check(
+                &format!("reduce_scatter {} {op:?} len {len}", T::DTYPE),
+                eq(&out[..], &want[chunk_range(len, n, r)]),
+            );
+        }
+    }
+    Ok(())
 }
 
 struct Checks {
@@ -89,6 +171,45 @@ fn run(c: &dyn Communicator, short: &dyn Communicator, ck: &mut Checks) -> Resul
         c.broadcast(&mut b, root)?;
         ck.check(&format!("broadcast len {len}"), eq(b, input(root, len)));
     }
+    // Typed reductions: i64 exact beyond 2^24, halves through the user-defined MPI ops.
+    for &len in &lens {
+        for op in [ReduceOp::Sum, ReduceOp::Max, ReduceOp::Min] {
+            let mut b: Vec<i64> = (0..len).map(|i| int_value(r, i)).collect();
+            all_reduce_as(c, &mut b, op)?;
+            ck.check(
+                &format!("all_reduce i64 {op:?} len {len}"),
+                eq(b, int_reference(&all, len, op)),
+            );
+            let input: Vec<i64> = (0..len).map(|i| int_value(r, i)).collect();
+            let mut out = vec![0i64; chunk_range(len, n, r).len()];
+            reduce_scatter_as(c, &input, &mut out, op)?;
+            ck.check(
+                &format!("reduce_scatter i64 {op:?} len {len}"),
+                eq(
+                    out,
+                    int_reference(&all, len, op)[chunk_range(len, n, r)].to_vec(),
+                ),
+            );
+        }
+    }
+    check_half(c, f16::from_f32, &lens, ck)?;
+    check_half(c, bf16::from_f32, &lens, ck)?;
+    let refused = |e: Result<(), CommError>, needle: &str| match e {
+        Err(CommError::InvalidArgument(m)) if m.contains(needle) => Ok(()),
+        other => Err(format!("{other:?}")),
+    };
+    ck.check(
+        "i64 Avg refused",
+        refused(all_reduce_as(c, &mut [1i64, 2], ReduceOp::Avg), "Avg"),
+    );
+    ck.check(
+        "ragged bytes refused",
+        refused(
+            c.all_reduce_bytes(&mut [0u8; 7], DType::I64, ReduceOp::Sum),
+            "7 bytes",
+        ),
+    );
+
     // Ragged payloads.
     let payload = |q: usize| -> Vec<u8> { (0..q * 13 + 1).map(|i| (i * (q + 1)) as u8).collect() };
     let got = c.all_gatherv_bytes(&payload(r))?;

@@ -9,8 +9,10 @@
 
 use std::ops::Range;
 
+use crate::communicator::Communicator;
+use crate::error::{CommError, Result};
+use crate::op::ReduceOp;
 use crate::request::Request;
-use crate::{CommError, Communicator, ReduceOp, Result};
 
 /// Default bucket size: 25 MB (PyTorch DDP's `bucket_cap_mb`).
 pub const DEFAULT_BUCKET_BYTES: usize = 25 * 1024 * 1024;

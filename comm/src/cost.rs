@@ -16,6 +16,15 @@
 
 use serde::{Deserialize, Serialize};
 
+/// One NVLink lane group ("link") moves 25 GB/s per direction in generations 2, 3 and 4
+/// alike (NVLink 2: 8 lanes × 25 Gb/s; 3: 4 × 50 Gb/s; 4: 2 × 100 Gb/s); generations differ
+/// in links per GPU.
+const NVLINK_GBPS_PER_LINK: f64 = 25.0;
+/// Latency of a small message over NVLink (order of magnitude), µs.
+const NVLINK_LATENCY_US: f64 = 2.0;
+/// Latency of a small message over InfiniBand between nodes (order of magnitude), µs.
+const IB_LATENCY_US: f64 = 5.0;
+
 /// One class of link: a latency (alpha, seconds per message) and a bandwidth (1/beta, bytes
 /// per second) for one direction of one link.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -27,32 +36,93 @@ pub struct LinkClass {
 }
 
 impl LinkClass {
-    /// A link with `latency_us` microseconds of latency and `gbytes_per_s` GB/s (10^9 bytes).
-    pub fn new_us_gbps(latency_us: f64, gbytes_per_s: f64) -> Self {
+    /// A link with `latency_us` microseconds of latency and `gbytes_per_s` GB/s (10^9 bytes)
+    /// per direction.
+    pub const fn new_us_gbps(latency_us: f64, gbytes_per_s: f64) -> Self {
         Self {
             latency_s: latency_us * 1e-6,
             bandwidth_bytes_per_s: gbytes_per_s * 1e9,
         }
     }
+}
 
-    /// NVLink 3 (A100) order of magnitude: 2 us, 150 GB/s per direction. A modelled preset.
-    pub fn nvlink() -> Self {
-        Self::new_us_gbps(2.0, 150.0)
+/// The link table: every link class meshrec's presets use, one constant per kind, each
+/// built from the figures below (no preset elsewhere in the workspace writes a link's
+/// numbers).
+///
+/// Convention: `bandwidth_bytes_per_s` is the nominal datasheet data rate of **one
+/// direction** of a device's links to its peers (NVLink: all of a GPU's links together;
+/// networks: one NIC port per GPU, as on DGX A100/H100), in GB = 10^9 bytes. That is the
+/// `B` of the alpha-beta formulas below: in a ring every rank sends `S/n` and receives
+/// `S/n` at once, so each step costs `S/(n·B)` with `B` one direction's rate. Datasheets
+/// quote NVLink as the sum of both directions (A100 "600 GB/s"): halve it. The rates are
+/// peaks, not achieved (measured NCCL bus bandwidth stays below them), so simulated
+/// transfer times are optimistic. Latencies (alpha) are orders of magnitude of a small
+/// NCCL/MPI message, not datasheet figures.
+impl LinkClass {
+    /// NVLink 2 (V100 SXM2): 6 links × 25 GB/s = 150 GB/s per direction (datasheet
+    /// "300 GB/s" for both directions); 2 µs. DGX-1's hybrid cube-mesh connects each GPU to
+    /// only 4 of its 7 peers, so a ring there may see less.
+    pub const NVLINK2_V100: Self = Self::new_us_gbps(NVLINK_LATENCY_US, 6.0 * NVLINK_GBPS_PER_LINK);
+    /// NVLink 3 (A100 SXM4): 12 links × 25 GB/s = 300 GB/s per direction (datasheet
+    /// "600 GB/s"), to any peer through NVSwitch (DGX A100); 2 µs.
+    pub const NVLINK3_A100: Self =
+        Self::new_us_gbps(NVLINK_LATENCY_US, 12.0 * NVLINK_GBPS_PER_LINK);
+    /// NVLink 4 (H100 SXM5): 18 links × 25 GB/s = 450 GB/s per direction (datasheet
+    /// "900 GB/s"), through NVSwitch (DGX H100); 2 µs.
+    pub const NVLINK4_H100: Self =
+        Self::new_us_gbps(NVLINK_LATENCY_US, 18.0 * NVLINK_GBPS_PER_LINK);
+    /// PCIe 4.0 x16: 16 lanes × 16 GT/s × 128/130 (line code) / 8 = 31.5 GB/s per
+    /// direction; 5 µs.
+    pub const PCIE4_X16: Self = Self::new_us_gbps(5.0, 16.0 * 16.0 * 128.0 / 130.0 / 8.0);
+    /// InfiniBand EDR 4x: 100 Gb/s = 12.5 GB/s per direction per port; 5 µs.
+    pub const IB_EDR: Self = Self::new_us_gbps(IB_LATENCY_US, 100.0 / 8.0);
+    /// InfiniBand HDR 4x: 200 Gb/s = 25 GB/s per direction per port; 5 µs.
+    pub const IB_HDR: Self = Self::new_us_gbps(IB_LATENCY_US, 200.0 / 8.0);
+    /// InfiniBand NDR 4x: 400 Gb/s = 50 GB/s per direction per port; 5 µs.
+    pub const IB_NDR: Self = Self::new_us_gbps(IB_LATENCY_US, 400.0 / 8.0);
+    /// 10 Gb/s Ethernet: 1.25 GB/s per direction; 30 µs (a TCP stack's latency).
+    pub const ETHERNET_10G: Self = Self::new_us_gbps(30.0, 10.0 / 8.0);
+    /// Threads of one process on one host exchanging buffers through shared memory: 5 GB/s
+    /// and 5 µs. An assumption (a share of a server's memory copy bandwidth), not a datasheet
+    /// figure.
+    pub const SHARED_MEMORY: Self = Self::new_us_gbps(5.0, 5.0);
+
+    /// The table, named (for reports and tests).
+    pub const TABLE: [(&'static str, Self); 9] = [
+        ("V100 NVLink 2", Self::NVLINK2_V100),
+        ("A100 NVLink 3", Self::NVLINK3_A100),
+        ("H100 NVLink 4", Self::NVLINK4_H100),
+        ("PCIe 4.0 x16", Self::PCIE4_X16),
+        ("InfiniBand EDR", Self::IB_EDR),
+        ("InfiniBand HDR", Self::IB_HDR),
+        ("InfiniBand NDR", Self::IB_NDR),
+        ("10 Gb/s Ethernet", Self::ETHERNET_10G),
+        ("shared memory", Self::SHARED_MEMORY),
+    ];
+
+    /// `InfiniBand HDR (25 GB/s per direction, 5 µs)`: the table's name (`custom link` when
+    /// it is none of them), bandwidth and latency.
+    pub fn describe(&self) -> String {
+        // Two decimals, trailing zeros dropped: 31.51, 12.5, 300.
+        let short = |x: f64| {
+            let s = format!("{x:.2}");
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        };
+        format!(
+            "{} ({} GB/s per direction, {} µs)",
+            self.table_name().unwrap_or("custom link"),
+            short(self.bandwidth_bytes_per_s / 1e9),
+            short(self.latency_s * 1e6)
+        )
     }
 
-    /// PCIe 4.0 x16 order of magnitude: 5 us, 20 GB/s. A modelled preset.
-    pub fn pcie4() -> Self {
-        Self::new_us_gbps(5.0, 20.0)
-    }
-
-    /// 100 Gb/s InfiniBand / RoCE order of magnitude: 5 us, 12 GB/s. A modelled preset.
-    pub fn infiniband_100g() -> Self {
-        Self::new_us_gbps(5.0, 12.0)
-    }
-
-    /// 10 Gb/s Ethernet with TCP order of magnitude: 30 us, 1.2 GB/s. A modelled preset.
-    pub fn ethernet_10g() -> Self {
-        Self::new_us_gbps(30.0, 1.2)
+    /// The name of this link in [`LinkClass::TABLE`], if it is one of them.
+    pub fn table_name(&self) -> Option<&'static str> {
+        Self::TABLE
+            .iter()
+            .find(|(_, l)| l == self)
+            .map(|(name, _)| *name)
     }
 
     /// Time to move `bytes` over this link as one message: `alpha + bytes * beta`.
@@ -364,11 +434,50 @@ mod tests {
     }
 
     #[test]
+    fn link_table_is_per_direction_datasheet_rates() {
+        // Datasheets give NVLink as both directions together: V100 300, A100 600, H100 900 GB/s.
+        for (link, both_ways) in [
+            (LinkClass::NVLINK2_V100, 300e9),
+            (LinkClass::NVLINK3_A100, 600e9),
+            (LinkClass::NVLINK4_H100, 900e9),
+        ] {
+            assert_eq!(2.0 * link.bandwidth_bytes_per_s, both_ways);
+        }
+        // Networks are quoted per direction in Gb/s.
+        for (link, gbit) in [
+            (LinkClass::IB_EDR, 100e9),
+            (LinkClass::IB_HDR, 200e9),
+            (LinkClass::IB_NDR, 400e9),
+            (LinkClass::ETHERNET_10G, 10e9),
+        ] {
+            assert_eq!(8.0 * link.bandwidth_bytes_per_s, gbit);
+        }
+        // PCIe 4.0 x16: ~31.5 GB/s per direction after 128b/130b coding.
+        assert!((LinkClass::PCIE4_X16.bandwidth_bytes_per_s - 31.5e9).abs() < 0.01e9);
+        for (i, (name, link)) in LinkClass::TABLE.iter().enumerate() {
+            assert!(link.is_valid(), "{name}");
+            assert_eq!(link.table_name(), Some(*name));
+            assert!(LinkClass::TABLE[..i]
+                .iter()
+                .all(|(n, l)| n != name && l != link));
+        }
+        assert_eq!(LinkClass::new_us_gbps(1.0, 1.0).table_name(), None);
+        assert_eq!(
+            LinkClass::IB_HDR.describe(),
+            "InfiniBand HDR (25 GB/s per direction, 5 µs)"
+        );
+        assert_eq!(
+            LinkClass::PCIE4_X16.describe(),
+            "PCIe 4.0 x16 (31.51 GB/s per direction, 5 µs)"
+        );
+    }
+
+    #[test]
     fn topology_classifies_links() {
         let topo = Topology {
             devices_per_node: 4,
-            intra: LinkClass::nvlink(),
-            inter: LinkClass::infiniband_100g(),
+            intra: LinkClass::NVLINK3_A100,
+            inter: LinkClass::IB_EDR,
         };
         assert_eq!(topo.link_kind(0, 3), LinkKind::Intra);
         assert_eq!(topo.link_kind(3, 4), LinkKind::Inter);

@@ -12,10 +12,17 @@
 //!
 //! # Operations
 //! MPI's own collectives do the work: `MPI_Allreduce` (in place), `MPI_Reduce_scatter` (with
-//! the counts of [`crate::chunk_range`]), `MPI_Allgather`, `MPI_Allgatherv`, `MPI_Bcast`,
+//! the counts of `chunk_range`), `MPI_Allgather`, `MPI_Allgatherv`, `MPI_Bcast`,
 //! `MPI_Barrier`, `MPI_Iallreduce` for `iall_reduce`, `MPI_Isend` and matched probes
 //! (`MPI_Improbe` + `MPI_Mrecv`) for point-to-point, `MPI_Comm_split` for `split`. `Avg` is
 //! `MPI_SUM` followed by one division on every rank.
+//!
+//! Typed reductions map [`DType`] to an MPI datatype: `F32` and `I64` to `MPI_FLOAT` and
+//! `MPI_INT64_T` (rsmpi's `Equivalence`) with the built-in operations; `F16` and `Bf16`
+//! travel as `MPI_UINT16_T` and reduce with user-defined operations (`MPI_Op_create`, made
+//! with the runtime) that add in `f32` and round back at every step, as the local engine and
+//! NCCL do. A user operation keeps MPI's own algorithm and the halves' bandwidth, where
+//! gathering and reducing in `f32` would move `n` times the bytes.
 //!
 //! # Failures
 //! * Sizes: with `MpiConfig::check_sizes` (default) each collective first all-gathers the
@@ -46,11 +53,16 @@ use mpi::raw::AsRaw;
 use mpi::topology::{Color, Communicator as _, SimpleCommunicator};
 use mpi::Threading;
 
+use mpi::datatype::Equivalence;
+
+use crate::communicator::{check_rank, chunk_len, chunk_range, Communicator};
 use crate::cost;
-use crate::reduce::finish_avg;
+use crate::dtype::{check_reduction, elems, elems_of, with_elems_mut, DType};
+use crate::error::{CommError, Result};
+use crate::op::ReduceOp;
+use crate::reduce::{finish_avg, with_dtype, Kernel};
 use crate::request::{Completion, Request};
 use crate::stats::{CommStats, OpKind, StatsRecorder};
-use crate::{check_rank, chunk_len, chunk_range, CommError, Communicator, ReduceOp, Result};
 
 /// Settings of the MPI engine.
 #[derive(Debug, Clone)]
@@ -83,6 +95,8 @@ pub struct MpiRuntime {
     /// Whether the library granted MPI_THREAD_MULTIPLE: communicators may then be used from
     /// several threads at once (each still by one thread at a time).
     concurrent: bool,
+    /// The user operations of the half-precision types (see the module docs).
+    half_ops: HalfOps,
 }
 
 // SAFETY: MPI is initialised with at least MPI_THREAD_SERIALIZED (checked in `init`), so MPI
@@ -127,11 +141,13 @@ impl MpiRuntime {
         } else {
             None
         };
+        let half_ops = HalfOps::create()?;
         Ok(Arc::new(Self {
             universe,
             in_place,
             watchdog: Watchdog::default(),
             concurrent: level >= Threading::Multiple,
+            half_ops,
         }))
     }
 
@@ -149,6 +165,120 @@ impl MpiRuntime {
     /// The MPI library's version string.
     pub fn library_version(&self) -> String {
         mpi::environment::library_version().unwrap_or_default()
+    }
+
+    /// The MPI operation reducing `dtype` with `op` (`Avg` is a sum here; the division
+    /// follows).
+    fn reduce_op(&self, dtype: DType, op: ReduceOp) -> ffi::MPI_Op {
+        match dtype {
+            DType::F32 | DType::I64 => mpi_op(op),
+            DType::F16 => self.half_ops.f16[op_index(op)],
+            DType::Bf16 => self.half_ops.bf16[op_index(op)],
+        }
+    }
+}
+
+impl Drop for MpiRuntime {
+    fn drop(&mut self) {
+        // Before `universe` drops, which finalises MPI: operations must be freed first.
+        self.half_ops.free();
+    }
+}
+
+/// Indices of the user operations: sum (also for `Avg`), max, min.
+const OP_SUM: u8 = 0;
+const OP_MAX: u8 = 1;
+const OP_MIN: u8 = 2;
+
+fn op_index(op: ReduceOp) -> usize {
+    usize::from(match op {
+        ReduceOp::Sum | ReduceOp::Avg => OP_SUM,
+        ReduceOp::Max => OP_MAX,
+        ReduceOp::Min => OP_MIN,
+    })
+}
+
+type UserFunction =
+    unsafe extern "C" fn(*mut c_void, *mut c_void, *mut c_int, *mut ffi::MPI_Datatype);
+
+/// `MPI_Op`s for `f16` and `bf16`, indexed by [`op_index`].
+struct HalfOps {
+    f16: [ffi::MPI_Op; 3],
+    bf16: [ffi::MPI_Op; 3],
+}
+
+impl HalfOps {
+    fn create() -> Result<Self> {
+        fn make(f: UserFunction) -> Result<ffi::MPI_Op> {
+            let mut op = std::mem::MaybeUninit::<ffi::MPI_Op>::uninit();
+            // SAFETY: MPI is initialised; `f` has MPI_User_function's signature and is
+            // commutative (an f32 sum, max or min, rounded once).
+            check(
+                unsafe { ffi::MPI_Op_create(Some(f), 1, op.as_mut_ptr()) },
+                "MPI_Op_create",
+            )?;
+            // SAFETY: written by the successful call.
+            Ok(unsafe { op.assume_init() })
+        }
+        Ok(Self {
+            f16: [
+                make(half_op::<half::f16, OP_SUM>)?,
+                make(half_op::<half::f16, OP_MAX>)?,
+                make(half_op::<half::f16, OP_MIN>)?,
+            ],
+            bf16: [
+                make(half_op::<half::bf16, OP_SUM>)?,
+                make(half_op::<half::bf16, OP_MAX>)?,
+                make(half_op::<half::bf16, OP_MIN>)?,
+            ],
+        })
+    }
+
+    fn free(&mut self) {
+        for op in self.f16.iter_mut().chain(self.bf16.iter_mut()) {
+            // SAFETY: made by MPI_Op_create, freed once (the runtime drops once) and before
+            // MPI_Finalize. An error here has nowhere to go during teardown.
+            unsafe {
+                ffi::MPI_Op_free(op);
+            }
+        }
+    }
+}
+
+/// The MPI user function of half type `T` and operation `OP`: `inout[i] = in[i] (op)
+/// inout[i]`, by the same kernels as the local engine. Buffers are read byte-wise because
+/// MPI does not promise them aligned for `T`.
+unsafe extern "C" fn half_op<T: Kernel, const OP: u8>(
+    invec: *mut c_void,
+    inoutvec: *mut c_void,
+    len: *mut c_int,
+    _datatype: *mut ffi::MPI_Datatype,
+) {
+    // SAFETY: MPI passes a valid count.
+    let n = usize::try_from(unsafe { *len }).unwrap_or(0);
+    if n == 0 || invec.is_null() || inoutvec.is_null() {
+        return;
+    }
+    let size = std::mem::size_of::<T>();
+    // SAFETY: MPI passes two distinct buffers of `n` elements of the datatype the operation
+    // is used with, which is always `T`'s 2-byte carrier (MPI_UINT16_T).
+    let (a, b) = unsafe {
+        (
+            std::slice::from_raw_parts(invec as *const u8, n * size),
+            std::slice::from_raw_parts_mut(inoutvec as *mut u8, n * size),
+        )
+    };
+    for (x, y) in a.chunks_exact(size).zip(b.chunks_exact_mut(size)) {
+        let (x, yv) = (
+            bytemuck::pod_read_unaligned::<T>(x),
+            bytemuck::pod_read_unaligned::<T>(y),
+        );
+        let r = match OP {
+            OP_SUM => T::add(x, yv),
+            OP_MAX => T::max(x, yv),
+            _ => T::min(x, yv),
+        };
+        y.copy_from_slice(bytemuck::bytes_of(&r));
     }
 }
 
@@ -242,6 +372,16 @@ fn mpi_op(op: ReduceOp) -> ffi::MPI_Op {
             ReduceOp::Max => ffi::RSMPI_MAX,
             ReduceOp::Min => ffi::RSMPI_MIN,
         }
+    }
+}
+
+/// The MPI datatype a typed reduction of `dtype` travels as (halves: their 2-byte carrier,
+/// reduced only by the user operations).
+fn datatype(dtype: DType) -> ffi::MPI_Datatype {
+    match dtype {
+        DType::F32 => f32::equivalent_datatype().as_raw(),
+        DType::I64 => i64::equivalent_datatype().as_raw(),
+        DType::F16 | DType::Bf16 => u16::equivalent_datatype().as_raw(),
     }
 }
 
@@ -393,6 +533,87 @@ impl MpiCommunicator {
                 .record(op, sent as u64, received as u64, t0.elapsed());
         }
         r
+    }
+
+    /// The reductions of every element type (the `f32` methods and the byte interface).
+    fn all_reduce_typed<T: Kernel>(&self, buf: &mut [T], op: ReduceOp) -> Result<()> {
+        let n = self.size;
+        let bytes = cost::ring_all_reduce_bytes_per_rank(n, std::mem::size_of_val(buf) as f64);
+        self.collective(OpKind::AllReduce, bytes, bytes, || {
+            self.check_sizes(OpKind::AllReduce, buf.len())?;
+            if n == 1 {
+                return Ok(());
+            }
+            let cnt = count(buf.len(), "all_reduce")?;
+            let copy;
+            let send = match self.in_place() {
+                Some(p) => p,
+                None => {
+                    copy = buf.to_vec();
+                    send_ptr(&copy)
+                }
+            };
+            // SAFETY: `buf` holds `cnt` elements of the datatype; `send` is MPI_IN_PLACE or a
+            // copy of them.
+            check(
+                unsafe {
+                    ffi::MPI_Allreduce(
+                        send,
+                        recv_ptr(buf),
+                        cnt,
+                        datatype(T::DTYPE),
+                        self.runtime.reduce_op(T::DTYPE, op),
+                        self.comm.as_raw(),
+                    )
+                },
+                "MPI_Allreduce",
+            )?;
+            finish_avg(buf, op, n);
+            Ok(())
+        })
+    }
+
+    fn reduce_scatter_typed<T: Kernel>(
+        &self,
+        input: &[T],
+        output: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()> {
+        let (n, len) = (self.size, input.len());
+        let want = chunk_len(len, n, self.rank);
+        if output.len() != want {
+            return Err(CommError::BadLength {
+                op: OpKind::ReduceScatter,
+                what: "output",
+                expected: want,
+                got: output.len(),
+            });
+        }
+        let bytes =
+            cost::ring_gather_scatter_bytes_per_rank(n, std::mem::size_of_val(input) as f64);
+        self.collective(OpKind::ReduceScatter, bytes, bytes, || {
+            self.check_sizes(OpKind::ReduceScatter, len)?;
+            count(len, "reduce_scatter")?;
+            let counts: Vec<c_int> = (0..n)
+                .map(|r| chunk_range(len, n, r).len() as c_int)
+                .collect();
+            // SAFETY: `input` holds sum(counts) elements; `output` holds counts[rank].
+            check(
+                unsafe {
+                    ffi::MPI_Reduce_scatter(
+                        send_ptr(input),
+                        recv_ptr(output),
+                        counts.as_ptr(),
+                        datatype(T::DTYPE),
+                        self.runtime.reduce_op(T::DTYPE, op),
+                        self.comm.as_raw(),
+                    )
+                },
+                "MPI_Reduce_scatter",
+            )?;
+            finish_avg(output, op, n);
+            Ok(())
+        })
     }
 
     fn in_place(&self) -> Option<*const c_void> {
@@ -706,75 +927,32 @@ impl Communicator for MpiCommunicator {
     }
 
     fn all_reduce(&self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
-        let n = self.size;
-        let bytes = cost::ring_all_reduce_bytes_per_rank(n, (buf.len() * 4) as f64);
-        self.collective(OpKind::AllReduce, bytes, bytes, || {
-            self.check_sizes(OpKind::AllReduce, buf.len())?;
-            if n == 1 {
-                return Ok(());
-            }
-            let cnt = count(buf.len(), "all_reduce")?;
-            let copy;
-            let send = match self.in_place() {
-                Some(p) => p,
-                None => {
-                    copy = buf.to_vec();
-                    send_ptr(&copy)
-                }
-            };
-            // SAFETY: `buf` holds `cnt` floats; `send` is MPI_IN_PLACE or a copy of them.
-            check(
-                unsafe {
-                    ffi::MPI_Allreduce(
-                        send,
-                        recv_ptr(buf),
-                        cnt,
-                        float(),
-                        mpi_op(op),
-                        self.comm.as_raw(),
-                    )
-                },
-                "MPI_Allreduce",
-            )?;
-            finish_avg(buf, op, n);
-            Ok(())
-        })
+        self.all_reduce_typed(buf, op)
     }
 
     fn reduce_scatter(&self, input: &[f32], output: &mut [f32], op: ReduceOp) -> Result<()> {
-        let (n, len) = (self.size, input.len());
-        let want = chunk_len(len, n, self.rank);
-        if output.len() != want {
-            return Err(CommError::BadLength {
-                op: OpKind::ReduceScatter,
-                what: "output",
-                expected: want,
-                got: output.len(),
-            });
-        }
-        let bytes = cost::ring_gather_scatter_bytes_per_rank(n, (len * 4) as f64);
-        self.collective(OpKind::ReduceScatter, bytes, bytes, || {
-            self.check_sizes(OpKind::ReduceScatter, len)?;
-            count(len, "reduce_scatter")?;
-            let counts: Vec<c_int> = (0..n)
-                .map(|r| chunk_range(len, n, r).len() as c_int)
-                .collect();
-            // SAFETY: `input` holds sum(counts) floats; `output` holds counts[rank].
-            check(
-                unsafe {
-                    ffi::MPI_Reduce_scatter(
-                        send_ptr(input),
-                        recv_ptr(output),
-                        counts.as_ptr(),
-                        float(),
-                        mpi_op(op),
-                        self.comm.as_raw(),
-                    )
-                },
-                "MPI_Reduce_scatter",
-            )?;
-            finish_avg(output, op, n);
-            Ok(())
+        self.reduce_scatter_typed(input, output, op)
+    }
+
+    fn all_reduce_bytes(&self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+        check_reduction(OpKind::AllReduce, "buffer", dtype, op, buf.len())?;
+        with_dtype!(dtype, T => {
+            with_elems_mut::<T, _>(buf, |s| self.all_reduce_typed(s, op))
+        })
+    }
+
+    fn reduce_scatter_bytes(
+        &self,
+        input: &[u8],
+        output: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
+        check_reduction(OpKind::ReduceScatter, "input", dtype, op, input.len())?;
+        elems_of(OpKind::ReduceScatter, "output", dtype, output.len())?;
+        with_dtype!(dtype, T => {
+            let input = elems::<T>(input);
+            with_elems_mut::<T, _>(output, |o| self.reduce_scatter_typed(&input, o, op))
         })
     }
 

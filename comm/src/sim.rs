@@ -24,9 +24,13 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
+use crate::communicator::Communicator;
 use crate::cost::{self, LinkClass, LinkKind, Topology};
+use crate::dtype::{check_reduction, elems_of, DType};
+use crate::error::{CommError, Result};
+use crate::op::ReduceOp;
 use crate::request::{Completion, Request};
-use crate::{CommError, CommStats, Communicator, ReduceOp, Result};
+use crate::stats::{CommStats, OpKind};
 
 /// What a rank's virtual clock has accumulated (all modelled).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -222,6 +226,29 @@ impl SimCommunicator {
         self.inner.size()
     }
 
+    /// Runs an all-reduce of `bytes` bytes (of whatever element type: the model charges
+    /// bytes, so a narrower type costs proportionally less) and charges its model.
+    fn all_reduce_charged(&self, bytes: usize, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        let (n, s, l) = (self.n(), bytes as f64, self.group_link());
+        let sent = match cost::all_reduce_algorithm(n, s, &l) {
+            cost::AllReduceAlgorithm::Ring => cost::ring_all_reduce_bytes_per_rank(n, s),
+            cost::AllReduceAlgorithm::RecursiveDoubling => {
+                cost::recursive_doubling_all_reduce_bytes_per_rank(n, s)
+            }
+        };
+        self.collective(cost::all_reduce_time(n, s, &l), sent, f)
+    }
+
+    /// Runs a reduce-scatter of an input of `bytes` bytes and charges its model.
+    fn reduce_scatter_charged(&self, bytes: usize, f: impl FnOnce() -> Result<()>) -> Result<()> {
+        let (n, s, l) = (self.n(), bytes as f64, self.group_link());
+        self.collective(
+            cost::reduce_scatter_time(n, s, &l),
+            cost::ring_gather_scatter_bytes_per_rank(n, s),
+            f,
+        )
+    }
+
     fn p2p_link(&self, peer: usize) -> Result<(LinkKind, LinkClass)> {
         let d = *self.devices.get(peer).ok_or(CommError::InvalidRank {
             what: "peer",
@@ -338,25 +365,35 @@ impl Communicator for SimCommunicator {
     }
 
     fn all_reduce(&self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
-        let (n, s, l) = (self.n(), (buf.len() * 4) as f64, self.group_link());
-        let bytes = match cost::all_reduce_algorithm(n, s, &l) {
-            cost::AllReduceAlgorithm::Ring => cost::ring_all_reduce_bytes_per_rank(n, s),
-            cost::AllReduceAlgorithm::RecursiveDoubling => {
-                cost::recursive_doubling_all_reduce_bytes_per_rank(n, s)
-            }
-        };
-        self.collective(cost::all_reduce_time(n, s, &l), bytes, || {
+        self.all_reduce_charged(std::mem::size_of_val(buf), || {
             self.inner.all_reduce(buf, op)
         })
     }
 
     fn reduce_scatter(&self, input: &[f32], output: &mut [f32], op: ReduceOp) -> Result<()> {
-        let (n, s, l) = (self.n(), (input.len() * 4) as f64, self.group_link());
-        self.collective(
-            cost::reduce_scatter_time(n, s, &l),
-            cost::ring_gather_scatter_bytes_per_rank(n, s),
-            || self.inner.reduce_scatter(input, output, op),
-        )
+        self.reduce_scatter_charged(std::mem::size_of_val(input), || {
+            self.inner.reduce_scatter(input, output, op)
+        })
+    }
+
+    fn all_reduce_bytes(&self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+        // Checked before the clocks are exchanged, so a refused call costs no communication.
+        check_reduction(OpKind::AllReduce, "buffer", dtype, op, buf.len())?;
+        self.all_reduce_charged(buf.len(), || self.inner.all_reduce_bytes(buf, dtype, op))
+    }
+
+    fn reduce_scatter_bytes(
+        &self,
+        input: &[u8],
+        output: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
+        check_reduction(OpKind::ReduceScatter, "input", dtype, op, input.len())?;
+        elems_of(OpKind::ReduceScatter, "output", dtype, output.len())?;
+        self.reduce_scatter_charged(input.len(), || {
+            self.inner.reduce_scatter_bytes(input, output, dtype, op)
+        })
     }
 
     fn all_gather(&self, input: &[f32], output: &mut [f32]) -> Result<()> {

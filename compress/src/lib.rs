@@ -20,6 +20,7 @@
 compile_error!("meshrec-compress writes little-endian payloads by casting host buffers");
 
 pub mod error;
+mod lowrank;
 pub mod memory;
 pub mod methods;
 pub mod rng;

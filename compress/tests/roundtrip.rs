@@ -123,10 +123,130 @@ fn every_method_round_trips_with_exact_byte_count() {
                         }
                     }
                 }
-                _ => {}
+                MethodConfig::RandK {
+                    ratio,
+                    unbiased: true,
+                } => check_randk_unbiased(&x, &y, ratio),
+                MethodConfig::Qsgd { levels, bucket } => check_qsgd(&x, &y, levels, bucket),
+                MethodConfig::TernGrad { chunk } => check_terngrad(&x, &y, chunk),
+                MethodConfig::PowerSgd {
+                    rank,
+                    min_compression_rate,
+                } => check_powersgd(&x, &y, &p, rank, min_compression_rate),
             }
         }
     }
+}
+
+/// Unbiased random-k: exactly `k = ceil(ratio * n)` (clamped to 1..=n for n > 0)
+/// elements survive, each scaled by n / k; the rest are zero.
+fn check_randk_unbiased(x: &[f32], y: &[f32], ratio: f64) {
+    let n = x.len();
+    let k = if n == 0 {
+        0
+    } else {
+        ((ratio * n as f64).ceil() as usize).clamp(1, n)
+    };
+    assert!(x.iter().all(|&v| v != 0.0), "test data must have no zeros");
+    let kept = y.iter().filter(|&&v| v != 0.0).count();
+    assert_eq!(kept, k, "randk unbiased n={n}: kept {kept}, want {k}");
+    let scale = n as f64 / k.max(1) as f64;
+    for (i, (&a, &b)) in x.iter().zip(y).enumerate() {
+        if b != 0.0 {
+            let want = a as f64 * scale;
+            assert!(
+                (b as f64 - want).abs() <= 1e-6 * want.abs(),
+                "randk unbiased n={n} element {i}: {b} vs {a} * {n} / {k}"
+            );
+        }
+    }
+}
+
+/// QSGD: in each bucket, with `norm` its L2 norm, every |y| is `norm * l / levels`
+/// for an integer l in 0..=levels, the sign is x's, and stochastic rounding moves x
+/// to one of its two adjacent levels, so |y - x| <= norm / levels.
+fn check_qsgd(x: &[f32], y: &[f32], levels: u32, bucket: usize) {
+    let s = levels as f64;
+    for (b, (xs, ys)) in x.chunks(bucket).zip(y.chunks(bucket)).enumerate() {
+        let norm = xs.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt();
+        assert!(norm > 0.0);
+        let unit = norm / s;
+        for (j, (&a, &v)) in xs.iter().zip(ys).enumerate() {
+            let t = v.abs() as f64 / unit;
+            let l = t.round();
+            assert!(
+                (t - l).abs() <= 1e-4 && l <= s,
+                "qsgd bucket {b} element {j}: |y| = {v} is {t} levels of {unit}"
+            );
+            if v != 0.0 {
+                assert_eq!(a.is_sign_negative(), v.is_sign_negative(), "qsgd sign");
+            }
+            assert!(
+                (v as f64 - a as f64).abs() <= unit * (1.0 + 1e-4),
+                "qsgd bucket {b} element {j}: {a} -> {v}, more than one level ({unit})"
+            );
+        }
+    }
+}
+
+/// TernGrad: in each chunk, with s = max |x|, every y is -s, 0 or +s, and a non-zero
+/// y has x's sign.
+fn check_terngrad(x: &[f32], y: &[f32], chunk: usize) {
+    for (c, (xs, ys)) in x.chunks(chunk).zip(y.chunks(chunk)).enumerate() {
+        let s = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(s > 0.0);
+        for (j, (&a, &v)) in xs.iter().zip(ys).enumerate() {
+            assert!(
+                v == 0.0 || v.abs() == s,
+                "terngrad chunk {c} element {j}: {v} not in {{-{s}, 0, {s}}}"
+            );
+            if v != 0.0 {
+                assert_eq!(a.is_sign_negative(), v.is_sign_negative(), "terngrad sign");
+            }
+        }
+    }
+}
+
+/// PowerSGD on `compress`'s default view (near-square: cols = ceil(sqrt(n)), rows =
+/// ceil(n / cols), partial last row). It goes dense, y == x, for a vector or where the
+/// factors `(rows + cols) * rank` are not `min_rate` times smaller than `rows * cols`.
+/// Otherwise y = P P^T M with P's columns orthonormal (or zero): an orthogonal
+/// projection of the zero-padded matrix, so ||x - y||^2 + ||y||^2 <= ||x||^2 (equal
+/// up to the padding cells, which y does not include), hence ||x - y|| <= ||x||.
+fn check_powersgd(x: &[f32], y: &[f32], p: &Payload, rank: usize, min_rate: f64) {
+    let n = x.len();
+    let cols = (n as f64).sqrt().ceil() as usize;
+    let rows = if cols == 0 { 0 } else { n.div_ceil(cols) };
+    let r = rank.min(rows).min(cols);
+    let dense = rows < 2
+        || cols < 2
+        || (min_rate != 0.0 && (rows * cols) as f64 <= min_rate * ((rows + cols) * r) as f64);
+    let method = p.header().unwrap().method;
+    if dense {
+        assert_eq!(method, MethodId::Identity, "powersgd n={n} should go dense");
+        assert_eq!(x, y, "powersgd dense n={n}");
+        return;
+    }
+    assert_eq!(method, MethodId::PowerSgd, "powersgd n={n} should compress");
+    let x2: f64 = x.iter().map(|&v| (v as f64).powi(2)).sum();
+    let y2: f64 = y.iter().map(|&v| (v as f64).powi(2)).sum();
+    let e2: f64 = x
+        .iter()
+        .zip(y)
+        .map(|(&a, &b)| (a as f64 - b as f64).powi(2))
+        .sum();
+    assert!(
+        e2.sqrt() <= x2.sqrt() * (1.0 + 1e-5),
+        "powersgd n={n}: ||x - y|| = {} > ||x|| = {}",
+        e2.sqrt(),
+        x2.sqrt()
+    );
+    assert!(
+        e2 + y2 <= x2 * (1.0 + 1e-5),
+        "powersgd n={n}: not a projection: {e2} + {y2} > {x2}"
+    );
+    // One power step from a random start captures some energy.
+    assert!(y2 > 0.0, "powersgd n={n}: decoded to zero");
 }
 
 #[test]

@@ -18,12 +18,12 @@ use meshrec_comm::{Communicator, LocalCluster};
 use meshrec_model::data::Batch;
 use meshrec_model::device::test_device;
 use meshrec_model::{ModelConfig, Preset};
-use meshrec_parallel::check::{build_segments, initial_state};
-use meshrec_parallel::exec::{micro_batches, run_schedule};
+use meshrec_parallel::exec::{micro_batches, run_schedule, NoHooks};
 use meshrec_parallel::layout::Layout;
 use meshrec_parallel::mesh::{Groups, Mesh};
-use meshrec_parallel::schedule::{Schedule, ScheduleKind};
-use meshrec_parallel::timeline::{busy_s, write_svg, EventKind, Recorder, StageTimeline};
+use meshrec_parallel::rank::{build_segments, initial_state};
+use meshrec_pipeline::schedule::{Schedule, ScheduleKind};
+use meshrec_pipeline::timeline::{busy_s, write_svg, EventKind, Recorder, StageTimeline};
 use serde_json::json;
 
 const STEPS: usize = 3;
@@ -89,6 +89,7 @@ fn measure(config: &ModelConfig, schedule: &Schedule, batch: &Batch) -> Measured
                 &micro,
                 scale,
                 &mut recorder,
+                &mut NoHooks,
             )
             .expect("step");
             let end_s = recorder.now_s();

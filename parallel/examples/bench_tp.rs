@@ -16,12 +16,12 @@ use meshrec_comm::LocalCluster;
 use meshrec_model::data::Batch;
 use meshrec_model::device::test_device;
 use meshrec_model::{ModelConfig, Preset};
-use meshrec_parallel::check::{build_segments, initial_state};
-use meshrec_parallel::exec::{micro_batches, reduce_model_parallel_grads, run_schedule};
+use meshrec_parallel::exec::{micro_batches, reduce_model_parallel_grads, run_schedule, NoHooks};
 use meshrec_parallel::layout::Layout;
 use meshrec_parallel::mesh::{Groups, Mesh};
-use meshrec_parallel::schedule::{Schedule, ScheduleKind};
-use meshrec_parallel::timeline::Recorder;
+use meshrec_parallel::rank::{build_segments, initial_state};
+use meshrec_pipeline::schedule::{Schedule, ScheduleKind};
+use meshrec_pipeline::timeline::Recorder;
 use serde_json::json;
 
 const STEPS: usize = 4;
@@ -78,6 +78,7 @@ fn main() {
                     &micro,
                     scale,
                     &mut Recorder::new(),
+                    &mut NoHooks,
                 )
                 .expect("step");
                 reduce_model_parallel_grads(&mut segments, &groups).expect("reduce");

@@ -12,12 +12,12 @@ use meshrec_comm::mpi::{MpiConfig, MpiRuntime};
 use meshrec_comm::Communicator;
 use meshrec_model::device::test_device;
 use meshrec_parallel::check::{
-    initial_state, layout_step, rank_deviation, rank_slices, reference_step, tiny_case,
-    StepSettings,
+    layout_step, rank_deviation, rank_slices, reference_step, tiny_case, StepSettings,
 };
 use meshrec_parallel::layout::Layout;
 use meshrec_parallel::mesh::Mesh;
-use meshrec_parallel::schedule::{Schedule, ScheduleKind};
+use meshrec_parallel::rank::initial_state;
+use meshrec_pipeline::schedule::{Schedule, ScheduleKind};
 
 const TOLERANCE: f32 = 1e-4;
 

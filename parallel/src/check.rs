@@ -7,20 +7,22 @@ use burn::tensor::Device;
 use meshrec_comm::Communicator;
 use meshrec_model::data::Batch;
 use meshrec_model::optim::{clip_by_global_norm, sum_of_squares, AdamW, AdamWConfig};
-use meshrec_model::params::{init_normal, param_paths, read_values, ParamInfo};
+use meshrec_model::params::{param_paths, ParamInfo};
 use meshrec_model::step::forward_backward;
 use meshrec_model::{ModelConfig, Recommender};
+
+use meshrec_pipeline::timeline::Recorder;
+use meshrec_pipeline::Schedule;
 
 use crate::dp::{DpEngine, DpSettings};
 use crate::error::ParallelError;
 use crate::exec::{
-    global_grad_norm, micro_batches, reduce_model_parallel_grads, run_schedule_releasing, StepLoss,
+    global_grad_norm, micro_batches, reduce_model_parallel_grads, run_schedule, StepLoss,
 };
 use crate::layout::{shard_chunk, FullState, Layout, ParamSpec, RankState};
 use crate::mesh::Groups;
-use crate::schedule::Schedule;
+use crate::rank::build_segments;
 use crate::segment::Segment;
-use crate::timeline::Recorder;
 
 /// The case the equivalence suite and the MPI check run: the `tiny` preset (4 blocks, 4
 /// heads, so TP up to 4 and PP up to 4) with genre side-features, dropout off, and a batch
@@ -96,21 +98,6 @@ pub struct Reference {
     pub updated: FullState,
 }
 
-/// A freshly initialised full model's state (seeded, layout-independent).
-pub fn initial_state(
-    config: &ModelConfig,
-    item_genres: Option<&[Vec<u32>]>,
-    seed: u64,
-    device: &Device,
-) -> (Vec<ParamInfo>, FullState) {
-    let model = Recommender::new(config, item_genres, device);
-    let model = init_normal(model, seed, config.init_std, config.n_layers, device);
-    let infos = param_paths(&model);
-    let values = read_values(&model);
-    let state = FullState::from_ordered(&infos, values);
-    (infos, state)
-}
-
 /// Runs the step on one device from `initial`.
 pub fn reference_step(
     config: &ModelConfig,
@@ -154,26 +141,6 @@ pub struct RankOutcome {
     pub peak_in_flight: Vec<usize>,
 }
 
-/// Builds this rank's segments of `layout` loaded with its slices of `initial`.
-pub fn build_segments(
-    config: &ModelConfig,
-    item_genres: Option<&[Vec<u32>]>,
-    layout: &Layout,
-    groups: &Groups,
-    initial: &FullState,
-    device: &Device,
-) -> Result<Vec<Segment>, ParallelError> {
-    (0..layout.virtual_stages)
-        .map(|local| {
-            let k = layout.model_chunk(groups.coord.pp, local);
-            let mut segment = Segment::new(config, item_genres, layout, groups.coord, k, device);
-            let values = shard_chunk(initial, &segment.specs, &layout.mesh, groups.coord)?;
-            segment.set_values(&values)?;
-            Ok(segment)
-        })
-        .collect()
-}
-
 /// Runs the step of `layout` on this rank (`world` spans the whole layout) with dropout
 /// off: the global batch is split over data-parallel ranks, then into micro-batches.
 pub fn layout_step(
@@ -206,8 +173,7 @@ pub fn layout_step(
         None,
     )?;
     dp.begin_step(0)?;
-    let mut ready = |chunk: usize, param: usize, g: &[f32]| dp.push(chunk, param, g);
-    let mut loss = run_schedule_releasing(
+    let mut loss = run_schedule(
         &mut segments,
         layout,
         schedule,
@@ -215,7 +181,7 @@ pub fn layout_step(
         &micro,
         grad_scale,
         &mut timeline,
-        Some(&mut ready),
+        &mut dp,
     )?;
     dp.end_step(&segments)?;
     dp.take_oldest()?.write_into(&mut segments)?;

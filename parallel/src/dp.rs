@@ -16,6 +16,7 @@ use meshrec_comm::{Communicator, ReduceOp};
 use meshrec_compress::{Compressor, MemoryBank, MemoryOptions, MethodConfig, Payload};
 
 use crate::error::ParallelError;
+use crate::exec::StepHooks;
 use crate::segment::Segment;
 
 /// How a DP group reduces gradients.
@@ -513,6 +514,22 @@ impl DpEngine {
                 "the reduction thread answered a snapshot with something else".into(),
             )),
         }
+    }
+}
+
+/// DDP as a step hook: every gradient joins a bucket the moment backward finalises it.
+impl StepHooks for DpEngine {
+    fn releases_grads(&self) -> bool {
+        true
+    }
+
+    fn grad_ready(
+        &mut self,
+        chunk: usize,
+        param: usize,
+        grad: &[f32],
+    ) -> Result<(), ParallelError> {
+        self.push(chunk, param, grad)
     }
 }
 

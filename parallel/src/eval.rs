@@ -3,7 +3,7 @@
 //! one all-reduce, and each rank's count of items ranking above the target by another. No
 //! rank holds a user's full score row.
 
-use meshrec_comm::{Communicator, ReduceOp};
+use meshrec_comm::{all_reduce_as, Communicator, ReduceOp};
 use meshrec_model::loss::{score_into, TableShard};
 use meshrec_model::metrics::above_target_on_shard;
 
@@ -53,8 +53,8 @@ pub fn rank_on_shards(
     if tp.size() > 1 {
         tp.all_reduce(&mut target_scores, ReduceOp::Sum)?;
     }
-    // Counts below 2^24 are exact in f32 (catalogues up to 16M items).
-    let mut above: Vec<f32> = (0..n)
+    // Counts are summed as integers: exact for any catalogue.
+    let mut above: Vec<i64> = (0..n)
         .map(|i| {
             above_target_on_shard(
                 &scores[i * rows..(i + 1) * rows],
@@ -62,11 +62,11 @@ pub fn rank_on_shards(
                 targets[i],
                 target_scores[i],
                 &histories[i],
-            ) as f32
+            ) as i64
         })
         .collect();
     if tp.size() > 1 {
-        tp.all_reduce(&mut above, ReduceOp::Sum)?;
+        all_reduce_as(tp, &mut above, ReduceOp::Sum)?;
     }
     Ok(above.into_iter().map(|a| a as usize + 1).collect())
 }

@@ -2,20 +2,22 @@
 //! backwards over this rank's segments with tagged point-to-point messages between stages,
 //! then the gradient reductions the layout needs inside the model-parallel group (partial
 //! TP gradients, the tied item table between the first and last stage), and the global
-//! gradient norm; and DDP's data-parallel reduction overlapped with backward
-//! (`dp::DpEngine` fed by [`run_schedule_releasing`]).
+//! gradient norm. What the caller adds to a step — DDP's data-parallel reduction fed as
+//! backward releases gradients, fault injection, measurements — comes in through
+//! [`StepHooks`].
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use meshrec_comm::{Communicator, ReduceOp, Request};
 use meshrec_model::data::Batch;
+use meshrec_pipeline::timeline::{EventKind, Recorder};
+use meshrec_pipeline::{Action, Schedule};
 
 use crate::error::ParallelError;
-use crate::layout::{Layout, Split};
+use crate::layout::{Layout, Split, TABLE_PATH};
 use crate::mesh::Groups;
-use crate::schedule::{Action, Schedule};
 use crate::segment::{ForwardInput, ForwardOutput, Segment};
-use crate::timeline::{EventKind, Recorder};
 
 /// Which way a message travels.
 #[derive(Clone, Copy)]
@@ -49,26 +51,37 @@ pub fn micro_batches(batch: &Batch, m: usize) -> Vec<Batch> {
         .collect()
 }
 
-/// [`Segment::slowdown`]: stretches one piece of compute to `factor` times its length.
-struct SlowDevice {
-    factor: f64,
-    start: std::time::Instant,
-}
-
-impl SlowDevice {
-    fn start(factor: f64) -> Self {
-        Self {
-            factor,
-            start: std::time::Instant::now(),
-        }
+/// What a caller adds to the executor's step. Every method has a do-nothing default.
+pub trait StepHooks {
+    /// Whether parameter gradients go to [`StepHooks::grad_ready`] as backward finalises
+    /// them (DDP's overlap of the data-parallel reduction with the rest of backward).
+    fn releases_grads(&self) -> bool {
+        false
     }
 
-    fn finish(self) {
-        if self.factor > 1.0 {
-            std::thread::sleep(self.start.elapsed().mul_f64(self.factor - 1.0));
-        }
+    /// A parameter gradient is final for the step: (local chunk, parameter index, gradient).
+    /// Called during each chunk's last backward, only when [`StepHooks::releases_grads`].
+    fn grad_ready(
+        &mut self,
+        chunk: usize,
+        param: usize,
+        grad: &[f32],
+    ) -> Result<(), ParallelError> {
+        let _ = (chunk, param, grad);
+        Ok(())
+    }
+
+    /// A forward or backward has just computed for `elapsed`; what the hook does here still
+    /// counts inside the action's timeline event.
+    fn computed(&mut self, action: Action, elapsed: Duration) {
+        let _ = (action, elapsed);
     }
 }
+
+/// A step with nothing added.
+pub struct NoHooks;
+
+impl StepHooks for NoHooks {}
 
 /// Messages this rank sends to itself (two chunks of one device, interleaved schedules with
 /// one pipeline rank) skip the communicator.
@@ -78,7 +91,9 @@ struct Mailbox(HashMap<u32, Vec<f32>>);
 /// Executes `schedule` for this rank's `segments` (its local chunks, in local order) on
 /// `micro` micro-batches; parameter gradients accumulate in the segments (scaled by
 /// `grad_scale`, typically `1 / targets of the global batch`). Records every forward,
-/// backward, send and receive in `timeline`.
+/// backward, send and receive in `timeline`; `hooks` sees every computed action and, if it
+/// asks, every parameter gradient the moment it is final.
+#[allow(clippy::too_many_arguments)]
 pub fn run_schedule(
     segments: &mut [Segment],
     layout: &Layout,
@@ -87,28 +102,7 @@ pub fn run_schedule(
     micro: &[Batch],
     grad_scale: f32,
     timeline: &mut Recorder,
-) -> Result<StepLoss, ParallelError> {
-    run_schedule_releasing(
-        segments, layout, schedule, groups, micro, grad_scale, timeline, None,
-    )
-}
-
-/// A parameter gradient complete for the step: (local chunk, parameter index, gradient).
-pub type ChunkGradReady<'a> = &'a mut dyn FnMut(usize, usize, &[f32]) -> Result<(), ParallelError>;
-
-/// [`run_schedule`] that hands every parameter gradient to `ready` the moment it is final
-/// (during each chunk's last backward), so data-parallel reduction overlaps the rest of the
-/// backward pass as in DDP.
-#[allow(clippy::too_many_arguments)]
-pub fn run_schedule_releasing(
-    segments: &mut [Segment],
-    layout: &Layout,
-    schedule: &Schedule,
-    groups: &Groups,
-    micro: &[Batch],
-    grad_scale: f32,
-    timeline: &mut Recorder,
-    mut ready: Option<ChunkGradReady<'_>>,
+    hooks: &mut dyn StepHooks,
 ) -> Result<StepLoss, ParallelError> {
     let pp_rank = groups.coord.pp;
     let d_model = segment_width(segments)?;
@@ -167,9 +161,9 @@ pub fn run_schedule_releasing(
                     ParallelError::Step(format!("stage {pp_rank} has no local chunk {chunk}"))
                 })?;
                 let out = timeline.record(EventKind::Forward, Some(mb), Some(chunk), || {
-                    let slow = SlowDevice::start(segment.slowdown);
+                    let start = Instant::now();
                     let out = segment.forward(mb, batch, input, grad_scale, tp);
-                    slow.finish();
+                    hooks.computed(*action, start.elapsed());
                     out
                 })?;
                 match out {
@@ -220,17 +214,16 @@ pub fn run_schedule_releasing(
                 let segment = segments.get_mut(chunk).ok_or_else(|| {
                     ParallelError::Step(format!("stage {pp_rank} has no local chunk {chunk}"))
                 })?;
-                let releasing = last_backward[chunk] == position;
+                let releasing = last_backward[chunk] == position && hooks.releases_grads();
                 let dx = timeline.record(EventKind::Backward, Some(mb), Some(chunk), || {
-                    let slow = SlowDevice::start(segment.slowdown);
-                    let dx = match (releasing, ready.as_mut()) {
-                        (true, Some(ready)) => {
-                            let mut per_param = |p: usize, g: &[f32]| ready(chunk, p, g);
-                            segment.backward_releasing(mb, grad, tp, Some(&mut per_param))
-                        }
-                        _ => segment.backward(mb, grad, tp),
+                    let start = Instant::now();
+                    let dx = if releasing {
+                        let mut per_param = |p: usize, g: &[f32]| hooks.grad_ready(chunk, p, g);
+                        segment.backward_releasing(mb, grad, tp, Some(&mut per_param))
+                    } else {
+                        segment.backward(mb, grad, tp)
                     };
-                    slow.finish();
+                    hooks.computed(*action, start.elapsed());
                     dx
                 })?;
                 if let Some(dx) = dx {
@@ -363,7 +356,7 @@ pub fn reduce_model_parallel_grads(
             s.specs
                 .iter()
                 .enumerate()
-                .filter(|(_, spec)| spec.full_path == crate::layout::TABLE_PATH)
+                .filter(|(_, spec)| spec.full_path == TABLE_PATH)
                 .map(move |(i, _)| (c, i))
         })
         .collect();
@@ -381,7 +374,7 @@ pub fn reduce_model_parallel_grads(
         // The first stage's table and the last stage's copy: one slice of each per rank.
         for s in segments.iter_mut() {
             for (spec, g) in s.specs.iter().zip(s.grads.iter_mut()) {
-                if spec.full_path == crate::layout::TABLE_PATH && spec.split == Split::Rows {
+                if spec.full_path == TABLE_PATH && spec.split == Split::Rows {
                     embed.all_reduce(g, ReduceOp::Sum)?;
                 }
             }

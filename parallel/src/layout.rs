@@ -161,9 +161,59 @@ pub const HEAD_PATH: &str = "head";
 /// The full model's item table.
 pub const TABLE_PATH: &str = "embed.items.weight";
 
-/// Maps a chunk's parameter path to the full model: block indices shift by the chunk's
-/// first block, the head copy is the item table.
-pub fn spec_for(local_path: &str, first_block: usize) -> ParamSpec {
+/// How a module's parameters sit on a tensor-parallel group (Megatron's layers, written as
+/// torchtitan's parallelize plans are: a style per module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TpStyle {
+    /// Column-parallel linear: the weight `[d_in, d_out]` split along `d_out`.
+    Colwise,
+    /// Row-parallel linear: split along `d_in`; its output is a partial sum.
+    Rowwise,
+    /// Vocabulary-parallel embedding: item rows split; lookups masked and all-reduced.
+    VocabParallel,
+    /// Replicated, but used inside a TP region (a norm before a column-parallel projection,
+    /// the genre table of the masked lookup): each rank's gradient is partial, summed over TP.
+    ReplicatedInRegion,
+    /// Replicated and used outside any TP region: every rank computes the whole gradient.
+    Replicated,
+}
+
+/// The TP plan of the recommender: every module that holds parameters, by its path in the
+/// full model (`*` stands for one block index). A parameter takes the style of the module
+/// whose path is a prefix of its own; a parameter no entry covers is an error, so a module
+/// added to the model cannot go unplanned.
+pub const TP_PLAN: &[(&str, TpStyle)] = &[
+    ("embed.items", TpStyle::VocabParallel),
+    ("embed.positions", TpStyle::Replicated),
+    ("embed.genres", TpStyle::ReplicatedInRegion),
+    ("blocks.*.attn_norm", TpStyle::ReplicatedInRegion),
+    ("blocks.*.attn.wq", TpStyle::Colwise),
+    ("blocks.*.attn.wk", TpStyle::Colwise),
+    ("blocks.*.attn.wv", TpStyle::Colwise),
+    ("blocks.*.attn.wo", TpStyle::Rowwise),
+    ("blocks.*.mlp_norm", TpStyle::ReplicatedInRegion),
+    ("blocks.*.mlp.w1", TpStyle::Colwise),
+    ("blocks.*.mlp.w3", TpStyle::Colwise),
+    ("blocks.*.mlp.w2", TpStyle::Rowwise),
+    ("final_norm", TpStyle::Replicated),
+];
+
+/// The plan's style for the parameter at `full_path`, if an entry covers it.
+pub fn tp_style(full_path: &str) -> Option<TpStyle> {
+    let segments: Vec<&str> = full_path.split('.').collect();
+    TP_PLAN.iter().find_map(|(module, style)| {
+        let pattern: Vec<&str> = module.split('.').collect();
+        let covers = pattern.len() < segments.len()
+            && pattern.iter().zip(&segments).all(|(p, s)| {
+                *p == *s || (*p == "*" && !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            });
+        covers.then_some(*style)
+    })
+}
+
+/// Maps a chunk's parameter path to the full model (block indices shift by the chunk's
+/// first block, the head copy is the item table) and places it by [`TP_PLAN`].
+pub fn spec_for(local_path: &str, first_block: usize) -> Result<ParamSpec, ParallelError> {
     let full_path = if local_path == HEAD_PATH {
         TABLE_PATH.to_string()
     } else if let Some(rest) = local_path.strip_prefix("blocks.") {
@@ -175,28 +225,23 @@ pub fn spec_for(local_path: &str, first_block: usize) -> ParamSpec {
     } else {
         local_path.to_string()
     };
-    let has = |part: &str| full_path.contains(part);
-    let split = if full_path == TABLE_PATH || has(".attn.wo.") || has(".mlp.w2.") {
-        Split::Rows
-    } else if has(".attn.wq.")
-        || has(".attn.wk.")
-        || has(".attn.wv.")
-        || has(".mlp.w1.")
-        || has(".mlp.w3.")
-    {
-        Split::Cols
-    } else {
-        Split::Replicated
+    let style = tp_style(&full_path).ok_or_else(|| {
+        ParallelError::State(format!(
+            "parameter `{full_path}` has no entry in the tensor-parallel plan (layout::TP_PLAN)"
+        ))
+    })?;
+    let split = match style {
+        TpStyle::Colwise => Split::Cols,
+        TpStyle::Rowwise | TpStyle::VocabParallel => Split::Rows,
+        TpStyle::ReplicatedInRegion | TpStyle::Replicated => Split::Replicated,
     };
-    let tp_partial_grad =
-        split == Split::Replicated && (has("attn_norm") || has("mlp_norm") || has("embed.genres"));
-    ParamSpec {
+    Ok(ParamSpec {
         local_path: local_path.to_string(),
         full_path,
         split,
-        tp_partial_grad,
+        tp_partial_grad: style == TpStyle::ReplicatedInRegion,
         tied_copy: local_path == HEAD_PATH,
-    }
+    })
 }
 
 /// Per-parameter state of a full model, keyed by full path: shapes and values.
@@ -392,17 +437,59 @@ mod tests {
 
     #[test]
     fn specs_map_local_blocks_and_splits() {
-        let s = spec_for("blocks.1.attn.wq.weight", 3);
+        let s = spec_for("blocks.1.attn.wq.weight", 3).unwrap();
         assert_eq!(s.full_path, "blocks.4.attn.wq.weight");
         assert_eq!(s.split, Split::Cols);
-        let s = spec_for("blocks.0.mlp.w2.weight", 0);
+        let s = spec_for("blocks.0.mlp.w2.weight", 0).unwrap();
         assert_eq!(s.split, Split::Rows);
-        let s = spec_for("blocks.0.attn_norm.gamma", 0);
+        let s = spec_for("blocks.0.attn_norm.Rms.gamma", 0).unwrap();
         assert!(s.tp_partial_grad && s.split == Split::Replicated);
-        let s = spec_for("final_norm.gamma", 0);
-        assert!(!s.tp_partial_grad);
-        let s = spec_for(HEAD_PATH, 0);
+        let s = spec_for("final_norm.Rms.gamma", 0).unwrap();
+        assert!(!s.tp_partial_grad && s.split == Split::Replicated);
+        let s = spec_for(HEAD_PATH, 0).unwrap();
         assert!(s.tied_copy && s.full_path == TABLE_PATH && s.split == Split::Rows);
+        // Module names must match whole path segments, and `*` only a block index.
+        assert_eq!(tp_style("blocks.0.attn.wqx.weight"), None);
+        assert_eq!(tp_style("blocks.x.attn.wq.weight"), None);
+        assert_eq!(tp_style("embed.items"), None);
+        let err = spec_for("blocks.0.attn.gate.weight", 0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("blocks.0.attn.gate.weight") && err.contains("TP_PLAN"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_plan_covers_every_parameter_of_every_model_variant_once() {
+        use meshrec_model::config::{MlpKind, NormKind, Positions};
+        use meshrec_model::{params::param_paths, Preset, Recommender};
+        let device = burn::tensor::Device::default();
+        for (norm, mlp, positions, genres) in [
+            (NormKind::Rms, MlpKind::Gelu, Positions::Learned, true),
+            (NormKind::Layer, MlpKind::SwiGlu, Positions::Rope, false),
+        ] {
+            let mut config = ModelConfig::preset(Preset::Tiny, 20);
+            config.norm = norm;
+            config.mlp = mlp;
+            config.positions = positions;
+            config.num_genres = genres.then_some(3);
+            let item_genres: Vec<Vec<u32>> = (0..=20).map(|i| vec![i % 3]).collect();
+            let model = Recommender::new(&config, genres.then_some(&item_genres[..]), &device);
+            for info in param_paths(&model) {
+                let covering = TP_PLAN
+                    .iter()
+                    .filter(|(m, _)| {
+                        let p: Vec<&str> = m.split('.').collect();
+                        let q: Vec<&str> = info.path.split('.').collect();
+                        p.len() < q.len() && p.iter().zip(&q).all(|(a, b)| a == b || *a == "*")
+                    })
+                    .count();
+                assert_eq!(covering, 1, "{} is covered {covering} times", info.path);
+                spec_for(&info.path, 0).unwrap();
+            }
+        }
     }
 
     #[test]

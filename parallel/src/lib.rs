@@ -1,15 +1,16 @@
-//! Device mesh, segments, tensor and pipeline parallelism over `meshrec-comm`.
+//! Device mesh, segments, tensor and pipeline parallelism over `meshrec-comm`. The
+//! vocabulary of a step — mesh coordinates, schedules, DP modes, timelines — is
+//! `meshrec-pipeline`'s, shared with the simulator.
 //!
-//! * [`mesh`] — the `dp × tp × pp` grid and its sub-communicators.
-//! * [`layout`] — where each parameter lives (partition, TP splits), shard / unshard.
+//! * [`mesh`] — the mesh against a model, and its sub-communicators.
+//! * [`layout`] — where each parameter lives (partition, TP plan), shard / unshard.
 //! * [`segment`] — one model chunk on one rank: forward per micro-batch, backward by graph
 //!   cuts, Megatron's tensor-parallel all-reduces at the cuts.
-//! * [`schedule`] — GPipe, 1F1B and interleaved 1F1B as data, checked deadlock-free.
+//! * [`rank`] — a rank's chunks of a layout, built and loaded from a full state.
 //! * [`exec`] — runs a schedule over a rank's segments, then the model-parallel gradient
-//!   reductions.
+//!   reductions; callers add to a step through [`exec::StepHooks`].
 //! * [`dp`] — data-parallel gradient reduction in buckets on a thread, compressed or dense,
 //!   waited for at once (sync) or later (bounded staleness).
-//! * [`timeline`] — what each stage did when; utilization, bubble, SVG.
 //! * [`eval`] — full-ranking evaluation on vocabulary shards.
 //! * [`check`] — the layout-equivalence check against one device.
 
@@ -20,8 +21,7 @@ pub mod eval;
 pub mod exec;
 pub mod layout;
 pub mod mesh;
-pub mod schedule;
+pub mod rank;
 pub mod segment;
-pub mod timeline;
 
 pub use error::{MeshError, ParallelError};

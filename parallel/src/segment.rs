@@ -180,9 +180,6 @@ pub struct Segment {
     /// Accumulated parameter gradients in [`Segment::infos`] order.
     pub grads: Vec<Vec<f32>>,
     pub dropout_key: DropoutKey,
-    /// Fault injection for balancing tests: this chunk computes as on a device this many
-    /// times slower (each forward and backward is stretched by sleeping); 1 = off.
-    pub slowdown: f64,
     /// First item row of this rank's vocabulary shard.
     vocab_first: usize,
     dropout: f64,
@@ -230,7 +227,7 @@ impl Segment {
         coord: Coord,
         model_chunk: usize,
         device: &Device,
-    ) -> Self {
+    ) -> Result<Self, ParallelError> {
         // Training needs the autodiff device whatever the caller passed.
         let device = &device.clone().autodiff();
         let blocks = layout.chunk_blocks(model_chunk);
@@ -259,13 +256,13 @@ impl Segment {
         let specs = infos
             .iter()
             .map(|i| spec_for(&i.path, blocks.start))
-            .collect();
+            .collect::<Result<_, _>>()?;
         let grads = infos.iter().map(|i| vec![0.0; i.numel()]).collect();
         let release_piece = infos
             .iter()
             .map(|i| release_piece(&i.path, is_first, blocks.len()))
             .collect();
-        Self {
+        Ok(Self {
             chunk,
             model_chunk,
             first_block: blocks.start,
@@ -275,7 +272,6 @@ impl Segment {
             specs,
             grads,
             dropout_key: DropoutKey::default(),
-            slowdown: 1.0,
             vocab_first: vocab.start,
             dropout: config.dropout,
             d_model: config.d_model,
@@ -284,7 +280,7 @@ impl Segment {
             stash: BTreeMap::new(),
             peak_in_flight: 0,
             release_piece,
-        }
+        })
     }
 
     /// Width of the activations this chunk takes and gives.

@@ -7,11 +7,12 @@ use meshrec_model::data::Batch;
 use meshrec_model::device::test_device;
 use meshrec_model::ModelConfig;
 use meshrec_parallel::check::{
-    initial_state, layout_step, reference_step, tiny_case, worst_deviation, Reference, StepSettings,
+    layout_step, reference_step, tiny_case, worst_deviation, Reference, StepSettings,
 };
 use meshrec_parallel::layout::{unshard, Layout, RankState};
 use meshrec_parallel::mesh::Mesh;
-use meshrec_parallel::schedule::{Schedule, ScheduleKind};
+use meshrec_parallel::rank::initial_state;
+use meshrec_pipeline::schedule::{Schedule, ScheduleKind};
 
 const TOLERANCE: f32 = 1e-4;
 

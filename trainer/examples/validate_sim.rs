@@ -19,7 +19,7 @@ use meshrec_model::device::test_device;
 use meshrec_trainer::config::RunConfig;
 use meshrec_trainer::measure::measure_layout;
 use meshrec_trainer::profile::measure_profile;
-use meshrec_trainer::run::{dataset_model_config, load_dataset};
+use meshrec_trainer::setup::{dataset_model_config, load_dataset};
 use meshrec_trainer::simulate::sim_spec;
 use serde_json::json;
 

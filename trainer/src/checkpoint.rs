@@ -12,7 +12,7 @@ use meshrec_parallel::layout::FullState;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::run::RunError;
+use crate::error::RunError;
 
 pub const FORMAT: &str = "meshrec-checkpoint";
 pub const VERSION: u32 = 1;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use meshrec_model::config::{MlpKind, Positions};
 use meshrec_model::data::{SyntheticConfig, WindowPolicy};
 use meshrec_model::{ModelConfig, NormKind, Preset};
+use meshrec_pipeline::{DpMode, ScheduleError, ScheduleKind, ScheduleSpec};
 use serde::{Deserialize, Serialize};
 
 /// Configuration errors; each names the file or key at fault.
@@ -211,12 +212,16 @@ impl ParallelSection {
         self.dp * self.tp * self.pp
     }
 
-    pub fn schedule_kind(&self) -> Result<meshrec_parallel::schedule::ScheduleKind, ConfigError> {
-        self.schedule
+    /// The pipeline schedule `[parallel]` names, with its virtual stages.
+    pub fn schedule_spec(&self) -> Result<ScheduleSpec, ConfigError> {
+        let kind: ScheduleKind = self
+            .schedule
             .parse()
-            .map_err(|e: meshrec_parallel::schedule::ScheduleError| {
-                invalid("parallel.schedule", e.to_string())
-            })
+            .map_err(|e: ScheduleError| invalid("parallel.schedule", e.to_string()))?;
+        Ok(ScheduleSpec {
+            kind,
+            virtual_stages: self.virtual_stages,
+        })
     }
 }
 
@@ -247,33 +252,11 @@ impl Default for DpSection {
     }
 }
 
-/// How data-parallel replicas combine their work.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DpMode {
-    /// Every step's gradients averaged before the step's update (DDP).
-    Sync,
-    /// Updates applied when their reduction has arrived, at most `max_staleness` steps
-    /// after the step that computed them (stale-synchronous parallel).
-    Async { max_staleness: u64 },
-    /// Replicas step on their own gradients and average parameters every `every` steps.
-    LocalSgd { every: u64 },
-}
-
 impl DpSection {
+    /// The DP mode `[dp]` names, with its parameter.
     pub fn mode(&self) -> Result<DpMode, ConfigError> {
-        match self.mode.as_str() {
-            "sync" => Ok(DpMode::Sync),
-            "async" => Ok(DpMode::Async {
-                max_staleness: self.max_staleness,
-            }),
-            "local_sgd" => Ok(DpMode::LocalSgd {
-                every: self.sync_every,
-            }),
-            other => Err(invalid(
-                "dp.mode",
-                format!("`{other}`: expected sync, async or local_sgd"),
-            )),
-        }
+        DpMode::from_name(&self.mode, self.max_staleness, self.sync_every)
+            .map_err(|e| invalid("dp.mode", e.to_string()))
     }
 }
 
@@ -560,8 +543,8 @@ impl RunConfig {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
-        let kind = p.schedule_kind()?;
-        meshrec_parallel::schedule::Schedule::new(kind, p.pp, p.micro_batches, p.virtual_stages)
+        p.schedule_spec()?
+            .build(p.pp, p.micro_batches)
             .map_err(|e| invalid("parallel.schedule", e.to_string()))?;
         if p.comm != "local" && p.comm != "mpi" {
             return Err(invalid(

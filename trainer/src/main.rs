@@ -1,5 +1,5 @@
-//! The `meshrec` command line: train (one device or a mesh, resumable), eval, profile,
-//! simulate, plan and the training-throughput benchmark.
+//! The `meshrec` command line: train (one device or a mesh, resumable), eval, report,
+//! profile, simulate, plan and the training-throughput benchmark.
 
 use std::path::PathBuf;
 
@@ -8,7 +8,10 @@ use clap::{Parser, Subcommand};
 use meshrec_model::data::{EvalSet, EvalSplit};
 use meshrec_model::device::parse_device;
 use meshrec_trainer::config::RunConfig;
-use meshrec_trainer::{hybrid, profile, run, simulate};
+use meshrec_trainer::error::RunError;
+use meshrec_trainer::model_io::{evaluate, load_checkpoint};
+use meshrec_trainer::setup::{build_model, dataset_model_config, load_dataset};
+use meshrec_trainer::{hybrid, measure, profile, report, simulate, train};
 
 #[derive(Parser)]
 #[command(
@@ -117,6 +120,11 @@ enum Command {
         #[arg(long, default_value_t = 10)]
         top: usize,
     },
+    /// A run's loss and validation curves (SVG and PNG in its folder) and its summary.
+    Report {
+        /// The run's folder (`runs/<output.name>`).
+        run: PathBuf,
+    },
     /// Measure single-device training throughput (steps only, after warm-up).
     Bench {
         #[command(flatten)]
@@ -174,7 +182,23 @@ fn print_table(
     }
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // Every rank of an MPI job meets some errors alike: rank 0 alone reports them.
+            if !matches!(
+                e.downcast_ref::<RunError>(),
+                Some(RunError::ReportedByLeader)
+            ) {
+                eprintln!("Error: {e:#}");
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -186,7 +210,7 @@ fn main() -> anyhow::Result<()> {
             let (config, device, name) = setup(&common)?;
             let resume = resume.as_deref();
             let summary = match (config.parallel.comm.as_str(), config.parallel.world_size()) {
-                ("local", 1) => run::train(&config, &device, &name, resume)?,
+                ("local", 1) => train::train(&config, &device, &name, resume)?,
                 ("local", _) => hybrid::train_local(&config, &device, &name, resume)?,
                 _ => match hybrid::train_mpi(&config, &device, &name, resume)? {
                     Some(summary) => summary,
@@ -210,12 +234,12 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Eval { common, checkpoint } => {
             let (config, device, _) = setup(&common)?;
-            let dataset = run::load_dataset(&config)?;
-            let (model_config, mut model) = run::build_model(&config, &dataset, &device)?;
-            run::load_checkpoint(&mut model, &checkpoint)?;
+            let dataset = load_dataset(&config)?;
+            let (model_config, mut model) = build_model(&config, &dataset, &device)?;
+            load_checkpoint(&mut model, &checkpoint)?;
             let eval = |split| {
                 let set = EvalSet::new(&dataset, model_config.max_len, split);
-                run::evaluate(&model, &set, config.eval.batch_size, &device).report()
+                evaluate(&model, &set, config.eval.batch_size, &device).report()
             };
             print_table(
                 &format!("checkpoint {}", checkpoint.display()),
@@ -251,8 +275,8 @@ fn main() -> anyhow::Result<()> {
             svg,
         } => {
             let (config, _, _) = setup(&common)?;
-            let dataset = run::load_dataset(&config)?;
-            let model = run::dataset_model_config(&config, &dataset)?;
+            let dataset = load_dataset(&config)?;
+            let model = dataset_model_config(&config, &dataset)?;
             let profile = match profile {
                 Some(path) => Some(
                     serde_json::from_str(
@@ -286,8 +310,8 @@ fn main() -> anyhow::Result<()> {
                 }
                 (None, Some(path)) => {
                     let config = RunConfig::load(Some(&path), &[])?;
-                    let dataset = run::load_dataset(&config)?;
-                    let model = run::dataset_model_config(&config, &dataset)?;
+                    let dataset = load_dataset(&config)?;
+                    let model = dataset_model_config(&config, &dataset)?;
                     meshrec_balance::PlanRequest::new(
                         model.shape(&config.model.preset),
                         meshrec_balance::Cluster::preset(&cluster, devices)?,
@@ -300,6 +324,17 @@ fn main() -> anyhow::Result<()> {
             let plan = meshrec_balance::plan(&request)?;
             print!("{}", meshrec_balance::plan::render_report(&plan, top));
         }
+        Command::Report { run } => {
+            let curves = report::read_curves(&run)?;
+            let title = format!("{}", run.display());
+            let written = report::draw(&run, &title, &curves)?;
+            print!("{}", report::summary_text(&run)?);
+            println!("curves: {}", written.svg.display());
+            println!("curves: {}", written.png.display());
+            if !written.png_has_text {
+                println!("no sans-serif system font: the PNG has no text (apt-get install fonts-dejavu-core)");
+            }
+        }
         Command::Bench {
             common,
             warmup,
@@ -307,7 +342,7 @@ fn main() -> anyhow::Result<()> {
             json,
         } => {
             let (config, device, _) = setup(&common)?;
-            let th = run::measure_throughput(&config, &device, warmup, steps)?;
+            let th = measure::measure_throughput(&config, &device, warmup, steps)?;
             let report = serde_json::json!({
                 "samples_per_s": th.samples_per_s(),
                 "tokens_per_s": th.tokens_per_s(),

@@ -1,6 +1,7 @@
-//! Steady-state step measurements of any layout (no evaluation, no files): the figures of
-//! `cargo xtask bench strategies` and of the simulator's validation. Every number here is
-//! measured on this machine.
+//! Steady-state step measurements (no evaluation, no files): any layout's steps (the
+//! figures of `cargo xtask bench strategies` and of the simulator's validation), and the
+//! single-device step split into forward/backward and optimizer (`meshrec bench`). Every
+//! number here is measured on this machine.
 
 use std::time::Instant;
 
@@ -9,12 +10,17 @@ use meshrec_comm::LocalCluster;
 use meshrec_model::data::{Batch, TrainSet};
 use serde::Serialize;
 
+use meshrec_model::optim::{AdamW, AdamWConfig};
+use meshrec_model::params::{param_paths, read_values, write_values};
+use meshrec_model::step::forward_backward;
+
 use crate::config::RunConfig;
-use crate::hybrid::MeshRank;
-use crate::run::{
-    build_model, dataset_model_config, load_dataset, ParallelStepStats, RunError, SingleDevice,
-    StepResult, Stepper,
-};
+use crate::error::RunError;
+use crate::hybrid::launch::leader_result;
+use crate::hybrid::rank::MeshRank;
+use crate::setup::{build_model, dataset_model_config, item_genres, load_dataset};
+use crate::single::SingleDevice;
+use crate::stepper::{ParallelStepStats, StepResult, Stepper};
 
 /// Measured steps of one layout.
 #[derive(Debug, Clone, Serialize)]
@@ -33,7 +39,7 @@ pub struct Measured {
 }
 
 /// The first `n` full batches of the run's data order (epochs repeat as needed).
-pub(crate) fn full_batches(config: &RunConfig, train_set: &TrainSet, n: usize) -> Vec<Batch> {
+fn full_batches(config: &RunConfig, train_set: &TrainSet, n: usize) -> Vec<Batch> {
     (0..)
         .flat_map(|e| {
             train_set
@@ -109,7 +115,7 @@ pub fn measure_layout(
         run_steps(&mut single, &batches, warmup, lr)?
             .ok_or_else(|| RunError::Parallel("the single device measured nothing".into()))
     } else {
-        let genres = dataset.features.as_ref().map(|f| f.item_genres.clone());
+        let genres = item_genres(&dataset);
         let results = LocalCluster::run(config.parallel.world_size(), |comm| {
             let mut rank = MeshRank::new(
                 Box::new(comm),
@@ -122,6 +128,69 @@ pub fn measure_layout(
             run_steps(&mut rank, &batches, warmup, lr)
         })
         .map_err(|e| RunError::Parallel(e.to_string()))?;
-        crate::hybrid::leader_result(results)
+        leader_result(results)
+    }
+}
+
+/// Throughput of training steps alone (no evaluation), after `warmup` steps: the figure of
+/// `cargo xtask bench train`. Returns (samples_per_s, tokens_per_s, seconds per phase).
+pub fn measure_throughput(
+    config: &RunConfig,
+    device: &Device,
+    warmup: usize,
+    steps: usize,
+) -> Result<Throughput, RunError> {
+    let dataset = load_dataset(config)?;
+    let (model_config, mut model) = build_model(config, &dataset, device)?;
+    let train_set = TrainSet::new(&dataset, model_config.max_len, config.data.windows)?;
+    let infos = param_paths(&model);
+    let decay: Vec<bool> = infos.iter().map(|p| p.shape.len() > 1).collect();
+    let mut optimizer = AdamW::new(AdamWConfig::default(), infos.iter().map(|p| p.numel()));
+    let mut values = read_values(&model);
+    let batches = full_batches(config, &train_set, warmup + steps);
+    let mut th = Throughput::default();
+    for (i, batch) in batches.iter().enumerate() {
+        let measured = i >= warmup;
+        let t0 = Instant::now();
+        let out = forward_backward(
+            &model,
+            batch,
+            1.0 / batch.num_targets().max(1) as f32,
+            device,
+        );
+        let t1 = Instant::now();
+        optimizer.update(&mut values, &out.grads, 1e-3, &decay);
+        model = write_values(model, &values, device);
+        let t2 = Instant::now();
+        if measured {
+            th.forward_backward_s += (t1 - t0).as_secs_f64();
+            th.optimizer_s += (t2 - t1).as_secs_f64();
+            th.samples += batch.batch_size as u64;
+            th.tokens += out.targets as u64;
+        }
+    }
+    th.steps = steps as u64;
+    Ok(th)
+}
+
+/// Measured training throughput and where the step time goes.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Throughput {
+    pub steps: u64,
+    pub samples: u64,
+    pub tokens: u64,
+    pub forward_backward_s: f64,
+    pub optimizer_s: f64,
+}
+
+impl Throughput {
+    pub fn seconds(&self) -> f64 {
+        self.forward_backward_s + self.optimizer_s
+    }
+    pub fn samples_per_s(&self) -> f64 {
+        self.samples as f64 / self.seconds().max(1e-9)
+    }
+    pub fn tokens_per_s(&self) -> f64 {
+        self.tokens as f64 / self.seconds().max(1e-9)
     }
 }

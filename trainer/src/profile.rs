@@ -12,15 +12,16 @@ use burn::tensor::Device;
 use meshrec_balance::{CostProfile, LayerCost, LayerKind};
 use meshrec_comm::LocalCluster;
 use meshrec_model::data::TrainSet;
-use meshrec_parallel::check::{build_segments, initial_state};
-use meshrec_parallel::exec::{micro_batches, run_schedule};
+use meshrec_parallel::exec::{micro_batches, run_schedule, NoHooks};
 use meshrec_parallel::layout::Layout;
 use meshrec_parallel::mesh::{Groups, Mesh};
-use meshrec_parallel::schedule::{Schedule, ScheduleKind};
-use meshrec_parallel::timeline::{EventKind, Recorder};
+use meshrec_parallel::rank::{build_segments, initial_state};
+use meshrec_pipeline::schedule::{Schedule, ScheduleKind};
+use meshrec_pipeline::timeline::{EventKind, Recorder};
 
 use crate::config::RunConfig;
-use crate::run::{load_dataset, RunError};
+use crate::error::RunError;
+use crate::setup::{dataset_model_config, load_dataset};
 
 /// Forward and backward seconds of one chunk, one entry per timed repeat.
 type Samples = (Vec<f64>, Vec<f64>);
@@ -44,7 +45,7 @@ pub fn measure_profile(
 ) -> Result<CostProfile, RunError> {
     let dataset = load_dataset(config)?;
     let genres = dataset.features.as_ref().map(|f| f.item_genres.clone());
-    let model_config = crate::run::dataset_model_config(config, &dataset)?;
+    let model_config = dataset_model_config(config, &dataset)?;
     let n = model_config.n_layers;
     let mut probe = model_config.clone();
     probe.n_layers = n + 2;
@@ -85,6 +86,7 @@ pub fn measure_profile(
                     &micro,
                     1.0 / batch.num_targets().max(1) as f32,
                     &mut recorder,
+                    &mut NoHooks,
                 )
                 .map_err(parallel)?;
                 if i < warmup {

@@ -6,10 +6,10 @@ use meshrec_balance::report::SimSpec;
 use meshrec_balance::{CostProfile, ModelShape};
 use meshrec_model::ModelConfig;
 use meshrec_parallel::layout::Layout;
-use meshrec_parallel::mesh::Mesh;
+use meshrec_pipeline::Mesh;
 
 use crate::config::RunConfig;
-use crate::run::RunError;
+use crate::error::RunError;
 
 /// The simulator's description of `config`'s run of `model` on the `cluster` preset, with
 /// the trainer's own stage partition (not the partitioner's) so that prediction and
@@ -22,27 +22,15 @@ pub fn sim_spec(
 ) -> Result<SimSpec, RunError> {
     let p = &config.parallel;
     let shape: ModelShape = model.shape(&config.model.preset);
-    let mut spec = SimSpec::new(shape, cluster, p.dp, p.tp, p.pp, config.train.batch_size);
+    let mesh = Mesh::new(p.dp, p.tp, p.pp)?;
+    let mut spec = SimSpec::new(shape, cluster, mesh, config.train.batch_size);
     spec.micro_batches = p.micro_batches;
-    spec.schedule = p.schedule.clone();
-    spec.virtual_stages = p.virtual_stages;
-    spec.dp_mode = config.dp.mode.clone();
-    spec.max_staleness = config.dp.max_staleness;
-    spec.sync_every = config.dp.sync_every;
-    let c = &config.compress;
-    spec.compressor = match c.method.as_str() {
-        "none" => "identity".into(),
-        m => m.into(),
-    };
-    spec.compressor_param = match c.method.as_str() {
-        "qsgd" => f64::from(c.levels),
-        "powersgd" => c.rank as f64,
-        _ => c.ratio,
-    };
+    spec.schedule = p.schedule_spec()?;
+    spec.dp_mode = config.dp.mode()?;
+    spec.compressor = config.compress.method_config()?;
+    // `dp.bucket_mb` is MiB, the simulator's MB.
     spec.bucket_mb = config.dp.bucket_mb * 1.048_576;
-    let mesh = Mesh::new(p.dp, p.tp, p.pp).map_err(|e| RunError::Parallel(e.to_string()))?;
-    let layout = Layout::uniform(mesh, p.virtual_stages, model.n_layers)
-        .map_err(|e| RunError::Parallel(e.to_string()))?;
+    let layout = Layout::uniform(mesh, p.virtual_stages, model.n_layers)?;
     spec.blocks_per_stage = Some(layout.partition);
     spec.balance = false;
     spec.profile = profile;

@@ -64,6 +64,31 @@ fn rebalancing_moves_blocks_off_a_slow_stage_without_changing_training() {
         .sum();
     assert!(migrations >= 1, "the rebalancer never moved a block");
     assert_eq!(summary.parallel.unwrap().migrations, migrations);
+    // The first move takes a block off the slow stage 1, and the rebalancer's model of the
+    // slowest stage (from measured stage times) gets cheaper by it.
+    let steps = common::metrics(dir.path(), "moving", "step");
+    let first = steps
+        .iter()
+        .find_map(|s| s.get("migration"))
+        .expect("a step line records the migration");
+    let blocks: Vec<u64> = first["blocks_per_stage"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_u64().unwrap())
+        .collect();
+    assert!(
+        blocks[1] < blocks[0],
+        "blocks moved onto the slow stage: {blocks:?}"
+    );
+    let (before, after) = (
+        first["modelled_bottleneck_before_s"].as_f64().unwrap(),
+        first["modelled_bottleneck_after_s"].as_f64().unwrap(),
+    );
+    assert!(
+        after < 0.9 * before,
+        "the modelled slowest stage did not get cheaper: {before} s -> {after} s"
+    );
     assert_close(dir.path(), "moving", "fixed", 1e-5);
 }
 

@@ -4,7 +4,7 @@
 
 use meshrec_model::device::test_device;
 use meshrec_trainer::config::RunConfig;
-use meshrec_trainer::{checkpoint, hybrid, run};
+use meshrec_trainer::{checkpoint, hybrid, train};
 
 mod common;
 
@@ -12,6 +12,11 @@ fn config(dir: &std::path::Path, name: &str, extra: &[&str]) -> RunConfig {
     common::synthetic_config(dir, name, extra)
 }
 
+/// PowerSGD rank 2 sends `2 (rows + cols)` values for a near-square `rows × cols` view of
+/// each bucket of `n` values, about `sqrt(n) / 4` times fewer bytes: 20–30x for the tiny
+/// model's buckets (measured 23.6).
+const POWERSGD_RATIO_LOW: f64 = 15.0;
+const POWERSGD_RATIO_HIGH: f64 = 35.0;
 const DP2: [&str; 3] = ["parallel.dp=2", "parallel.pp=2", "parallel.micro_batches=2"];
 
 fn with<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
@@ -64,7 +69,7 @@ fn a_rank_dying_mid_step_stops_the_run_naming_it() {
 fn a_nan_gradient_skips_the_step_everywhere() {
     let dir = tempfile::tempdir().unwrap();
     let device = test_device().autodiff();
-    let single = run::train(
+    let single = train::train(
         &config(dir.path(), "one", &["fault.nan_step=3"]),
         &device,
         "cpu",
@@ -144,7 +149,14 @@ fn async_dp_respects_its_staleness_bound() {
     );
     let losses = common::series(dir.path(), "async", "epoch", "loss");
     assert!(losses[2] < losses[0], "async DP does not train: {losses:?}");
-    assert!(summary.test["ndcg@10"] > 0.0);
+    let cfg = config(dir.path(), "async", &[]);
+    let untrained = common::untrained_test_ndcg(&cfg);
+    let trained = summary.test["ndcg@10"];
+    eprintln!("async DP: test NDCG@10 {trained:.4}, untrained {untrained:.4}");
+    assert!(
+        trained > 1.25 * untrained,
+        "async DP ranks no better than an untrained model: {trained} vs {untrained}"
+    );
 }
 
 #[test]
@@ -169,6 +181,16 @@ fn compressed_data_parallel_still_trains() {
         let ratio = common::metrics(dir.path(), name, "epoch")[0]["parallel"]["compression_ratio"]
             .as_f64()
             .unwrap();
-        assert!(ratio > 4.0, "{name}: compression ratio {ratio}");
+        eprintln!("{name}: compression ratio {ratio}");
+        // Top-k 1% sends (u32 index, f32 value) per kept element, 8 bytes for 1% of 4-byte
+        // values: at most 50x, a little less for the per-bucket headers and rounding k up.
+        let (low, high) = match name {
+            "topk" => (40.0, 50.0),
+            _ => (POWERSGD_RATIO_LOW, POWERSGD_RATIO_HIGH),
+        };
+        assert!(
+            (low..=high).contains(&ratio),
+            "{name}: compression ratio {ratio} outside {low}..={high}"
+        );
     }
 }

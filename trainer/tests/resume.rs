@@ -4,7 +4,7 @@
 
 use meshrec_model::device::test_device;
 use meshrec_trainer::config::RunConfig;
-use meshrec_trainer::{hybrid, run};
+use meshrec_trainer::{hybrid, train};
 
 mod common;
 
@@ -17,7 +17,7 @@ fn config(dir: &std::path::Path, name: &str, extra: &[&str]) -> RunConfig {
 fn train(cfg: &RunConfig, resume: Option<&std::path::Path>) {
     let device = test_device().autodiff();
     if cfg.parallel.world_size() == 1 {
-        run::train(cfg, &device, "cpu", resume).unwrap();
+        train::train(cfg, &device, "cpu", resume).unwrap();
     } else {
         hybrid::train_local(cfg, &device, "cpu", resume).unwrap();
     }

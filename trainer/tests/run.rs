@@ -4,7 +4,9 @@
 use meshrec_model::data::{EvalSet, EvalSplit};
 use meshrec_model::device::test_device;
 use meshrec_trainer::config::RunConfig;
-use meshrec_trainer::run;
+use meshrec_trainer::model_io::{evaluate, load_checkpoint, save_checkpoint};
+use meshrec_trainer::setup::{build_model, load_dataset};
+use meshrec_trainer::train;
 
 mod common;
 
@@ -16,8 +18,8 @@ fn config(dir: &std::path::Path, name: &str) -> RunConfig {
 fn a_run_writes_its_files_and_is_deterministic() {
     let dir = tempfile::tempdir().unwrap();
     let device = test_device().autodiff();
-    let a = run::train(&config(dir.path(), "a"), &device, "cpu", None).unwrap();
-    let b = run::train(&config(dir.path(), "b"), &device, "cpu", None).unwrap();
+    let a = train::train(&config(dir.path(), "a"), &device, "cpu", None).unwrap();
+    let b = train::train(&config(dir.path(), "b"), &device, "cpu", None).unwrap();
     assert_eq!(a.test, b.test);
     assert_eq!(a.epochs_run, 3);
     for key in ["hr@5", "ndcg@10", "mrr@20"] {
@@ -53,11 +55,11 @@ fn a_run_writes_its_files_and_is_deterministic() {
 
     // The checkpoint reloads into a fresh model and gives the reported test metrics.
     let cfg = config(dir.path(), "a");
-    let dataset = run::load_dataset(&cfg).unwrap();
-    let (mc, mut model) = run::build_model(&cfg, &dataset, &device).unwrap();
-    run::load_checkpoint(&mut model, &a.checkpoint).unwrap();
+    let dataset = load_dataset(&cfg).unwrap();
+    let (mc, mut model) = build_model(&cfg, &dataset, &device).unwrap();
+    load_checkpoint(&mut model, &a.checkpoint).unwrap();
     let test = EvalSet::new(&dataset, mc.max_len, EvalSplit::Test);
-    assert_eq!(run::evaluate(&model, &test, 64, &device).report(), a.test);
+    assert_eq!(evaluate(&model, &test, 64, &device).report(), a.test);
 }
 
 #[test]
@@ -65,15 +67,14 @@ fn bad_checkpoints_are_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let device = test_device().autodiff();
     let cfg = config(dir.path(), "c");
-    let dataset = run::load_dataset(&cfg).unwrap();
-    let (_, mut model) = run::build_model(&cfg, &dataset, &device).unwrap();
-    let missing =
-        run::load_checkpoint(&mut model, &dir.path().join("none.safetensors")).unwrap_err();
+    let dataset = load_dataset(&cfg).unwrap();
+    let (_, mut model) = build_model(&cfg, &dataset, &device).unwrap();
+    let missing = load_checkpoint(&mut model, &dir.path().join("none.safetensors")).unwrap_err();
     assert!(missing.to_string().contains("none.safetensors"));
     let path = dir.path().join("bad.safetensors");
-    run::save_checkpoint(&model, &path).unwrap();
+    save_checkpoint(&model, &path).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    let err = run::load_checkpoint(&mut model, &path).unwrap_err();
+    let err = load_checkpoint(&mut model, &path).unwrap_err();
     assert!(err.to_string().contains("bad.safetensors"), "{err}");
 }

@@ -7,7 +7,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::root;
+use crate::workspace::root;
 
 const GROUPLENS: &str = "https://files.grouplens.org/datasets/movielens/ml-100k.zip";
 const FILES: [&str; 3] = ["ml-100k.inter", "ml-100k.item", "ml-100k.user"];

@@ -1,13 +1,19 @@
-//! Developer commands: `data`, `demo`, `bench`, `validate-sim` and `ci`. Each shells out to cargo and the
-//! system tools a newcomer has after `.ci/run`'s installs; nothing here is a library.
+//! Developer commands: `data`, `demo`, `bench`, `validate-sim`, `file-cycles` and `ci`. Each
+//! shells out to cargo and system tools; `ci` and `bench comm` first install the Debian
+//! packages they build against (or say how to). Nothing here is a library.
 
+mod cycles;
 mod data;
+mod workspace;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::OnceLock;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+
+use workspace::root;
 
 #[derive(Parser)]
 #[command(name = "xtask", about = "meshrec developer commands")]
@@ -33,6 +39,7 @@ enum Cmd {
         set: Vec<String>,
     },
     /// Run a benchmark: train, comm, compress, pipeline, tp, strategies, paper (simulated).
+    /// `comm` builds against OpenMPI: as root it installs the Debian packages it needs.
     Bench { name: String },
     /// The cluster simulator's predicted step time against the measured one, for every
     /// layout that runs on this machine (`target/bench/validate-sim.{json,md}`).
@@ -40,22 +47,18 @@ enum Cmd {
         /// A tiny synthetic model, for CI.
         #[arg(long)]
         quick: bool,
+        /// Fail when the mean |predicted − measured| / measured over the layouts exceeds
+        /// this many PERCENT (`10` or `10%`; `mean_abs_error` in the JSON is a fraction).
+        #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
+        max_error: Option<f64>,
     },
-    /// Everything CI checks: fmt, clippy, tests (CPU and wgpu), cuda type-check, MPI tests.
+    /// No two source files of a crate reach each other through `use` or paths in code;
+    /// lists every such cycle with the lines that make it.
+    FileCycles,
+    /// Everything CI checks: fmt, file cycles, clippy, tests (CPU and wgpu), cuda
+    /// type-check, MPI tests. Installs the Debian packages it needs when run as root;
+    /// builds into `$CARGO_TARGET_DIR`, else `~/.cache/meshrec/target`.
     Ci,
-}
-
-/// The workspace root. `cargo run` sets `CARGO_MANIFEST_DIR` at run time; it is read
-/// then, not baked in at compile time, because clones that share one target directory
-/// (CI's and the developer's) overwrite each other's `xtask` binary.
-pub fn root() -> PathBuf {
-    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
-    manifest_dir
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
 }
 
 /// Runs a command in the workspace root, failing with the command line on a non-zero exit.
@@ -78,14 +81,131 @@ fn format_command(cmd: &Command) -> String {
         .join(" ")
 }
 
+/// A cargo command that builds into [`target_dir`], so the paths xtask derives from it (the
+/// MPI programs `mpirun` starts) are where cargo put them.
 fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.env("CARGO_TARGET_DIR", target_dir());
+    cmd
 }
 
+static TARGET_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// `CARGO_TARGET_DIR` made absolute (children run in the root, not in xtask's directory).
+fn env_target_dir() -> Option<PathBuf> {
+    let dir = PathBuf::from(std::env::var_os("CARGO_TARGET_DIR").filter(|d| !d.is_empty())?);
+    if dir.is_absolute() {
+        return Some(dir);
+    }
+    Some(
+        std::env::current_dir()
+            .map(|cwd| cwd.join(&dir))
+            .unwrap_or(dir),
+    )
+}
+
+/// The target directory of every cargo command xtask starts: `CARGO_TARGET_DIR`, else what
+/// cargo itself would pick (configuration included), else `target/` in the root.
 fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("target"))
+    TARGET_DIR
+        .get_or_init(|| {
+            env_target_dir()
+                .or_else(cargo_target_dir)
+                .unwrap_or_else(|| root().join("target"))
+        })
+        .clone()
+}
+
+fn cargo_target_dir() -> Option<PathBuf> {
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .current_dir(root())
+        .output()
+        .ok()?;
+    let metadata: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    metadata["target_directory"].as_str().map(PathBuf::from)
+}
+
+/// CI's target directory: one outside the clone, shared by every clone and run, because
+/// burn's first build is the slow part. `CARGO_TARGET_DIR` still wins.
+fn use_shared_target_dir() {
+    let shared = env_target_dir().or_else(|| {
+        std::env::var_os("HOME")
+            .filter(|h| !h.is_empty())
+            .map(|home| PathBuf::from(home).join(".cache/meshrec/target"))
+    });
+    if let Some(dir) = shared {
+        // Set before any cargo command ran; later calls keep the first choice.
+        let _ = TARGET_DIR.set(dir);
+    }
+}
+
+/// What rsmpi's build script (bindgen over `mpi.h`) and `mpirun` need.
+const MPI_PACKAGES: [&str; 4] = ["libopenmpi-dev", "openmpi-bin", "libclang-dev", "clang"];
+/// Mesa's software Vulkan driver, on which CI runs the wgpu tests.
+const VULKAN_PACKAGES: [&str; 2] = ["mesa-vulkan-drivers", "libvulkan1"];
+/// A sans-serif font for the text of `meshrec report`'s PNG.
+const FONT_PACKAGES: [&str; 1] = ["fonts-dejavu-core"];
+
+/// Makes sure the Debian packages are installed: as root with apt-get, installs the missing
+/// ones; otherwise stops before cargo fails deep in a build script, naming the command that
+/// fixes it. Without dpkg (not Debian) it cannot tell, says so, and goes on.
+fn ensure_packages(packages: &[&str]) -> Result<()> {
+    if !on_path("dpkg-query") {
+        eprintln!(
+            "xtask: no dpkg-query, so not checking for {} (install their equivalents)",
+            packages.join(" ")
+        );
+        return Ok(());
+    }
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
+    install_or_explain(&missing, is_root() && on_path("apt-get"))
+}
+
+fn install_or_explain(missing: &[&str], can_install: bool) -> Result<()> {
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if can_install {
+        eprintln!("xtask: installing {}", missing.join(" "));
+        run(Command::new("apt-get")
+            .args(["update", "-qq"])
+            .env("DEBIAN_FRONTEND", "noninteractive"))?;
+        return run(Command::new("apt-get")
+            .args(["install", "-y", "-qq"])
+            .args(missing)
+            .env("DEBIAN_FRONTEND", "noninteractive"));
+    }
+    bail!(
+        "missing system packages: {list}\ninstall them, then run this again:\n\n    \
+         sudo apt-get install -y {list}\n",
+        list = missing.join(" ")
+    )
+}
+
+fn installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|out| {
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .last()
+                    == Some("installed")
+        })
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
+}
+
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
 fn bench_dir() -> PathBuf {
@@ -147,17 +267,20 @@ fn bench(name: &str) -> Result<()> {
                 "target/bench/train.json",
             ]))
         }
-        "comm" => run(cargo()
-            .args([
-                "bench",
-                "-p",
-                "meshrec-comm",
-                "--bench",
-                "comm",
-                "--features",
-                "mpi",
-            ])
-            .env("MESHREC_BENCH_DIR", bench_dir())),
+        "comm" => {
+            ensure_packages(&MPI_PACKAGES)?;
+            run(cargo()
+                .args([
+                    "bench",
+                    "-p",
+                    "meshrec-comm",
+                    "--bench",
+                    "comm",
+                    "--features",
+                    "mpi",
+                ])
+                .env("MESHREC_BENCH_DIR", bench_dir()))
+        }
         "compress" => run(cargo()
             .args(["bench", "-p", "meshrec-compress", "--bench", "compress"])
             .env("MESHREC_BENCH_DIR", bench_dir())),
@@ -222,7 +345,16 @@ fn bench(name: &str) -> Result<()> {
     }
 }
 
-fn validate_sim(quick: bool) -> Result<()> {
+/// `--max-error`'s value: a percentage, with or without the `%`.
+fn parse_percent(text: &str) -> Result<f64, String> {
+    let number = text.trim().trim_end_matches('%');
+    match number.parse::<f64>() {
+        Ok(p) if p.is_finite() && p >= 0.0 => Ok(p),
+        _ => Err(format!("`{text}` is not a percentage (e.g. `10` or `10%`)")),
+    }
+}
+
+fn validate_sim(quick: bool, max_error_percent: Option<f64>) -> Result<()> {
     if !quick && data::verify_ml100k(&root().join("data/ml-100k")).is_err() {
         data::fetch_ml100k(None)?;
     }
@@ -242,7 +374,39 @@ fn validate_sim(quick: bool) -> Result<()> {
     if quick {
         cmd.arg("--quick");
     }
-    run(&mut cmd)
+    run(&mut cmd)?;
+    let Some(max) = max_error_percent else {
+        return Ok(());
+    };
+    let path = bench_dir().join("validate-sim.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mean = check_mean_error(&path, &text, max)?;
+    println!("validate-sim: mean |error| {mean:.1}% within --max-error {max}%");
+    Ok(())
+}
+
+/// The mean |error| of `validate-sim.json` in percent; an error when it is above
+/// `max_percent` or cannot be read.
+fn check_mean_error(path: &Path, text: &str, max_percent: f64) -> Result<f64> {
+    const KEY: &str = "mean_abs_error";
+    let report: serde_json::Value =
+        serde_json::from_str(text).with_context(|| format!("parsing {}", path.display()))?;
+    let Some(value) = report.get(KEY) else {
+        bail!("{} has no `{KEY}` key", path.display());
+    };
+    // A NaN mean (no layout ran) is written as null.
+    let Some(mean) = value.as_f64() else {
+        bail!("{}: `{KEY}` is {value}, not a number", path.display());
+    };
+    let percent = mean * 100.0;
+    if percent > max_percent {
+        bail!(
+            "validate-sim: mean |error| {percent:.1}% exceeds --max-error {max_percent}% ({})",
+            path.display()
+        );
+    }
+    Ok(percent)
 }
 
 /// `mpirun` as CI runs it here: as root, with more ranks than cores allowed.
@@ -254,7 +418,17 @@ fn mpirun(np: &str, program: &Path) -> Command {
 }
 
 fn ci() -> Result<()> {
+    use_shared_target_dir();
+    ensure_packages(
+        &[
+            MPI_PACKAGES.as_slice(),
+            VULKAN_PACKAGES.as_slice(),
+            FONT_PACKAGES.as_slice(),
+        ]
+        .concat(),
+    )?;
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    cycles::check_workspace()?;
     run(cargo().args([
         "clippy",
         "--workspace",
@@ -365,7 +539,8 @@ fn ci() -> Result<()> {
         "--top",
         "5",
     ]))?;
-    validate_sim(true)?;
+    // Timings on a shared CI machine are too noisy to gate on: no --max-error here.
+    validate_sim(true, None)?;
     bench("paper")?;
     // MPI: the collective self-test across processes.
     run(cargo().args([
@@ -444,6 +619,14 @@ fn ci() -> Result<()> {
         &["parallel.tp=2", "parallel.pp=2", "parallel.micro_batches=2"],
     ))?;
     summary_of("tp2pp2")?;
+    // A finished run's curves and summary, read back from its files.
+    run(Command::new(&meshrec).arg("report").arg(out.join("tp2pp2")))?;
+    for picture in ["curves.svg", "curves.png"] {
+        let path = out.join("tp2pp2").join(picture);
+        if !path.is_file() {
+            bail!("meshrec report wrote no {}", path.display());
+        }
+    }
     // Data parallel across processes: the DP reduction thread beside the main one, async
     // with a staleness bound and top-k compression with error feedback.
     run(&mut mpi_train(
@@ -498,7 +681,60 @@ fn main() -> Result<()> {
         },
         Cmd::Demo { set } => demo(&set),
         Cmd::Bench { name } => bench(&name),
-        Cmd::ValidateSim { quick } => validate_sim(quick),
+        Cmd::ValidateSim { quick, max_error } => validate_sim(quick, max_error),
+        Cmd::FileCycles => cycles::check_workspace(),
         Cmd::Ci => ci(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_packages_are_named_with_the_command_that_installs_them() {
+        if on_path("dpkg-query") {
+            assert!(installed("dpkg"));
+            assert!(!installed("meshrec-no-such-package"));
+        }
+        assert!(install_or_explain(&[], false).is_ok());
+        let err = install_or_explain(&["clang", "openmpi-bin"], false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sudo apt-get install -y clang openmpi-bin\n"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn max_error_is_a_percentage() {
+        assert_eq!(parse_percent("10"), Ok(10.0));
+        assert_eq!(parse_percent("2.5%"), Ok(2.5));
+        assert!(parse_percent("-1").is_err());
+        assert!(parse_percent("ten").is_err());
+    }
+
+    #[test]
+    fn the_mean_error_gate_reads_the_report() {
+        let path = Path::new("target/bench/validate-sim.json");
+        let report = r#"{"mean_abs_error": 0.123, "rows": []}"#;
+        assert!((check_mean_error(path, report, 15.0).unwrap() - 12.3).abs() < 1e-9);
+        let over = check_mean_error(path, report, 10.0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            over.contains("12.3%") && over.contains("--max-error 10%"),
+            "{over}"
+        );
+        let missing = check_mean_error(path, r#"{"rows": []}"#, 10.0)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            missing.contains("validate-sim.json") && missing.contains("mean_abs_error"),
+            "{missing}"
+        );
+        let null = check_mean_error(path, r#"{"mean_abs_error": null}"#, 10.0);
+        assert!(null.unwrap_err().to_string().contains("not a number"));
     }
 }

@@ -1,8 +1,9 @@
 //! Dense methods: identity (f32) and the fp16 / bf16 casts.
 
-use super::{AvgReduce, Compressor, Ctx, MethodConfig, ReduceInfo};
+use super::api::{Aggregation, AvgReduce, Compressor, Ctx, ReduceInfo};
+use super::config::MethodConfig;
 use crate::error::{CompressError, SyncError};
-use crate::wire::{DecodeScratch, Half, Header, MethodId, Params, Payload, STAGE};
+use crate::wire::{DecodeScratch, Half, Header, MethodId, Params, Payload, HEADER_LEN, STAGE};
 use std::marker::PhantomData;
 
 /// Sends the gradient unchanged.
@@ -21,7 +22,7 @@ impl Identity {
 pub(crate) fn write_identity(x: &[f32], out: &mut Payload) {
     let buf = out.buf_mut();
     buf.clear();
-    buf.reserve(super::super::wire::HEADER_LEN + 4 * x.len());
+    buf.reserve(HEADER_LEN + 4 * x.len());
     Header {
         method: MethodId::Identity,
         len: x.len() as u64,
@@ -38,8 +39,8 @@ impl Compressor for Identity {
     fn config(&self) -> &MethodConfig {
         &MethodConfig::Identity
     }
-    fn aggregation(&self) -> super::Aggregation {
-        super::Aggregation::AllReduce
+    fn aggregation(&self) -> Aggregation {
+        Aggregation::AllReduce
     }
     fn compress_into(
         &mut self,
@@ -125,8 +126,8 @@ impl<H: Half + Send> Compressor for Cast<H> {
     fn config(&self) -> &MethodConfig {
         &self.config
     }
-    fn aggregation(&self) -> super::Aggregation {
-        super::Aggregation::AllReduce
+    fn aggregation(&self) -> Aggregation {
+        Aggregation::AllReduce
     }
     fn compress_into(
         &mut self,

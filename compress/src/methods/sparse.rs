@@ -1,6 +1,7 @@
 //! Sparsifiers: exact top-k, DGC's sampled-threshold top-k, threshold, and random-k.
 
-use super::{check_u32_len, k_for, AvgReduce, Compressor, Ctx, MethodConfig, ReduceInfo};
+use super::api::{Aggregation, AvgReduce, Compressor, Ctx, ReduceInfo};
+use super::config::MethodConfig;
 use crate::error::{CompressError, SyncError};
 use crate::rng;
 use crate::wire::{DecodeScratch, Header, MethodId, Params, Payload};
@@ -244,8 +245,8 @@ impl Compressor for Sparsifier {
     fn config(&self) -> &MethodConfig {
         &self.config
     }
-    fn aggregation(&self) -> super::Aggregation {
-        super::Aggregation::GatherThenSum
+    fn aggregation(&self) -> Aggregation {
+        Aggregation::GatherThenSum
     }
     fn compress_into(
         &mut self,
@@ -311,8 +312,8 @@ impl Compressor for RandK {
     fn config(&self) -> &MethodConfig {
         &self.config
     }
-    fn aggregation(&self) -> super::Aggregation {
-        super::Aggregation::AllReduce
+    fn aggregation(&self) -> Aggregation {
+        Aggregation::AllReduce
     }
     fn compress_into(
         &mut self,
@@ -364,5 +365,25 @@ impl Compressor for RandK {
             reduced_bytes: bytes,
             skipped: false,
         })
+    }
+}
+
+/// `k = ceil(ratio * n)`, at least 1 for a non-empty tensor, at most n.
+fn k_for(ratio: f64, n: usize) -> usize {
+    if n == 0 {
+        return 0;
+    }
+    ((ratio * n as f64).ceil() as usize).clamp(1, n)
+}
+
+/// Tensors indexed by u32 on the wire.
+fn check_u32_len(method: MethodId, n: usize) -> Result<(), CompressError> {
+    if n > u32::MAX as usize + 1 {
+        Err(CompressError::TooLarge {
+            method: method.name(),
+            what: format!("{n} elements exceed the u32 index range"),
+        })
+    } else {
+        Ok(())
     }
 }

@@ -4,7 +4,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::{Dataset, PAD};
+use super::split::{Dataset, PAD};
 use crate::error::DataError;
 
 /// Which windows of a user's training history become training sequences.

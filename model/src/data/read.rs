@@ -3,8 +3,17 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use super::RawInteraction;
 use crate::error::{DataError, Location};
+
+/// One raw interaction as read from a file: external tokens, mapped to dense ids later.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawInteraction {
+    pub user: String,
+    pub item: String,
+    pub timestamp: f64,
+    /// 1-based line of the file it came from; breaks timestamp ties in file order.
+    pub line: usize,
+}
 
 /// The on-disk formats meshrec reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

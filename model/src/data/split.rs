@@ -3,9 +3,12 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::read::{load_dir_or_file, read_interactions, read_item_features};
-use super::RawInteraction;
+use super::read::{load_dir_or_file, read_interactions, read_item_features, RawInteraction};
 use crate::error::DataError;
+
+/// Item id 0 is padding everywhere; real items are `1..=num_items`. It lives with the
+/// dense-id mapping below, which is what reserves it.
+pub const PAD: u32 = 0;
 
 /// Categorical side features (genres) of items: `item_genres[item]` lists genre ids in
 /// `0..num_genres`; index 0 is the padding item and has none.

@@ -5,7 +5,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Poisson, Zipf};
 
-use super::{Dataset, RawInteraction};
+use super::read::RawInteraction;
+use super::split::Dataset;
 use crate::error::DataError;
 
 /// Parameters of a synthetic dataset.

@@ -43,3 +43,16 @@ pub fn series(dir: &std::path::Path, name: &str, kind: &str, key: &str) -> Vec<f
         .map(|v| v[key].as_f64().unwrap())
         .collect()
 }
+
+/// Test NDCG@10 of the run's model as initialised, before any training: the bar a trained
+/// model must clear by a margin (the ranking of a random embedding).
+#[allow(dead_code)]
+pub fn untrained_test_ndcg(config: &RunConfig) -> f64 {
+    use meshrec_model::data::{EvalSet, EvalSplit};
+    let device = meshrec_model::device::test_device();
+    let dataset = meshrec_trainer::setup::load_dataset(config).unwrap();
+    let (model_config, model) =
+        meshrec_trainer::setup::build_model(config, &dataset, &device).unwrap();
+    let test = EvalSet::new(&dataset, model_config.max_len, EvalSplit::Test);
+    meshrec_trainer::model_io::evaluate(&model, &test, 64, &device).report()["ndcg@10"]
+}

@@ -1,5 +1,6 @@
-//! What each pipeline stage did and when (monotonic clock): the events of a step, the
-//! utilization and bubble computed from them, and a Gantt chart in SVG.
+//! What each pipeline stage did and when: the events of a step (measured on the monotonic
+//! clock by the executor, or modelled by the simulator), the utilization and bubble
+//! computed from them, and a Gantt chart in SVG. One vocabulary for both.
 
 use std::path::Path;
 use std::time::Instant;
@@ -13,11 +14,34 @@ use serde::{Deserialize, Serialize};
 pub enum EventKind {
     Forward,
     Backward,
+    /// A pipeline activation or gradient leaving (the executor: posting the send; the
+    /// simulator: the transfer on the link).
     Send,
+    /// Waiting for a pipeline activation or gradient to arrive.
     Recv,
-    AllReduce,
+    /// Blocking tensor-parallel all-reduces inside a forward or backward.
+    TpAllReduce,
+    /// Completing gradients inside the model-parallel group after backward: partial TP
+    /// gradients of replicated parameters, the tied item table between first and last stage.
+    GradAllReduce,
+    /// Data-parallel gradient (or local SGD parameter) synchronisation.
+    DpAllReduce,
     Optimizer,
     Other,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 9] = [
+        Self::Forward,
+        Self::Backward,
+        Self::Optimizer,
+        Self::Send,
+        Self::Recv,
+        Self::TpAllReduce,
+        Self::GradAllReduce,
+        Self::DpAllReduce,
+        Self::Other,
+    ];
 }
 
 impl EventKind {
@@ -219,7 +243,9 @@ fn style(kind: EventKind) -> (RGBColor, &'static str, f64, f64) {
         EventKind::Optimizer => (RGBColor(120, 120, 120), "optimizer", 0.2, 0.9),
         EventKind::Send => (RGBColor(251, 188, 5), "send", 0.02, 0.14),
         EventKind::Recv => (RGBColor(255, 112, 67), "recv", 0.02, 0.14),
-        EventKind::AllReduce => (RGBColor(234, 67, 53), "all-reduce", 0.02, 0.14),
+        EventKind::TpAllReduce => (RGBColor(171, 71, 188), "tp all-reduce", 0.02, 0.14),
+        EventKind::GradAllReduce => (RGBColor(121, 85, 72), "grad all-reduce", 0.02, 0.14),
+        EventKind::DpAllReduce => (RGBColor(234, 67, 53), "dp all-reduce", 0.02, 0.14),
         EventKind::Other => (RGBColor(190, 190, 190), "other", 0.02, 0.14),
     }
 }
@@ -286,16 +312,7 @@ pub fn write_svg(
         .iter()
         .flat_map(|t| t.events.iter().filter_map(|e| e.chunk))
         .any(|c| c > 0);
-    let kinds = [
-        EventKind::Forward,
-        EventKind::Backward,
-        EventKind::Optimizer,
-        EventKind::Send,
-        EventKind::Recv,
-        EventKind::AllReduce,
-        EventKind::Other,
-    ];
-    for kind in kinds {
+    for kind in EventKind::ALL {
         let (color, name, lo, hi) = style(kind);
         let corners: Vec<[(f64, i32); 2]> = timelines
             .iter()
@@ -411,7 +428,7 @@ mod tests {
         assert!(close(busy_s(&events, &fb), 2.0 + 1.5));
         assert!(close(busy_s(&events, &[EventKind::Forward]), 1.0 + 1.0));
         assert!(close(busy_s(&events, &[EventKind::Send]), 5.0));
-        assert_eq!(busy_s(&events, &[EventKind::AllReduce]), 0.0);
+        assert_eq!(busy_s(&events, &[EventKind::DpAllReduce]), 0.0);
         assert_eq!(busy_s(&[], &fb), 0.0);
         // Order of the events does not matter.
         let mut reversed = events.to_vec();
@@ -475,14 +492,14 @@ mod tests {
     #[test]
     fn events_serialize_in_snake_case() {
         let e = Event {
-            kind: EventKind::AllReduce,
+            kind: EventKind::DpAllReduce,
             micro_batch: None,
             chunk: Some(1),
             start_s: 0.5,
             end_s: 0.75,
         };
         let json = serde_json::to_string(&e).unwrap();
-        assert!(json.contains("\"kind\":\"all_reduce\""), "{json}");
+        assert!(json.contains("\"kind\":\"dp_all_reduce\""), "{json}");
         assert_eq!(serde_json::from_str::<Event>(&json).unwrap(), e);
         let t = StageTimeline {
             rank: 3,
@@ -512,7 +529,7 @@ mod tests {
         let t1 = StageTimeline {
             rank: 1,
             label: "stage 1".into(),
-            events: vec![ev(EventKind::AllReduce, 0, 0.0, 0.5)],
+            events: vec![ev(EventKind::DpAllReduce, 0, 0.0, 0.5)],
         };
         write_svg(&path, "a <test> & more", &[t0, t1]).unwrap();
         let svg = std::fs::read_to_string(&path).unwrap();
@@ -528,7 +545,7 @@ mod tests {
             "forward",
             "backward",
             "send",
-            "all-reduce",
+            "dp all-reduce",
             "time (ms)",
         ] {
             assert!(

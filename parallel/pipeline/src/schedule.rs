@@ -1,7 +1,7 @@
 //! Pipeline schedules as data: GPipe, 1F1B (PipeDream-flush) and Megatron's interleaved
 //! 1F1B, each a list of forward and backward actions per pipeline rank that can be
-//! printed, checked for completeness and deadlock freedom, simulated, and executed by
-//! [`crate::exec`].
+//! printed, checked for completeness and deadlock freedom, walked in dependency order (the
+//! cluster simulator), and executed (`meshrec-parallel`'s executor).
 //!
 //! Model chunks: with `pp` pipeline ranks and `v` virtual stages there are `pp · v` model
 //! chunks; local chunk `c` of rank `d` is model chunk `c · pp + d` (Megatron's interleaved
@@ -61,6 +61,54 @@ impl FromStr for ScheduleKind {
             .into_iter()
             .find(|k| k.name().eq_ignore_ascii_case(wanted))
             .ok_or_else(|| ScheduleError::UnknownKind(s.to_string()))
+    }
+}
+
+/// A schedule before it meets a pipeline: its kind and the model chunks per pipeline rank.
+/// What a config names, the planner enumerates and reports label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct ScheduleSpec {
+    pub kind: ScheduleKind,
+    /// Model chunks per pipeline rank (`v`); above 1 only for [`ScheduleKind::Interleaved`].
+    pub virtual_stages: usize,
+}
+
+impl ScheduleSpec {
+    pub const GPIPE: Self = Self {
+        kind: ScheduleKind::GPipe,
+        virtual_stages: 1,
+    };
+    pub const ONE_F_ONE_B: Self = Self {
+        kind: ScheduleKind::OneFOneB,
+        virtual_stages: 1,
+    };
+
+    /// Megatron's interleaved 1F1B with `v` model chunks per rank.
+    pub fn interleaved(v: usize) -> Self {
+        Self {
+            kind: ScheduleKind::Interleaved,
+            virtual_stages: v,
+        }
+    }
+
+    /// The schedule for `pp` pipeline ranks and `micro_batches` micro-batches, checked.
+    pub fn build(&self, pp: usize, micro_batches: usize) -> Result<Schedule, ScheduleError> {
+        Schedule::new(self.kind, pp, micro_batches, self.virtual_stages)
+    }
+
+    /// Model chunks over `pp` pipeline ranks.
+    pub fn chunks(&self, pp: usize) -> usize {
+        pp * self.virtual_stages
+    }
+}
+
+impl fmt::Display for ScheduleSpec {
+    /// `gpipe`, `1f1b`, `interleaved-v2`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            ScheduleKind::Interleaved => write!(f, "interleaved-v{}", self.virtual_stages),
+            kind => write!(f, "{kind}"),
+        }
     }
 }
 
@@ -307,6 +355,11 @@ impl Schedule {
     /// `k + 1`'s backward. Plays the lists in rounds until all are done or none can move
     /// ([`ScheduleError::Deadlock`] names the stuck ranks and what they wait for).
     pub fn check(&self) -> Result<(), ScheduleError> {
+        self.walk(|_, _, _| {})
+    }
+
+    /// The list part of [`Schedule::check`]: sizes, and every action exactly once per rank.
+    fn check_lists(&self) -> Result<(), ScheduleError> {
         check_sizes(self.pp, self.micro_batches, self.virtual_stages)?;
         if self.per_device.len() != self.pp {
             return Err(ScheduleError::StageCount {
@@ -371,8 +424,19 @@ impl Schedule {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// Visits every action once, as `visit(pipeline rank, action, model chunk)`, in an order
+    /// the executor could run them: each rank's actions in list order, every action after
+    /// the actions it waits for (see [`Schedule::check`]). This is how the cluster simulator
+    /// plays the schedule the executor runs. Fails like [`Schedule::check`], before visiting
+    /// anything when the lists are incomplete, and with [`ScheduleError::Deadlock`] when the
+    /// walk gets stuck.
+    pub fn walk(&self, mut visit: impl FnMut(usize, Action, usize)) -> Result<(), ScheduleError> {
+        self.check_lists()?;
         let mut run = Run::new(self);
-        while run.round(self, |_, _, _| {}) {}
+        while run.round(self, &mut visit) {}
         if run.finished(self) {
             Ok(())
         } else {
@@ -437,8 +501,8 @@ impl Schedule {
                 "forward_s {forward_s}, backward_s {backward_s}"
             )));
         }
-        self.check()?;
-        let mut run = Run::new(self);
+        // Complete lists bound the sizes before anything is allocated from them.
+        self.check_lists()?;
         let mut clock = vec![0.0f64; self.pp];
         let mut busy = vec![0.0f64; self.pp];
         let mut spans: Vec<Vec<(Action, f64, f64)>> = self
@@ -446,12 +510,10 @@ impl Schedule {
             .iter()
             .map(|l| Vec::with_capacity(l.len()))
             .collect();
-        let (mut f_end, mut b_end) = (
-            vec![0.0f64; run.f_done.len()],
-            vec![0.0f64; run.b_done.len()],
-        );
         let chunks = self.chunks();
-        while run.round(self, |d, a, k| {
+        let slots = self.micro_batches * chunks;
+        let (mut f_end, mut b_end) = (vec![0.0f64; slots], vec![0.0f64; slots]);
+        self.walk(|d, a, k| {
             let mb = a.micro_batch();
             let i = mb * chunks + k;
             let (ready, cost) = if a.is_forward() {
@@ -475,7 +537,7 @@ impl Schedule {
                 b_end[i] = end;
             }
             spans[d].push((a, start, end));
-        }) {}
+        })?;
         let makespan = clock.iter().copied().fold(0.0, f64::max);
         let idle: Vec<f64> = busy
             .iter()

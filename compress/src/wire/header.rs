@@ -1,27 +1,7 @@
-//! The versioned wire format of compressed payloads and its validating decoder.
-//!
-//! Layout (all integers little-endian):
-//!
-//! ```text
-//! offset 0   magic  b"MRCZ"
-//!        4   version u16 (= 1)
-//!        6   method  u8  (MethodId)
-//!        7   flags   u8  (reserved, must be 0)
-//!        8   len     u64 (elements of the decoded tensor)
-//!       16   params  (fixed size per method, see `Params`)
-//!            body    (size fully determined by len and params)
-//! ```
-//!
-//! The body size is a function of the header, so a payload is accepted only if its
-//! length equals header + params + body exactly: truncation and trailing bytes are both
-//! errors. Every index, level and scale is checked before it is used, and the caller
-//! supplies the output buffer (its length must equal `len`), so a hostile header can
-//! neither write out of bounds nor make the decoder allocate more than the caller's
-//! tensor.
+//! The payload prefix: magic, version, method, length and per-method parameters, with
+//! the validation that fixes the body size before any body byte is read.
 
 use crate::error::CompressError;
-use crate::rng;
-use half::prelude::*;
 
 /// First four bytes of every payload.
 pub const MAGIC: [u8; 4] = *b"MRCZ";
@@ -131,14 +111,14 @@ fn params_len(method: MethodId) -> usize {
     }
 }
 
-fn inconsistent(method: MethodId, what: impl Into<String>) -> CompressError {
+pub(crate) fn inconsistent(method: MethodId, what: impl Into<String>) -> CompressError {
     CompressError::Inconsistent {
         method: method.name(),
         what: what.into(),
     }
 }
 
-fn too_big(method: MethodId) -> CompressError {
+pub(crate) fn too_big(method: MethodId) -> CompressError {
     inconsistent(method, "body size overflows usize")
 }
 
@@ -357,218 +337,10 @@ pub(crate) fn f32_at(b: &[u8], i: usize) -> f32 {
     f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]])
 }
 
-/// How decoded values are combined with the output buffer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Apply {
-    /// `out = decoded` (positions a sparse payload does not name become 0).
-    Set,
-    /// `out += decoded`.
-    Add,
-    /// `out -= decoded` (used to turn the compensated gradient into the residual).
-    Sub,
-}
-
-/// The element-wise combination, monomorphised so the inner loops stay branch-free.
-pub(crate) trait Op {
-    const SET: bool;
-    /// Factor on the decoded value when folded into a product (PowerSGD's GEMM).
-    const SIGN: f32;
-    fn apply(dst: &mut f32, v: f32);
-}
-pub(crate) struct OpSet;
-pub(crate) struct OpAdd;
-pub(crate) struct OpSub;
-impl Op for OpSet {
-    const SET: bool = true;
-    const SIGN: f32 = 1.0;
-    #[inline(always)]
-    fn apply(dst: &mut f32, v: f32) {
-        *dst = v;
-    }
-}
-impl Op for OpAdd {
-    const SET: bool = false;
-    const SIGN: f32 = 1.0;
-    #[inline(always)]
-    fn apply(dst: &mut f32, v: f32) {
-        *dst += v;
-    }
-}
-impl Op for OpSub {
-    const SET: bool = false;
-    const SIGN: f32 = -1.0;
-    #[inline(always)]
-    fn apply(dst: &mut f32, v: f32) {
-        *dst -= v;
-    }
-}
-
-/// Reusable buffers for decoding (random-k index regeneration, PowerSGD factors).
-#[derive(Debug, Default, Clone)]
-pub struct DecodeScratch {
-    pub(crate) bits: Vec<u64>,
-    pub(crate) idx: Vec<u32>,
-    pub(crate) p: Vec<f32>,
-    pub(crate) q: Vec<f32>,
-}
-
 /// Reads the header of a payload without decoding the body (validates everything
 /// `decode_into` validates except the body contents).
 pub fn peek(payload: &[u8]) -> Result<Header, CompressError> {
     Header::parse(payload).map(|(h, _)| h)
-}
-
-/// Decodes `payload` into `out` (whose length must equal the header's `len`),
-/// combining as `apply` says. On error nothing is guaranteed about `out`'s contents,
-/// but no write falls outside it.
-pub fn decode_into(
-    payload: &[u8],
-    out: &mut [f32],
-    apply: Apply,
-    scratch: &mut DecodeScratch,
-) -> Result<Header, CompressError> {
-    match apply {
-        Apply::Set => decode_op::<OpSet>(payload, out, scratch),
-        Apply::Add => decode_op::<OpAdd>(payload, out, scratch),
-        Apply::Sub => decode_op::<OpSub>(payload, out, scratch),
-    }
-}
-
-fn decode_op<O: Op>(
-    payload: &[u8],
-    out: &mut [f32],
-    scratch: &mut DecodeScratch,
-) -> Result<Header, CompressError> {
-    let (h, body) = Header::parse(payload)?;
-    if h.len != out.len() as u64 {
-        return Err(CompressError::LengthMismatch {
-            what: "output buffer",
-            expected: usize::try_from(h.len).unwrap_or(usize::MAX),
-            actual: out.len(),
-        });
-    }
-    match h.params {
-        Params::None => match h.method {
-            MethodId::Identity => decode_f32::<O>(body, out),
-            MethodId::Fp16 => decode_half::<O, f16>(body, out),
-            _ => decode_half::<O, bf16>(body, out),
-        },
-        Params::Sparse { k } => decode_sparse::<O>(h.method, k as usize, body, out)?,
-        Params::RandK { k, seed } => {
-            rng::randk_indices(
-                out.len(),
-                k as usize,
-                seed,
-                &mut scratch.bits,
-                &mut scratch.idx,
-            );
-            if O::SET {
-                out.fill(0.0);
-            }
-            for (j, &i) in scratch.idx.iter().enumerate() {
-                O::apply(&mut out[i as usize], f32_at(body, j));
-            }
-        }
-        Params::Qsgd { levels, bucket } => {
-            crate::methods::quant::decode_qsgd::<O>(levels, bucket as usize, body, out)?
-        }
-        Params::TernGrad { chunk } => {
-            crate::methods::quant::decode_terngrad::<O>(chunk as usize, body, out)?
-        }
-        Params::Sign { chunk } => {
-            crate::methods::quant::decode_sign::<O>(chunk as usize, body, out)?
-        }
-        Params::PowerSgd { rows, cols, rank } => crate::methods::powersgd::decode::<O>(
-            rows as usize,
-            cols as usize,
-            rank as usize,
-            body,
-            out,
-            scratch,
-        ),
-    }
-    Ok(h)
-}
-
-fn decode_f32<O: Op>(body: &[u8], out: &mut [f32]) {
-    if O::SET {
-        bytemuck::cast_slice_mut::<f32, u8>(out).copy_from_slice(body);
-        return;
-    }
-    for (d, b) in out.iter_mut().zip(body.chunks_exact(4)) {
-        O::apply(d, f32::from_le_bytes([b[0], b[1], b[2], b[3]]));
-    }
-}
-
-/// 16-bit float types (`half::f16`, `half::bf16`) the cast compressors and decoder share.
-pub trait Half: Copy + Default + bytemuck::Pod {
-    fn to_f32_slice(src: &[Self], dst: &mut [f32]);
-    fn from_f32_slice(src: &[f32], dst: &mut [Self]);
-}
-impl Half for f16 {
-    fn to_f32_slice(src: &[Self], dst: &mut [f32]) {
-        src.convert_to_f32_slice(dst)
-    }
-    fn from_f32_slice(src: &[f32], dst: &mut [Self]) {
-        dst.convert_from_f32_slice(src)
-    }
-}
-impl Half for bf16 {
-    fn to_f32_slice(src: &[Self], dst: &mut [f32]) {
-        src.convert_to_f32_slice(dst)
-    }
-    fn from_f32_slice(src: &[f32], dst: &mut [Self]) {
-        dst.convert_from_f32_slice(src)
-    }
-}
-
-/// Elements per staging block: payload bytes are unaligned, so half values are
-/// staged through small aligned stack buffers that stay in L1.
-pub(crate) const STAGE: usize = 1024;
-
-fn decode_half<O: Op, H: Half>(body: &[u8], out: &mut [f32]) {
-    let mut h = [H::default(); STAGE];
-    let mut f = [0f32; STAGE];
-    for (dst, src) in out.chunks_mut(STAGE).zip(body.chunks(2 * STAGE)) {
-        let n = dst.len();
-        bytemuck::cast_slice_mut::<H, u8>(&mut h[..n]).copy_from_slice(src);
-        if O::SET {
-            H::to_f32_slice(&h[..n], dst);
-        } else {
-            H::to_f32_slice(&h[..n], &mut f[..n]);
-            for (d, &v) in dst.iter_mut().zip(&f[..n]) {
-                O::apply(d, v);
-            }
-        }
-    }
-}
-
-fn decode_sparse<O: Op>(
-    method: MethodId,
-    k: usize,
-    body: &[u8],
-    out: &mut [f32],
-) -> Result<(), CompressError> {
-    let (idx, vals) = body.split_at(4 * k);
-    let n = out.len();
-    // Validate every index before touching `out`, so a bad payload leaves it intact.
-    for (j, b) in idx.chunks_exact(4).enumerate() {
-        let i = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
-        if i >= n {
-            return Err(inconsistent(
-                method,
-                format!("index {i} at position {j} is out of range for length {n}"),
-            ));
-        }
-    }
-    if O::SET {
-        out.fill(0.0);
-    }
-    for (b, v) in idx.chunks_exact(4).zip(vals.chunks_exact(4)) {
-        let i = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
-        O::apply(&mut out[i], f32::from_le_bytes([v[0], v[1], v[2], v[3]]));
-    }
-    Ok(())
 }
 
 /// Checks that a decoded scale is usable: finite and non-negative.
@@ -582,63 +354,5 @@ pub(crate) fn check_scale(method: MethodId, index: usize, value: f32) -> Result<
             index,
             value,
         })
-    }
-}
-
-/// A compressed tensor: header + body, exactly as it travels.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Payload {
-    bytes: Vec<u8>,
-}
-
-impl Payload {
-    /// An empty payload whose buffer is reused by `compress_into`.
-    pub fn new() -> Self {
-        Self::default()
-    }
-    /// Wraps received bytes (validated when decoded or peeked).
-    pub fn from_bytes(bytes: Vec<u8>) -> Self {
-        Self { bytes }
-    }
-    /// The exact bytes on the wire.
-    pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes
-    }
-    /// Consumes the payload, returning its bytes.
-    pub fn into_bytes(self) -> Vec<u8> {
-        self.bytes
-    }
-    /// Exact wire size in bytes, header included.
-    pub fn wire_len(&self) -> usize {
-        self.bytes.len()
-    }
-    /// Parses the header.
-    pub fn header(&self) -> Result<Header, CompressError> {
-        peek(&self.bytes)
-    }
-    /// Decodes into a fresh vector. A small hostile payload can claim a huge length
-    /// (a sparse payload with k = 0 carries no body), so the caller bounds the
-    /// allocation with `max_len`; received payloads are better decoded with
-    /// `decode_into` into the caller's own tensor.
-    pub fn decode(&self, max_len: usize) -> Result<Vec<f32>, CompressError> {
-        let h = self.header()?;
-        let n = usize::try_from(h.len).map_err(|_| too_big(h.method))?;
-        if n > max_len {
-            return Err(CompressError::TooLarge {
-                method: h.method.name(),
-                what: format!("payload claims {n} elements, caller allows {max_len}"),
-            });
-        }
-        let mut out = vec![0f32; n];
-        decode_into(
-            &self.bytes,
-            &mut out,
-            Apply::Set,
-            &mut DecodeScratch::default(),
-        )?;
-        Ok(out)
-    }
-    pub(crate) fn buf_mut(&mut self) -> &mut Vec<u8> {
-        &mut self.bytes
     }
 }

@@ -1,0 +1,177 @@
+//! Starting a mesh run: every rank as a thread on the local engine, or this process's rank
+//! under `mpirun`; the layout is checked against the model before any rank starts work, and
+//! the leader's summary (or every failing rank's account) comes back.
+
+use std::path::Path;
+
+use burn::tensor::Device;
+use meshrec_comm::{Communicator, LocalCluster};
+use meshrec_model::data::Dataset;
+use meshrec_model::ModelConfig;
+use meshrec_parallel::mesh::validate_layout;
+use meshrec_pipeline::Mesh;
+
+use crate::config::RunConfig;
+use crate::error::RunError;
+use crate::hybrid::rank::MeshRank;
+use crate::metrics::Summary;
+use crate::setup::{dataset_model_config, item_genres, load_dataset};
+use crate::stepper::Stepper;
+use crate::train::train_with;
+
+/// Checks the run's layout against the world size and the model (the schedule was checked
+/// with the config): the errors every rank would meet alike, found once before any rank
+/// starts.
+pub fn check_layout(
+    config: &RunConfig,
+    model_config: &ModelConfig,
+    world_size: usize,
+) -> Result<(), RunError> {
+    let p = &config.parallel;
+    let mesh = Mesh::new(p.dp, p.tp, p.pp)?;
+    Ok(validate_layout(
+        &mesh,
+        world_size,
+        model_config,
+        p.virtual_stages,
+    )?)
+}
+
+/// Trains the whole mesh of `[parallel]` in this process, one thread per device on the
+/// local engine; returns the leader's summary.
+pub fn train_local(
+    config: &RunConfig,
+    device: &Device,
+    device_name: &str,
+    resume: Option<&Path>,
+) -> Result<Summary, RunError> {
+    let dataset = load_dataset(config)?;
+    let model_config = dataset_model_config(config, &dataset)?;
+    let world = config.parallel.world_size();
+    check_layout(config, &model_config, world)?;
+    let results = LocalCluster::run(world, |comm| {
+        rank_main(
+            Box::new(comm),
+            config,
+            &dataset,
+            &model_config,
+            device,
+            device_name,
+            true,
+            resume,
+        )
+    })
+    .map_err(|e| RunError::Parallel(e.to_string()))?;
+    leader_result(results)
+}
+
+/// The leader's result of a mesh run on the local engine (the others return `None`); if any
+/// rank failed, every failing rank's account: the first failure and what it did to the
+/// others.
+pub fn leader_result<T>(results: Vec<Result<Option<T>, RunError>>) -> Result<T, RunError> {
+    let mut leader = None;
+    let mut failures = Vec::new();
+    for (rank, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(Some(t)) => leader = Some(t),
+            Ok(None) => {}
+            Err(e) => failures.push(format!("rank {rank}: {e}")),
+        }
+    }
+    if !failures.is_empty() {
+        return Err(RunError::Parallel(failures.join("; ")));
+    }
+    leader.ok_or_else(|| RunError::Parallel("the leader returned nothing".into()))
+}
+
+/// One rank's whole run (any engine).
+#[allow(clippy::too_many_arguments)]
+pub fn rank_main(
+    world: Box<dyn Communicator>,
+    config: &RunConfig,
+    dataset: &Dataset,
+    model_config: &ModelConfig,
+    device: &Device,
+    device_name: &str,
+    concurrent_comm: bool,
+    resume: Option<&Path>,
+) -> Result<Option<Summary>, RunError> {
+    let genres = item_genres(dataset);
+    let mut rank = MeshRank::new(world, config, model_config, genres, device, concurrent_comm)?;
+    if rank.is_leader() {
+        tracing::info!(
+            layout = rank.describe(),
+            comm = config.parallel.comm,
+            "mesh of {} ranks",
+            rank.world_size()
+        );
+    }
+    train_with(
+        config,
+        dataset,
+        model_config,
+        &mut rank,
+        device,
+        device_name,
+        resume,
+    )
+}
+
+/// This process's rank of a run launched by `mpirun -np N meshrec train --comm mpi`; world
+/// rank 0 returns the summary. A layout every rank rejects alike is reported by world rank
+/// 0 alone.
+#[cfg(feature = "mpi")]
+pub fn train_mpi(
+    config: &RunConfig,
+    device: &Device,
+    device_name: &str,
+    resume: Option<&Path>,
+) -> Result<Option<Summary>, RunError> {
+    use meshrec_comm::mpi::{MpiConfig, MpiRuntime};
+    let runtime = MpiRuntime::init().map_err(|e| RunError::Parallel(format!("MPI init: {e}")))?;
+    let world = runtime.world(MpiConfig::default());
+    let leader = world.rank() == 0;
+    let reported = |e: RunError| {
+        if leader {
+            e
+        } else {
+            RunError::ReportedByLeader
+        }
+    };
+    if world.size() != config.parallel.world_size() {
+        return Err(reported(RunError::Parallel(format!(
+            "mpirun started {} processes but [parallel] dp {} × tp {} × pp {} needs {}",
+            world.size(),
+            config.parallel.dp,
+            config.parallel.tp,
+            config.parallel.pp,
+            config.parallel.world_size()
+        ))));
+    }
+    let dataset = load_dataset(config).map_err(reported)?;
+    let model_config = dataset_model_config(config, &dataset).map_err(reported)?;
+    check_layout(config, &model_config, world.size()).map_err(reported)?;
+    rank_main(
+        Box::new(world),
+        config,
+        &dataset,
+        &model_config,
+        device,
+        device_name,
+        runtime.concurrent_threads(),
+        resume,
+    )
+}
+
+/// Without the `mpi` feature there is no MPI engine to run on.
+#[cfg(not(feature = "mpi"))]
+pub fn train_mpi(
+    _: &RunConfig,
+    _: &Device,
+    _: &str,
+    _: Option<&Path>,
+) -> Result<Option<Summary>, RunError> {
+    Err(RunError::Parallel(
+        "parallel.comm = \"mpi\" needs a build with `--features mpi`".into(),
+    ))
+}

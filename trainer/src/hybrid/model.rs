@@ -1,0 +1,266 @@
+//! A rank's share of the model and its optimizer: its chunks of the layout with their host
+//! AdamW state, the update from the step's gradients (model-parallel reductions, global
+//! norm, clipping, AdamW), and the layout-free state gathered from or handed back to the
+//! shards (checkpoints, block migration, evaluation).
+
+use std::collections::BTreeMap;
+
+use burn::tensor::Device;
+use meshrec_comm::ReduceOp;
+use meshrec_model::optim::{clip_by_global_norm, AdamW, AdamWConfig};
+use meshrec_model::params::{param_paths, write_values, ParamInfo};
+use meshrec_model::{ModelConfig, Recommender};
+use meshrec_parallel::exec::{global_grad_norm, reduce_model_parallel_grads};
+use meshrec_parallel::layout::{
+    shard_chunk, shard_shape, unshard, FullState, Layout, ParamSpec, RankState,
+};
+use meshrec_parallel::mesh::Groups;
+use meshrec_parallel::rank::{all_rank_specs, build_segments, initial_state};
+use meshrec_parallel::segment::{DropoutKey, Segment};
+use meshrec_parallel::ParallelError;
+use meshrec_pipeline::timeline::{EventKind, Recorder};
+
+use crate::checkpoint::{StateKind, TrainState};
+use crate::error::RunError;
+
+/// This rank's chunks of the layout, their optimizer state, and what it takes to reassemble
+/// the whole model from every rank's slices.
+pub struct RankModel {
+    pub groups: Groups,
+    pub layout: Layout,
+    pub segments: Vec<Segment>,
+    optimizers: Vec<AdamW>,
+    decay: Vec<Vec<bool>>,
+    /// Every rank's parameter specs (derived from the layout), to reassemble the model.
+    all_specs: Vec<RankState>,
+    full_infos: Vec<ParamInfo>,
+    full_shapes: BTreeMap<String, Vec<usize>>,
+    model_config: ModelConfig,
+    genres: Option<Vec<Vec<u32>>>,
+    adamw: AdamWConfig,
+    clip_norm: f64,
+    device: Device,
+    /// Updates applied so far: the parameter version (async DP measures staleness by it).
+    pub version: u64,
+}
+
+impl RankModel {
+    /// This rank's chunks of `layout`, initialised exactly as the one-device model would be
+    /// (keyed by `seed` and parameter path).
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        groups: Groups,
+        layout: Layout,
+        model_config: &ModelConfig,
+        genres: Option<Vec<Vec<u32>>>,
+        seed: u64,
+        adamw: AdamWConfig,
+        clip_norm: f64,
+        device: &Device,
+    ) -> Result<Self, RunError> {
+        let (full_infos, initial) = initial_state(model_config, genres.as_deref(), seed, device);
+        let mut model = Self {
+            groups,
+            layout,
+            segments: Vec::new(),
+            optimizers: Vec::new(),
+            decay: Vec::new(),
+            all_specs: Vec::new(),
+            full_infos,
+            full_shapes: initial.shapes.clone(),
+            model_config: model_config.clone(),
+            genres,
+            adamw,
+            clip_norm,
+            device: device.clone(),
+            version: 0,
+        };
+        model.build(model.layout.clone(), &initial)?;
+        Ok(model)
+    }
+
+    /// (Re)builds this rank's chunks of `layout` from a full state, with fresh optimizers.
+    fn build(&mut self, layout: Layout, values: &FullState) -> Result<(), RunError> {
+        let genres = self.genres.as_deref();
+        self.segments = build_segments(
+            &self.model_config,
+            genres,
+            &layout,
+            &self.groups,
+            values,
+            &self.device,
+        )?;
+        self.optimizers = self
+            .segments
+            .iter()
+            .map(|s| AdamW::new(self.adamw, s.infos.iter().map(ParamInfo::numel)))
+            .collect();
+        self.decay = self
+            .segments
+            .iter()
+            .map(|s| s.infos.iter().map(ParamSpec::decays).collect())
+            .collect();
+        self.all_specs = all_rank_specs(&self.model_config, genres, &layout, &self.device)?;
+        self.layout = layout;
+        Ok(())
+    }
+
+    /// Zeroes the gradients and keys the step's dropout masks.
+    pub fn begin_step(&mut self, seed: u64, step: u64) {
+        let dp_rank = self.groups.coord.dp as u64;
+        for s in &mut self.segments {
+            s.zero_grads();
+            s.dropout_key = DropoutKey {
+                seed,
+                step,
+                dp_rank,
+            };
+        }
+    }
+
+    /// The update from the gradients in the segments (already averaged over DP where it
+    /// applies): model-parallel reductions, the global norm (a non-finite one skips the
+    /// update on every rank of the replica), clipping and AdamW. Returns whether it skipped.
+    pub fn apply_update(&mut self, lr: f32, recorder: &mut Recorder) -> Result<bool, RunError> {
+        let (segments, groups) = (&mut self.segments, &self.groups);
+        recorder.record(EventKind::GradAllReduce, None, None, || {
+            reduce_model_parallel_grads(segments, groups)
+        })?;
+        let norm = global_grad_norm(&self.segments, &self.groups)?;
+        self.version += 1;
+        if !norm.is_finite() {
+            return Ok(true);
+        }
+        let clip = self.clip_norm;
+        let (segments, optimizers, decay) = (&mut self.segments, &mut self.optimizers, &self.decay);
+        recorder.record(EventKind::Optimizer, None, None, || {
+            for ((s, opt), decay) in segments.iter_mut().zip(optimizers.iter_mut()).zip(decay) {
+                clip_by_global_norm(&mut s.grads, norm, clip);
+                let mut values = s.values();
+                opt.update(&mut values, &s.grads, lr, decay);
+                s.set_values(&values)?;
+            }
+            Ok::<_, ParallelError>(())
+        })?;
+        Ok(false)
+    }
+
+    /// Every parameter replaced by its mean over the DP group (local SGD's
+    /// synchronisation).
+    pub fn average_over_dp(&mut self) -> Result<(), RunError> {
+        let group = self.groups.dp.as_ref();
+        if group.size() == 1 {
+            return Ok(());
+        }
+        for s in &mut self.segments {
+            let mut values = s.values();
+            for v in values.iter_mut() {
+                group.all_reduce(v, ReduceOp::Avg)?;
+            }
+            s.set_values(&values)?;
+        }
+        Ok(())
+    }
+
+    /// Every rank's per-parameter buffers (`per_chunk(local chunk)`), gathered over the
+    /// world and unsharded. Collective.
+    fn gather_full(
+        &self,
+        per_chunk: impl Fn(usize) -> Vec<Vec<f32>>,
+    ) -> Result<FullState, RunError> {
+        let mine: Vec<f32> = (0..self.segments.len())
+            .flat_map(|i| per_chunk(i).into_iter().flatten())
+            .collect();
+        let gathered = self.groups.world.all_gatherv(&mine)?;
+        let mut ranks = Vec::with_capacity(gathered.len());
+        for (state, flat) in self.all_specs.iter().zip(gathered) {
+            let mut at = 0usize;
+            let mut chunks = Vec::new();
+            for (specs, _) in &state.chunks {
+                let mut values = Vec::with_capacity(specs.len());
+                for spec in specs {
+                    let shape = self.full_shapes.get(&spec.full_path).ok_or_else(|| {
+                        RunError::Parallel(format!("unknown parameter `{}`", spec.full_path))
+                    })?;
+                    let n = shard_shape(spec.split, shape, self.layout.mesh.tp, state.coord.tp)
+                        .iter()
+                        .product::<usize>();
+                    let slice = flat.get(at..at + n).ok_or_else(|| {
+                        RunError::Parallel(format!("rank {:?} sent too few values", state.coord))
+                    })?;
+                    values.push(slice.to_vec());
+                    at += n;
+                }
+                chunks.push((specs.clone(), values));
+            }
+            ranks.push(RankState {
+                coord: state.coord,
+                chunks,
+            });
+        }
+        Ok(unshard(&self.full_shapes, &ranks, &self.layout.mesh)?)
+    }
+
+    /// Parameters and AdamW moments of the whole model, on every rank (without compressor
+    /// memories). Collective; the caller settles updates in flight first.
+    pub fn gather_state(&self) -> Result<TrainState, RunError> {
+        let values = self.gather_full(|i| self.segments[i].values())?;
+        let m = self.gather_full(|i| self.optimizers[i].m.clone())?;
+        let v = self.gather_full(|i| self.optimizers[i].v.clone())?;
+        Ok(TrainState {
+            shapes: values.shapes,
+            values: values.values,
+            adam_m: m.values,
+            adam_v: v.values,
+            optimizer_steps: self.optimizers.first().map_or(0, |o| o.step),
+            partition: self.layout.partition.clone(),
+            compressor: Vec::new(),
+        })
+    }
+
+    /// Takes this rank's slices of a layout-free state: parameters, AdamW moments and step.
+    pub fn adopt(&mut self, state: &TrainState) -> Result<(), RunError> {
+        let (mesh, coord) = (self.layout.mesh, self.groups.coord);
+        let values = state.full(StateKind::Values);
+        for s in &mut self.segments {
+            s.set_values(&shard_chunk(&values, &s.specs, &mesh, coord)?)?;
+        }
+        self.adopt_moments(state)?;
+        self.version = state.optimizer_steps;
+        Ok(())
+    }
+
+    fn adopt_moments(&mut self, state: &TrainState) -> Result<(), RunError> {
+        let (mesh, coord) = (self.layout.mesh, self.groups.coord);
+        let (m, v) = (state.full(StateKind::AdamM), state.full(StateKind::AdamV));
+        for (s, opt) in self.segments.iter().zip(self.optimizers.iter_mut()) {
+            opt.m = shard_chunk(&m, &s.specs, &mesh, coord)?;
+            opt.v = shard_chunk(&v, &s.specs, &mesh, coord)?;
+            opt.step = state.optimizer_steps;
+        }
+        Ok(())
+    }
+
+    /// Moves blocks between pipeline stages: the state goes through its layout-free form
+    /// (gathered, then re-sharded for the new partition), parameters and AdamW moments
+    /// alike, so training continues as if nothing moved. Collective; the caller settles
+    /// updates in flight first.
+    pub fn repartition(&mut self, blocks: Vec<usize>) -> Result<(), RunError> {
+        let state = self.gather_state()?;
+        let layout =
+            Layout::with_partition(self.layout.mesh, 1, blocks, self.model_config.n_layers)
+                .map_err(ParallelError::from)?;
+        self.build(layout, &state.full(StateKind::Values))?;
+        self.adopt_moments(&state)
+    }
+
+    /// The whole model with the current parameters, on every rank. Collective; the caller
+    /// settles updates in flight first.
+    pub fn full_model(&self) -> Result<Recommender, RunError> {
+        let full = self.gather_full(|i| self.segments[i].values())?;
+        let model = Recommender::new(&self.model_config, self.genres.as_deref(), &self.device);
+        let values = full.to_ordered(&self.full_infos)?;
+        debug_assert_eq!(param_paths(&model).len(), values.len());
+        Ok(write_values(model, &values, &self.device))
+    }
+}

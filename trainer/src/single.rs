@@ -1,0 +1,116 @@
+//! One device as a [`Stepper`]: the model in burn, its parameters and AdamW state on the
+//! host (the fastest place for them on the CPU backend).
+
+use burn::tensor::Device;
+use meshrec_model::data::Batch;
+use meshrec_model::optim::{clip_by_global_norm, sum_of_squares, AdamW};
+use meshrec_model::params::{param_paths, read_values, write_values, ParamInfo};
+use meshrec_model::step::forward_backward;
+use meshrec_model::Recommender;
+
+use crate::checkpoint::{StateKind, TrainState};
+use crate::config::RunConfig;
+use crate::error::RunError;
+use crate::faults::{poison_first, ConfigFaults, FaultHooks};
+use crate::setup::{adamw_config, dropout_seed};
+use crate::stepper::{StepResult, Stepper};
+
+/// The single-device stepper: the model in burn, parameters and AdamW on the host.
+pub struct SingleDevice {
+    model: Recommender,
+    infos: Vec<ParamInfo>,
+    values: Vec<Vec<f32>>,
+    optimizer: AdamW,
+    decay: Vec<bool>,
+    clip_norm: f64,
+    seed: u64,
+    faults: ConfigFaults,
+    device: Device,
+}
+
+impl SingleDevice {
+    pub fn new(model: Recommender, config: &RunConfig, device: &Device) -> Self {
+        let infos = param_paths(&model);
+        Self {
+            values: read_values(&model),
+            optimizer: AdamW::new(adamw_config(config), infos.iter().map(|p| p.numel())),
+            decay: infos.iter().map(|p| p.shape.len() > 1).collect(),
+            infos,
+            clip_norm: config.train.clip_norm,
+            seed: config.train.seed,
+            faults: ConfigFaults::new(&config.fault, 0, false),
+            model,
+            device: device.clone(),
+        }
+    }
+}
+
+impl Stepper for SingleDevice {
+    fn step(&mut self, batch: &Batch, step: u64, lr: f32) -> Result<StepResult, RunError> {
+        meshrec_model::dropout::seed_dropout(dropout_seed(self.seed, step));
+        let targets = batch.num_targets();
+        let mut out = forward_backward(
+            &self.model,
+            batch,
+            1.0 / targets.max(1) as f32,
+            &self.device,
+        );
+        if self.faults.poisons(step) {
+            poison_first(&mut out.grads);
+        }
+        let norm = sum_of_squares(&out.grads).sqrt();
+        let skipped = !norm.is_finite();
+        if !skipped {
+            clip_by_global_norm(&mut out.grads, norm, self.clip_norm);
+            self.optimizer
+                .update(&mut self.values, &out.grads, lr, &self.decay);
+            // A module clone shares its tensors: cheap.
+            self.model = write_values(self.model.clone(), &self.values, &self.device);
+        }
+        Ok(StepResult {
+            loss_sum: out.loss_sum,
+            loss_targets: out.targets,
+            targets: out.targets,
+            skipped,
+            parallel: None,
+            migration: None,
+        })
+    }
+
+    fn full_model(&mut self) -> Result<Recommender, RunError> {
+        Ok(self.model.clone())
+    }
+
+    fn is_leader(&self) -> bool {
+        true
+    }
+
+    fn leader_decides_stop(&mut self, stop: bool) -> Result<bool, RunError> {
+        Ok(stop)
+    }
+
+    fn export_state(&mut self) -> Result<Option<TrainState>, RunError> {
+        Ok(Some(TrainState::from_ordered(
+            &self.infos,
+            self.values.clone(),
+            self.optimizer.m.clone(),
+            self.optimizer.v.clone(),
+            self.optimizer.step,
+        )))
+    }
+
+    fn import_state(&mut self, state: &TrainState, _same_layout: bool) -> Result<(), RunError> {
+        let ordered = |kind| {
+            state
+                .full(kind)
+                .to_ordered(&self.infos)
+                .map_err(|e| RunError::Parallel(e.to_string()))
+        };
+        self.values = ordered(StateKind::Values)?;
+        self.optimizer.m = ordered(StateKind::AdamM)?;
+        self.optimizer.v = ordered(StateKind::AdamV)?;
+        self.optimizer.step = state.optimizer_steps;
+        self.model = write_values(self.model.clone(), &self.values, &self.device);
+        Ok(())
+    }
+}
