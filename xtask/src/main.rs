@@ -640,6 +640,19 @@ fn ci() -> Result<()> {
         ],
     ))?;
     summary_of("dp2")?;
+    // A layout every rank rejects alike (tp 3 does not divide the tiny model's 4 heads) is
+    // reported once, by world rank 0, not by every process.
+    let rejected = mpi_train("3", "bad-layout", &["parallel.tp=3"])
+        .output()
+        .context("running the MPI bad-layout check")?;
+    let stderr = String::from_utf8_lossy(&rejected.stderr);
+    let reports = stderr.matches("must divide model.n_heads").count();
+    if rejected.status.success() || reports != 1 {
+        bail!(
+            "an invalid layout under mpirun should fail with one report from world rank 0; got {} and {reports} reports:\n{stderr}",
+            rejected.status
+        );
+    }
     // A rank dies mid-step: the job stops, naming it, and the last checkpoint resumes.
     let crash_sets = [
         "parallel.dp=2",
