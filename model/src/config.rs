@@ -83,6 +83,9 @@ pub struct ModelConfig {
     pub num_genres: Option<usize>,
     /// Standard deviation of the normal initialisation (GPT-2's 0.02).
     pub init_std: f64,
+    /// Multiply the input embedding by `sqrt(d_model)` before adding positions.
+    #[serde(default)]
+    pub scale_embedding: bool,
 }
 
 impl ModelConfig {
@@ -108,6 +111,7 @@ impl ModelConfig {
             positions: Positions::Learned,
             num_genres: None,
             init_std: 0.02,
+            scale_embedding: false,
         }
     }
 

@@ -246,6 +246,11 @@ pub struct ItemEmbedding {
     /// `[rows, num_genres]`: each item's genres, averaged (a constant, not a parameter).
     pub genre_mix: Option<Tensor<2>>,
     pub dropout: Dropout,
+    /// Factor on the looked-up embedding before positions are added: `sqrt(d_model)` when
+    /// `ModelConfig::scale_embedding` (the Transformer's and SASRec's convention, which keeps
+    /// the item signal above the positions' at a small init), else 1.
+    #[module(skip)]
+    pub input_scale: f64,
     #[module(skip)]
     pub first_item: usize,
     /// Rows of the full table: a shard holds fewer.
@@ -288,17 +293,27 @@ impl ItemEmbedding {
         }
     }
 
-    /// Adds positions (learned ones; RoPE acts inside attention) and applies dropout.
-    pub fn finish(&self, x: Tensor<3>) -> Tensor<3> {
-        let x = match &self.positions {
+    /// Scales the looked-up embedding and adds positions (learned ones; RoPE acts inside
+    /// attention): what comes between the (vocab-parallel) lookup and dropout.
+    pub fn place(&self, x: Tensor<3>) -> Tensor<3> {
+        let x = if self.input_scale == 1.0 {
+            x
+        } else {
+            x * self.input_scale
+        };
+        match &self.positions {
             Some(pos) => {
                 let [_, s, _] = x.dims();
                 let idx = Tensor::<1, Int>::arange(0..s as i64, &x.device()).unsqueeze::<2>();
                 x + pos.forward(idx)
             }
             None => x,
-        };
-        dropout::apply(&self.dropout, x)
+        }
+    }
+
+    /// [`ItemEmbedding::place`], then dropout.
+    pub fn finish(&self, x: Tensor<3>) -> Tensor<3> {
+        dropout::apply(&self.dropout, self.place(x))
     }
 
     pub fn forward(&self, items: Tensor<2, Int>) -> Tensor<3> {
@@ -377,6 +392,11 @@ impl Recommender {
             genres,
             genre_mix: mix,
             dropout: DropoutConfig::new(config.dropout).init(),
+            input_scale: if config.scale_embedding {
+                (d as f64).sqrt()
+            } else {
+                1.0
+            },
             first_item,
             vocab: config.vocab(),
         };

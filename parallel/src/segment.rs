@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 
 use burn::module::{Module, Param};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use meshrec_comm::{CommError, Communicator, ReduceOp};
 use meshrec_model::data::Batch;
 use meshrec_model::loss::VocabReducer;
@@ -372,11 +372,7 @@ impl Segment {
                 let full = tp_all_reduce(partial.clone().detach(), tp)?;
                 pieces.push(Piece::EmbedLookup { partial });
                 let leaf = full.detach().require_grad();
-                let mut out = leaf.clone();
-                if let Some(pos) = &embed.positions {
-                    let idx = Tensor::<1, Int>::arange(0..s as i64, &self.device).unsqueeze::<2>();
-                    out = out + pos.forward(idx);
-                }
+                let mut out = embed.place(leaf.clone());
                 let d = out.dims()[2];
                 if let Some(mask) = keyed_mask(
                     self.dropout_key.stream(mb, usize::MAX, 0),

@@ -177,11 +177,12 @@ fn data_parallel_and_full_hybrid_match_one_device() {
 }
 
 #[test]
-fn rope_and_swiglu_layouts_match_one_device() {
+fn rope_swiglu_and_scaled_embedding_layouts_match_one_device() {
     let mut config = config();
     config.positions = meshrec_model::config::Positions::Rope;
     config.mlp = meshrec_model::config::MlpKind::SwiGlu;
     config.norm = meshrec_model::NormKind::Layer;
+    config.scale_embedding = true;
     let want = reference(&config);
     let layout = Layout::uniform(Mesh::new(1, 2, 2).unwrap(), 1, config.n_layers).unwrap();
     check_layout(&config, &want, &layout, ScheduleKind::OneFOneB, 2);

@@ -72,6 +72,8 @@ pub struct ModelSection {
     /// `learned` or `rope`.
     pub positions: Option<String>,
     pub init_std: Option<f64>,
+    /// Multiply the input embedding by `sqrt(d_model)` (SASRec's convention).
+    pub scale_embedding: Option<bool>,
 }
 
 impl Default for ModelSection {
@@ -88,6 +90,7 @@ impl Default for ModelSection {
             mlp: None,
             positions: None,
             init_std: None,
+            scale_embedding: None,
         }
     }
 }
@@ -661,6 +664,7 @@ impl RunConfig {
         c.d_ff = m.d_ff.unwrap_or(c.d_ff);
         c.dropout = m.dropout.unwrap_or(c.dropout);
         c.init_std = m.init_std.unwrap_or(c.init_std);
+        c.scale_embedding = m.scale_embedding.unwrap_or(c.scale_embedding);
         if let Some(norm) = &m.norm {
             c.norm = match norm.as_str() {
                 "rms" => NormKind::Rms,

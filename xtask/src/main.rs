@@ -2,17 +2,20 @@
 //! shells out to cargo and system tools; `ci` and `bench comm` first install the Debian
 //! packages they build against (or say how to). Nothing here is a library.
 
+mod cmd;
 mod cycles;
 mod data;
+mod peer;
+mod recipe;
 mod workspace;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+use cmd::{bench_dir, cargo, meshrec_release, run, target_dir, use_shared_target_dir};
 use workspace::root;
 
 #[derive(Parser)]
@@ -38,9 +41,21 @@ enum Cmd {
         #[arg(long = "set")]
         set: Vec<String>,
     },
-    /// Run a benchmark: train, comm, compress, pipeline, tp, strategies, paper (simulated).
-    /// `comm` builds against OpenMPI: as root it installs the Debian packages it needs.
-    Bench { name: String },
+    /// Run a benchmark: train, recipe, comm, compress, pipeline, tp, strategies, paper
+    /// (simulated). `comm` builds against OpenMPI: as root it installs the Debian packages
+    /// it needs.
+    Bench {
+        name: String,
+        /// Also run the PyTorch peer (`../shared/peer`) in the same invocation.
+        #[arg(long)]
+        peer: bool,
+        /// Seeds of the accuracy benchmarks (`recipe`).
+        #[arg(long, value_delimiter = ',', default_values_t = [0u64, 1, 2])]
+        seeds: Vec<u64>,
+        /// `--set key=value` overrides for the runs of the accuracy benchmarks.
+        #[arg(long = "set")]
+        set: Vec<String>,
+    },
     /// The cluster simulator's predicted step time against the measured one, for every
     /// layout that runs on this machine (`target/bench/validate-sim.{json,md}`).
     ValidateSim {
@@ -59,85 +74,6 @@ enum Cmd {
     /// type-check, MPI tests. Installs the Debian packages it needs when run as root;
     /// builds into `$CARGO_TARGET_DIR`, else `~/.cache/meshrec/target`.
     Ci,
-}
-
-/// Runs a command in the workspace root, failing with the command line on a non-zero exit.
-pub fn run(cmd: &mut Command) -> Result<()> {
-    cmd.current_dir(root());
-    eprintln!("$ {}", format_command(cmd));
-    let status = cmd
-        .status()
-        .with_context(|| format!("cannot start {}", format_command(cmd)))?;
-    if !status.success() {
-        bail!("`{}` failed ({status})", format_command(cmd));
-    }
-    Ok(())
-}
-
-fn format_command(cmd: &Command) -> String {
-    std::iter::once(cmd.get_program().to_string_lossy().into_owned())
-        .chain(cmd.get_args().map(|a| a.to_string_lossy().into_owned()))
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-/// A cargo command that builds into [`target_dir`], so the paths xtask derives from it (the
-/// MPI programs `mpirun` starts) are where cargo put them.
-fn cargo() -> Command {
-    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    cmd.env("CARGO_TARGET_DIR", target_dir());
-    cmd
-}
-
-static TARGET_DIR: OnceLock<PathBuf> = OnceLock::new();
-
-/// `CARGO_TARGET_DIR` made absolute (children run in the root, not in xtask's directory).
-fn env_target_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(std::env::var_os("CARGO_TARGET_DIR").filter(|d| !d.is_empty())?);
-    if dir.is_absolute() {
-        return Some(dir);
-    }
-    Some(
-        std::env::current_dir()
-            .map(|cwd| cwd.join(&dir))
-            .unwrap_or(dir),
-    )
-}
-
-/// The target directory of every cargo command xtask starts: `CARGO_TARGET_DIR`, else what
-/// cargo itself would pick (configuration included), else `target/` in the root.
-fn target_dir() -> PathBuf {
-    TARGET_DIR
-        .get_or_init(|| {
-            env_target_dir()
-                .or_else(cargo_target_dir)
-                .unwrap_or_else(|| root().join("target"))
-        })
-        .clone()
-}
-
-fn cargo_target_dir() -> Option<PathBuf> {
-    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["metadata", "--no-deps", "--format-version", "1"])
-        .current_dir(root())
-        .output()
-        .ok()?;
-    let metadata: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    metadata["target_directory"].as_str().map(PathBuf::from)
-}
-
-/// CI's target directory: one outside the clone, shared by every clone and run, because
-/// burn's first build is the slow part. `CARGO_TARGET_DIR` still wins.
-fn use_shared_target_dir() {
-    let shared = env_target_dir().or_else(|| {
-        std::env::var_os("HOME")
-            .filter(|h| !h.is_empty())
-            .map(|home| PathBuf::from(home).join(".cache/meshrec/target"))
-    });
-    if let Some(dir) = shared {
-        // Set before any cargo command ran; later calls keep the first choice.
-        let _ = TARGET_DIR.set(dir);
-    }
 }
 
 /// What rsmpi's build script (bindgen over `mpi.h`) and `mpirun` need.
@@ -206,25 +142,6 @@ fn is_root() -> bool {
 fn on_path(program: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
-}
-
-fn bench_dir() -> PathBuf {
-    root().join("target/bench")
-}
-
-/// `cargo run --release ... --bin meshrec --`, arguments to follow.
-fn meshrec_release() -> Command {
-    let mut cmd = cargo();
-    cmd.args([
-        "run",
-        "--release",
-        "-p",
-        "meshrec-trainer",
-        "--bin",
-        "meshrec",
-        "--",
-    ]);
-    cmd
 }
 
 fn demo(set: &[String]) -> Result<()> {
@@ -340,7 +257,7 @@ fn bench(name: &str) -> Result<()> {
             ])
             .arg(bench_dir())),
         other => {
-            bail!("unknown benchmark `{other}` (known: train, comm, compress, pipeline, tp, strategies, paper)")
+            bail!("unknown benchmark `{other}` (known: train, recipe, comm, compress, pipeline, tp, strategies, paper)")
         }
     }
 }
@@ -472,7 +389,7 @@ fn ci() -> Result<()> {
             "--",
             "data_parallel_and_full_hybrid",
             "uneven_partitions_and_interleaved",
-            "rope_and_swiglu",
+            "rope_swiglu",
         ])
         .env("MESHREC_TEST_DEVICE", "wgpu")
         .env("XDG_RUNTIME_DIR", &runtime))?;
@@ -693,7 +610,20 @@ fn main() -> Result<()> {
             other => bail!("unknown dataset `{other}` (known: ml-100k)"),
         },
         Cmd::Demo { set } => demo(&set),
-        Cmd::Bench { name } => bench(&name),
+        Cmd::Bench {
+            name,
+            peer,
+            seeds,
+            set,
+        } => match name.as_str() {
+            "recipe" => {
+                if data::verify_ml100k(&root().join("data/ml-100k")).is_err() {
+                    data::fetch_ml100k(None)?;
+                }
+                recipe::bench(&seeds, peer, &set)
+            }
+            _ => bench(&name),
+        },
         Cmd::ValidateSim { quick, max_error } => validate_sim(quick, max_error),
         Cmd::FileCycles => cycles::check_workspace(),
         Cmd::Ci => ci(),
