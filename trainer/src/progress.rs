@@ -1,6 +1,6 @@
 //! Progress of the leader's epoch on the terminal: an indicatif bar (step, loss, samples/s,
-//! ETA) when stderr is a terminal, plain lines every tenth of an epoch when it is not (a
-//! log file, CI), nothing on the other ranks.
+//! ETA) when stderr is a terminal, plain lines when it is not (a log file, CI) — at each
+//! tenth of the epoch, at most one per few seconds — and nothing on the other ranks.
 
 use std::io::IsTerminal;
 use std::time::Instant;
@@ -20,9 +20,12 @@ pub struct EpochProgress {
 
 enum View {
     Bar(ProgressBar),
-    Lines { every: u64 },
+    Lines { every: u64, last: Option<Instant> },
     Hidden,
 }
+
+/// Plain lines come no closer together than this.
+const LINE_INTERVAL_S: f64 = 5.0;
 
 impl EpochProgress {
     /// Epoch `epoch` (1-based) of `total` steps, `done` of them already (a resume).
@@ -41,6 +44,7 @@ impl EpochProgress {
         } else {
             View::Lines {
                 every: (total / 10).max(1),
+                last: None,
             }
         };
         Self {
@@ -57,15 +61,17 @@ impl EpochProgress {
     /// epoch's so far.
     pub fn step(&mut self, step: u64, loss: f64, samples_per_s: f64) {
         self.done += 1;
-        match &self.view {
+        match &mut self.view {
             View::Bar(bar) => {
                 bar.set_position(self.done);
                 bar.set_message(format!(
                     "step {step} loss {loss:.4} {samples_per_s:.0} seq/s"
                 ));
             }
-            View::Lines { every } => {
-                if self.done.is_multiple_of(*every) || self.done == self.total {
+            View::Lines { every, last } => {
+                let quiet = last.is_some_and(|t| t.elapsed().as_secs_f64() < LINE_INTERVAL_S);
+                if self.done.is_multiple_of(*every) && self.done < self.total && !quiet {
+                    *last = Some(Instant::now());
                     let timed = self.done.saturating_sub(self.skipped).max(1);
                     let per_step = self.start.elapsed().as_secs_f64() / timed as f64;
                     let eta = per_step * self.total.saturating_sub(self.done) as f64;
