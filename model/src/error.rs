@@ -56,3 +56,34 @@ impl ConfigError {
         }
     }
 }
+
+/// Errors from writing or reading a serving checkpoint (weights plus the metadata that
+/// rebuilds the model and maps ids); each names the file and, where one is at fault, the
+/// metadata key or line.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a safetensors file: {message}")]
+    Format { path: PathBuf, message: String },
+    #[error("{path}: metadata key `{key}` {message}")]
+    Metadata {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+    #[error("{path}: the weights do not match the model the metadata describes: {message}")]
+    Weights { path: PathBuf, message: String },
+    #[error("{at}: {message}")]
+    Users { at: Location, message: String },
+    #[error("{path}: invalid model config in the metadata: {source}")]
+    Config {
+        path: PathBuf,
+        #[source]
+        source: ConfigError,
+    },
+}

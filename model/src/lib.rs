@@ -1,5 +1,6 @@
 //! The LLM recommender on burn: data, model, fused loss, host optimizer and ranking metrics.
 
+pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod device;
@@ -14,5 +15,5 @@ pub mod params;
 pub mod step;
 
 pub use config::{ModelConfig, NormKind, Preset};
-pub use error::{ConfigError, DataError};
+pub use error::{CheckpointError, ConfigError, DataError};
 pub use model::Recommender;

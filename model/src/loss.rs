@@ -170,6 +170,146 @@ pub fn fused_cross_entropy<R: VocabReducer>(
     })
 }
 
+/// How a student learns from a teacher ([`fused_distill_cross_entropy`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DistillWeights {
+    /// Softmax temperature of both models' soft distributions (Hinton et al.).
+    pub temperature: f32,
+    /// Weight of the cross-entropy on the true next item; `1 - hard` goes to the soft term.
+    pub hard: f32,
+}
+
+/// Knowledge distillation through the fused kernel: for each row, the student's logits
+/// against its item table and the teacher's logits against the teacher's table are formed a
+/// chunk of rows at a time (the catalogue-wide logits of neither model are ever held whole),
+/// and the loss is `hard * CE(z, y) + (1 - hard) * T^2 * KL(softmax(t/T) || softmax(z/T))`.
+/// Its gradient with respect to the student's logits, `hard * (softmax(z) - onehot(y)) +
+/// (1 - hard) * T * (softmax(z/T) - softmax(t/T))`, is folded into `dh` and `d_table` as in
+/// [`fused_cross_entropy`]. `student` and `teacher` cover the same items (`first_item` 1,
+/// the padding row left out); `teacher_h` is `[n, teacher.dim]`.
+pub fn fused_distill_cross_entropy(
+    h: &[f32],
+    teacher_h: &[f32],
+    targets: &[u32],
+    student: TableShard<'_>,
+    teacher: TableShard<'_>,
+    weights: DistillWeights,
+    grad_scale: f32,
+    chunk_rows: usize,
+) -> CrossEntropyOutput {
+    let dim = student.dim;
+    let n = targets.len();
+    assert_eq!(h.len(), n * dim, "hidden rows and targets disagree");
+    assert_eq!(
+        teacher_h.len(),
+        n * teacher.dim,
+        "teacher rows and targets disagree"
+    );
+    assert_eq!(
+        student.rows, teacher.rows,
+        "student and teacher catalogues differ"
+    );
+    assert_eq!(
+        student.first_item, teacher.first_item,
+        "tables start at different items"
+    );
+    let v = student.rows;
+    let chunk_rows = chunk_rows.max(1);
+    let temp = weights.temperature.max(1e-3);
+    let hard = weights.hard.clamp(0.0, 1.0);
+    let soft = 1.0 - hard;
+    let mut dh = vec![0.0f32; n * dim];
+    let mut d_table = vec![0.0f32; v * dim];
+    let cap = chunk_rows.min(n.max(1)) * v;
+    let mut logits = vec![0.0f32; cap];
+    let mut teacher_logits = vec![0.0f32; cap];
+    let mut loss_sum = 0.0f64;
+    for start in (0..n).step_by(chunk_rows) {
+        let end = (start + chunk_rows).min(n);
+        let c = end - start;
+        let h_c = MatRef::row_major(&h[start * dim..end * dim], c, dim);
+        let t_c = MatRef::row_major(
+            &teacher_h[start * teacher.dim..end * teacher.dim],
+            c,
+            teacher.dim,
+        );
+        let logits = &mut logits[..c * v];
+        let teacher_logits = &mut teacher_logits[..c * v];
+        matmul_into(logits, h_c, student.view().t(), false);
+        matmul_into(teacher_logits, t_c, teacher.view().t(), false);
+        let row_losses: Vec<f64> = logits
+            .par_chunks_mut(v.max(1))
+            .zip(teacher_logits.par_chunks_mut(v.max(1)))
+            .enumerate()
+            .map(|(i, (z, t))| {
+                let target = student.local(targets[start + i]);
+                distill_row(z, t, target, temp, hard, soft, grad_scale)
+            })
+            .collect();
+        loss_sum += row_losses.iter().sum::<f64>();
+        let g = MatRef::row_major(logits, c, v);
+        matmul_into(&mut dh[start * dim..end * dim], g, student.view(), false);
+        matmul_into(&mut d_table, g.t(), h_c, true);
+    }
+    CrossEntropyOutput {
+        loss_sum,
+        dh,
+        d_table,
+    }
+}
+
+/// One row of [`fused_distill_cross_entropy`]: returns the row's loss and leaves the
+/// (scaled) gradient with respect to the student's logits in `z`; `t` is scratch.
+fn distill_row(
+    z: &mut [f32],
+    t: &mut [f32],
+    target: Option<usize>,
+    temp: f32,
+    hard: f32,
+    soft: f32,
+    grad_scale: f32,
+) -> f64 {
+    let inv_t = 1.0 / temp;
+    // Teacher: p = softmax(t / T), kept in `t`, with log p for the KL term.
+    let t_max = t.iter().copied().fold(f32::NEG_INFINITY, f32::max) * inv_t;
+    for x in t.iter_mut() {
+        *x = fast_exp(*x * inv_t - t_max);
+    }
+    let t_sum = lane_sum(t);
+    let log_t_sum = t_sum.ln();
+    // Student at temperature T: q = softmax(z / T); at 1: s = softmax(z).
+    let z_max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let zt_max = z_max * inv_t;
+    let mut q_sum = 0.0f32;
+    let mut s_sum = 0.0f32;
+    for &x in z.iter() {
+        q_sum += fast_exp(x * inv_t - zt_max);
+        s_sum += fast_exp(x - z_max);
+    }
+    let (log_q_sum, log_s_sum) = (q_sum.ln(), s_sum.ln());
+    let mut kl = 0.0f64;
+    for (zi, ti) in z.iter().zip(t.iter()) {
+        let p = ti / t_sum;
+        if p > 0.0 {
+            let log_p = (ti.ln()) - log_t_sum;
+            let log_q = zi * inv_t - zt_max - log_q_sum;
+            kl += f64::from(p) * f64::from(log_p - log_q);
+        }
+    }
+    let ce = target.map_or(0.0, |r| f64::from(log_s_sum + z_max - z[r]));
+    let loss = f64::from(hard) * ce + f64::from(soft * temp * temp) * kl;
+    for (zi, ti) in z.iter_mut().zip(t.iter()) {
+        let p = ti / t_sum;
+        let q = fast_exp(*zi * inv_t - zt_max - log_q_sum);
+        let s = fast_exp(*zi - z_max - log_s_sum);
+        *zi = grad_scale * (hard * s + soft * temp * (q - p));
+    }
+    if let Some(r) = target {
+        z[r] -= grad_scale * hard;
+    }
+    loss
+}
+
 /// Sum of `values` in eight independent lanes (vectorisable; order differs from a scalar
 /// left fold by rounding only).
 fn lane_sum(values: &[f32]) -> f32 {
@@ -420,6 +560,77 @@ mod tests {
         }
         for (a, b) in dt.iter().zip(&full.d_table) {
             assert!((a - b).abs() < 1e-5);
+        }
+    }
+
+    /// The distillation kernel's loss and gradients against a direct f64 computation.
+    #[test]
+    fn distill_matches_reference() {
+        let (n, v, dim, tdim) = (7, 11, 4, 3);
+        let (h, table, targets) = data(n, v, dim);
+        let th: Vec<f32> = (0..n * tdim)
+            .map(|i| ((i * 3 % 7) as f32 - 3.0) * 0.4)
+            .collect();
+        let tt: Vec<f32> = (0..v * tdim)
+            .map(|i| ((i * 2 % 5) as f32 - 2.0) * 0.3)
+            .collect();
+        let (temp, hard) = (2.0f64, 0.3f64);
+        let dot = |a: &[f32], b: &[f32]| -> f64 {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| f64::from(*x) * f64::from(*y))
+                .sum()
+        };
+        let softmax = |l: &[f64]| -> Vec<f64> {
+            let m = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let s: f64 = l.iter().map(|x| (x - m).exp()).sum();
+            l.iter().map(|x| (x - m).exp() / s).collect()
+        };
+        let mut loss = 0.0;
+        let mut dh = vec![0.0f64; n * dim];
+        for i in 0..n {
+            let z: Vec<f64> = (0..v)
+                .map(|j| dot(&h[i * dim..(i + 1) * dim], &table[j * dim..(j + 1) * dim]))
+                .collect();
+            let t: Vec<f64> = (0..v)
+                .map(|j| dot(&th[i * tdim..(i + 1) * tdim], &tt[j * tdim..(j + 1) * tdim]))
+                .collect();
+            let s = softmax(&z);
+            let q = softmax(&z.iter().map(|x| x / temp).collect::<Vec<_>>());
+            let p = softmax(&t.iter().map(|x| x / temp).collect::<Vec<_>>());
+            let y = (targets[i] - 1) as usize;
+            let kl: f64 = (0..v).map(|j| p[j] * (p[j].ln() - q[j].ln())).sum();
+            loss += hard * -s[y].ln() + (1.0 - hard) * temp * temp * kl;
+            for j in 0..v {
+                let g = hard * (s[j] - if j == y { 1.0 } else { 0.0 })
+                    + (1.0 - hard) * temp * (q[j] - p[j]);
+                for k in 0..dim {
+                    dh[i * dim + k] += g * f64::from(table[j * dim + k]);
+                }
+            }
+        }
+        for chunk in [1, 3, 100] {
+            let out = fused_distill_cross_entropy(
+                &h,
+                &th,
+                &targets,
+                TableShard::new(&table, dim, 1),
+                TableShard::new(&tt, tdim, 1),
+                DistillWeights {
+                    temperature: temp as f32,
+                    hard: hard as f32,
+                },
+                1.0,
+                chunk,
+            );
+            assert!(
+                (out.loss_sum - loss).abs() < 1e-4 * loss.abs().max(1.0),
+                "{} vs {loss}",
+                out.loss_sum
+            );
+            for (a, b) in out.dh.iter().zip(&dh) {
+                assert!((f64::from(*a) - b).abs() < 1e-4, "dh {a} vs {b}");
+            }
         }
     }
 }

@@ -9,6 +9,7 @@
 //!   and [`progress`].
 //! * [`checkpoint`] — the layout-free training state on disk; [`model_io`] — the best model.
 //! * [`faults`] — fault injection behind one trait (`[fault]`).
+//! * [`serving`] — the reductions serving uses: pruning with a fine-tune, distillation.
 //! * [`measure`], [`profile`], [`simulate`], [`report`] — measurements, per-layer profiles,
 //!   the simulator's view of a run, and a finished run's curves.
 
@@ -25,6 +26,7 @@ pub mod model_io;
 pub mod profile;
 pub mod progress;
 pub mod report;
+pub mod serving;
 pub mod setup;
 pub mod simulate;
 pub mod single;

@@ -1,5 +1,8 @@
 //! The `meshrec` command line: train (one device or a mesh, resumable), eval, report,
-//! profile, simulate, plan and the training-throughput benchmark.
+//! profile, simulate, plan, the training-throughput benchmark, and serving (serve, loadgen,
+//! prune, distill; in `serve_cmd`).
+
+mod serve_cmd;
 
 use std::path::PathBuf;
 
@@ -124,6 +127,58 @@ enum Command {
     Report {
         /// The run's folder (`runs/<output.name>`).
         run: PathBuf,
+    },
+    /// Serve recommendations from a checkpoint over HTTP (POST /v1/recommend, GET /healthz,
+    /// GET /metrics); SIGTERM drains accepted requests, then exits.
+    Serve(serve_cmd::ServeArgs),
+    /// Load a running service on loopback (closed or open loop, a load step, served
+    /// accuracy): p50/p95/p99, throughput, errors, an SVG.
+    Loadgen(serve_cmd::LoadgenArgs),
+    /// Remove attention heads and MLP channels by measured importance, fine-tune briefly,
+    /// and save the smaller model as a serving checkpoint.
+    Prune {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// Fraction of all attention heads removed.
+        #[arg(long, default_value_t = 0.25)]
+        heads: f64,
+        /// Fraction of each block's MLP channels removed.
+        #[arg(long, default_value_t = 0.5)]
+        channels: f64,
+        /// Training batches the importance is measured on.
+        #[arg(long, default_value_t = 20)]
+        importance_batches: usize,
+        /// Fine-tuning epochs (the best by valid NDCG@10 is kept).
+        #[arg(long, default_value_t = 3)]
+        epochs: u64,
+        #[arg(long, default_value_t = 5e-4)]
+        lr: f64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Train a smaller student (the config's [model], e.g. --set model.d_model=32) from a
+    /// trained teacher's catalogue-wide softmax, and save it as a serving checkpoint.
+    Distill {
+        #[command(flatten)]
+        common: Common,
+        #[arg(long)]
+        teacher: PathBuf,
+        #[arg(long, default_value_t = 2.0)]
+        temperature: f32,
+        /// Weight of the true next item's cross-entropy; the rest is the teacher's.
+        #[arg(long, default_value_t = 0.5)]
+        hard: f32,
+        #[arg(long, default_value_t = 30)]
+        epochs: u64,
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        /// Epochs without a better valid NDCG@10 before stopping (0: never).
+        #[arg(long, default_value_t = 5)]
+        patience: u64,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Measure single-device training throughput (steps only, after warm-up).
     Bench {
@@ -334,6 +389,41 @@ fn run() -> anyhow::Result<()> {
             if !written.png_has_text {
                 println!("no sans-serif system font: the PNG has no text (apt-get install fonts-dejavu-core)");
             }
+        }
+        Command::Serve(args) => serve_cmd::serve(args)?,
+        Command::Loadgen(args) => serve_cmd::loadgen(args)?,
+        Command::Prune {
+            common,
+            checkpoint,
+            heads,
+            channels,
+            importance_batches,
+            epochs,
+            lr,
+            out,
+        } => {
+            let (config, device, _) = setup(&common)?;
+            let options = serve_cmd::prune_options(heads, channels, importance_batches, epochs, lr);
+            let reduced =
+                serve_cmd::prune_checkpoint(&config, &checkpoint, &options, &out, &device)?;
+            serve_cmd::print_reduced("pruned", &reduced);
+            serve_cmd::write_reduced(&reduced)?;
+        }
+        Command::Distill {
+            common,
+            teacher,
+            temperature,
+            hard,
+            epochs,
+            lr,
+            patience,
+            out,
+        } => {
+            let (config, device, _) = setup(&common)?;
+            let options = serve_cmd::distill_options(temperature, hard, epochs, lr, patience);
+            let reduced = serve_cmd::distill(&config, &teacher, &options, &out, &device)?;
+            serve_cmd::print_reduced("distilled", &reduced);
+            serve_cmd::write_reduced(&reduced)?;
         }
         Command::Bench {
             common,

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use burn::tensor::Device;
+use meshrec_model::checkpoint::{CheckpointMeta, UserHistories};
 use meshrec_model::data::{Dataset, EvalSet, EvalSplit, TrainSet};
 use meshrec_model::optim::LrSchedule;
 use meshrec_model::ModelConfig;
@@ -128,6 +129,10 @@ pub fn train_with(
     let test = EvalSet::new(dataset, model_config.max_len, EvalSplit::Test);
     let run_dir = config.run_dir();
     let best_model = run_dir.join("best.safetensors");
+    // What serving needs beside the weights: the model config, the item id map, and the
+    // users' histories (the sidecar `best.users.tsv`).
+    let serving_meta = CheckpointMeta::new(config.model.preset.clone(), model_config, dataset);
+    let users = UserHistories::from_dataset(dataset);
     let checkpoints = CheckpointPolicy::new(config)?;
     let early_stop = EarlyStopping {
         patience: config.train.patience,
@@ -268,7 +273,9 @@ pub fn train_with(
                     "epoch done"
                 );
                 match early_stop.observe(&mut progress, epoch + 1, &valid_report) {
-                    Verdict::Improved => save_checkpoint(&model, &best_model)?,
+                    Verdict::Improved => {
+                        save_checkpoint(&model, &best_model, &serving_meta, Some(&users))?
+                    }
                     Verdict::NoBetter => {}
                     Verdict::Stop => {
                         tracing::info!(

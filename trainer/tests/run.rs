@@ -68,11 +68,12 @@ fn bad_checkpoints_are_rejected() {
     let device = test_device().autodiff();
     let cfg = config(dir.path(), "c");
     let dataset = load_dataset(&cfg).unwrap();
-    let (_, mut model) = build_model(&cfg, &dataset, &device).unwrap();
+    let (mc, mut model) = build_model(&cfg, &dataset, &device).unwrap();
     let missing = load_checkpoint(&mut model, &dir.path().join("none.safetensors")).unwrap_err();
     assert!(missing.to_string().contains("none.safetensors"));
     let path = dir.path().join("bad.safetensors");
-    save_checkpoint(&model, &path).unwrap();
+    let meta = meshrec_model::checkpoint::CheckpointMeta::new("tiny", &mc, &dataset);
+    save_checkpoint(&model, &path, &meta, None).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     let err = load_checkpoint(&mut model, &path).unwrap_err();

@@ -41,7 +41,7 @@ enum Cmd {
         #[arg(long = "set")]
         set: Vec<String>,
     },
-    /// Run a benchmark: train, recipe, comm, compress, pipeline, tp, strategies, paper
+    /// Run a benchmark: train, recipe, comm, compress, pipeline, tp, strategies, serve, paper
     /// (simulated). `comm` builds against OpenMPI: as root it installs the Debian packages
     /// it needs.
     Bench {
@@ -242,6 +242,26 @@ fn bench(name: &str) -> Result<()> {
                 ])
                 .arg(bench_dir()))
         }
+        // Measured: the serving variants (baseline, each acceleration alone, all together) at
+        // 1, 16 and 64 clients on loopback, accuracy through the served answers, and the
+        // autoscaler under a load step; trains (or reuses) the small ml-100k model first.
+        "serve" => {
+            if data::verify_ml100k(&root().join("data/ml-100k")).is_err() {
+                data::fetch_ml100k(None)?;
+            }
+            run(cargo()
+                .args([
+                    "run",
+                    "--release",
+                    "-p",
+                    "meshrec-trainer",
+                    "--example",
+                    "bench_serve",
+                    "--",
+                    "--out",
+                ])
+                .arg(bench_dir()))
+        }
         // Simulated, not measured: the planner's best hybrid against the best single-mode
         // layouts on 8–64 modelled GPUs; writes paper.{md,json,svg}.
         "paper" => run(cargo()
@@ -257,7 +277,7 @@ fn bench(name: &str) -> Result<()> {
             ])
             .arg(bench_dir())),
         other => {
-            bail!("unknown benchmark `{other}` (known: train, recipe, comm, compress, pipeline, tp, strategies, paper)")
+            bail!("unknown benchmark `{other}` (known: train, recipe, comm, compress, pipeline, tp, strategies, serve, paper)")
         }
     }
 }

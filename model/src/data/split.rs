@@ -49,6 +49,8 @@ pub struct Dataset {
     pub users: Vec<SplitUser>,
     /// External item token of each dense id (index 0 is the empty padding token).
     pub item_tokens: Vec<String>,
+    /// External user token of each dense user id (`users[i]` is `user_tokens[i]`).
+    pub user_tokens: Vec<String>,
     pub features: Option<ItemFeatures>,
 }
 
@@ -107,6 +109,7 @@ impl Dataset {
             num_interactions: raw.len(),
             users,
             item_tokens,
+            user_tokens,
             features: None,
         }
     }
