@@ -95,7 +95,7 @@ impl Engine {
         } else {
             let forward = match settings.kernels {
                 Kernels::Burn => Forward::Burn {
-                    model: model.clone().fork(device).no_grad(),
+                    model: model.clone().valid().fork(device).no_grad(),
                     device: device.clone(),
                 },
                 Kernels::Host => Forward::Host(HostModel::new(model, false, None)),

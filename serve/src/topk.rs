@@ -73,7 +73,10 @@ mod tests {
             let n = 5 + (seed as usize * 7) % 40;
             // Coarse values so that ties occur.
             let scores: Vec<f32> = (0..n)
-                .map(|i| ((i as u32 * 2_654_435_761u32.wrapping_add(seed)) % 13) as f32 * 0.5)
+                .map(|i| {
+                    (((i as u32).wrapping_mul(2_654_435_761u32).wrapping_add(seed)) % 13) as f32
+                        * 0.5
+                })
                 .collect();
             let exclude: Vec<u32> = (0..n as u32).filter(|i| (i + seed) % 4 == 0).collect();
             for k in [1, 3, 10, n] {

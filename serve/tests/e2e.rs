@@ -513,7 +513,10 @@ fn pruned_and_int8_checkpoints_load_and_serve() {
     let device = burn::tensor::Device::flex().autodiff();
     let train = TrainSet::new(&f.dataset, f.config.max_len, WindowPolicy::All).unwrap();
     let batches: Vec<_> = train.epoch(0, 0, 32).take(3).collect();
-    let model = f.model.clone().fork(&device);
+    // On the autodiff device with tracked parameters, as a trained model is.
+    let values = meshrec_model::params::read_values(&f.model);
+    let model =
+        meshrec_model::params::write_values(f.model.clone().fork(&device), &values, &device);
     let importance = prune::importance(&model, batches, &device).unwrap();
     assert_eq!(importance.heads.len(), f.config.n_layers);
     assert!(importance.heads.iter().flatten().any(|&s| s > 0.0));
