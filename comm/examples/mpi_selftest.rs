@@ -1,9 +1,13 @@
 //! MPI engine self-test: the collective checks of the local engine's tests, run on every rank
 //! under `mpirun` against a naive reference (plus typed i64 / f16 / bf16 reductions, split,
-//! non-blocking overlap, SizeMismatch and Timeout). Prints a summary on rank 0; exits non-zero on any failure on any rank.
+//! non-blocking overlap, SizeMismatch and the other shape checks, and Timeout). Prints a summary on rank 0; exits non-zero on any failure on any rank.
 //!
 //! cargo build --release -p meshrec-comm --features mpi --example mpi_selftest
 //! mpirun --allow-run-as-root --oversubscribe -np 3 target/release/examples/mpi_selftest
+//!
+//! `mpi_selftest stale-shape` instead makes rank 1 pass a new length where the others pass
+//! one that was checked already: the mismatch the amortised size check cannot report, which
+//! must end the job through the watchdog (about one second here), not hang it.
 
 use std::time::Duration;
 
@@ -296,9 +300,11 @@ fn run(c: &dyn Communicator, short: &dyn Communicator, ck: &mut Checks) -> Resul
     );
     ck.check("isend/irecv", eq(got, vec![left as f32; 4]));
 
-    // Mismatched lengths: every rank reports rank 0 against rank 1.
+    // Mismatched lengths: every rank reports rank 0 against rank 1. Shapes are checked once
+    // each, so the mismatch must be on a shape no rank has used yet (the engine catches a
+    // disagreement on a call whose shape is new to every rank; see `ShapeChecks`).
     if n > 1 {
-        let len = if r == 1 { 11 } else { 10 };
+        let len = if r == 1 { 12_346 } else { 12_345 };
         let mut b = vec![1.0f32; len];
         let e = c.all_reduce(&mut b, ReduceOp::Sum);
         ck.check(
@@ -308,11 +314,79 @@ fn run(c: &dyn Communicator, short: &dyn Communicator, ck: &mut Checks) -> Resul
                 Err(CommError::SizeMismatch {
                     op: OpKind::AllReduce,
                     rank: 0,
-                    len: 10,
+                    len: 12_345,
                     peer: 1,
-                    peer_len: 11,
+                    peer_len: 12_346,
                 }),
             ),
+        );
+        // A shape that passed its check is not checked again, and still reduces right.
+        for _ in 0..3 {
+            let mut b = input(r, 12_345);
+            c.all_reduce(&mut b, ReduceOp::Sum)?;
+            ck.check(
+                "repeated shape reduces",
+                eq(b, reference(&all, 12_345, ReduceOp::Sum)),
+            );
+        }
+        // Another reduction, element type, collective or root on a new shape is caught too.
+        let mut b = vec![1.0f32; 12_347];
+        let e = c.all_reduce(&mut b, if r == 1 { ReduceOp::Max } else { ReduceOp::Sum });
+        ck.check(
+            "different reductions refused",
+            match e {
+                Err(CommError::InvalidArgument(m)) if m.contains("Sum") && m.contains("Max") => {
+                    Ok(())
+                }
+                other => Err(format!("{other:?}")),
+            },
+        );
+        let e = if r == 1 {
+            all_reduce_as(c, &mut [1i64; 12_348], ReduceOp::Sum)
+        } else {
+            all_reduce_as(c, &mut [1.0f32; 12_348], ReduceOp::Sum)
+        };
+        ck.check(
+            "different element types refused",
+            match e {
+                Err(CommError::InvalidArgument(m)) if m.contains("f32") && m.contains("i64") => {
+                    Ok(())
+                }
+                other => Err(format!("{other:?}")),
+            },
+        );
+        let mut b = vec![1.0f32; 12_349];
+        let e = if r == 1 {
+            c.broadcast(&mut b, 0)
+        } else {
+            c.all_reduce(&mut b, ReduceOp::Sum)
+        };
+        ck.check(
+            "different collectives refused",
+            eq(
+                e,
+                Err(CommError::CollectiveMismatch {
+                    rank: 0,
+                    op: OpKind::AllReduce,
+                    peer: 1,
+                    peer_op: OpKind::Broadcast,
+                }),
+            ),
+        );
+        let e = c.broadcast(&mut b, if r == 1 { 1 } else { 0 });
+        ck.check(
+            "different roots refused",
+            match e {
+                Err(CommError::InvalidArgument(m)) if m.contains("root") => Ok(()),
+                other => Err(format!("{other:?}")),
+            },
+        );
+        // Nothing reached the data communicator: it still works.
+        let mut b = input(r, 12_350);
+        c.all_reduce(&mut b, ReduceOp::Avg)?;
+        ck.check(
+            "usable after refusals",
+            eq(b, reference(&all, 12_350, ReduceOp::Avg)),
         );
         // Mismatched receive length.
         if r == 0 {
@@ -365,6 +439,25 @@ fn run(c: &dyn Communicator, short: &dyn Communicator, ck: &mut Checks) -> Resul
     Ok(())
 }
 
+/// The mismatch a cached shape hides (see the module docs): the job must abort.
+fn stale_shape(rt: &std::sync::Arc<MpiRuntime>) -> ! {
+    let world = rt.world(MpiConfig {
+        timeout: Duration::from_secs(1),
+        ..MpiConfig::default()
+    });
+    let mut b = vec![1.0f32; 100];
+    world
+        .all_reduce(&mut b, ReduceOp::Sum)
+        .expect("a checked shape");
+    let mut b = vec![1.0f32; if world.rank() == 1 { 101 } else { 100 }];
+    let r = world.all_reduce(&mut b, ReduceOp::Sum);
+    println!(
+        "[rank {}] stale-shape: the mismatched call returned {r:?}",
+        world.rank()
+    );
+    std::process::exit(3);
+}
+
 fn main() {
     let rt = match MpiRuntime::init() {
         Ok(rt) => rt,
@@ -373,6 +466,9 @@ fn main() {
             std::process::exit(2);
         }
     };
+    if std::env::args().nth(1).as_deref() == Some("stale-shape") {
+        stale_shape(&rt);
+    }
     let world = rt.world(MpiConfig::default());
     let short = rt.world(MpiConfig {
         timeout: Duration::from_millis(300),
@@ -387,6 +483,26 @@ fn main() {
         println!("[rank {}] FAIL aborted: {e}", world.rank());
         ck.failed.push(format!("aborted: {e}"));
     }
+    // Checked shapes are remembered, once each, alike on every rank.
+    let mut shapes = [world.checked_shapes() as f32; 2];
+    let before = world.checked_shapes();
+    let mut b = vec![1.0f32; 12_345];
+    let repeat = world.all_reduce(&mut b, ReduceOp::Sum);
+    let mut b = vec![1.0f32; 54_321];
+    let fresh = world.all_reduce(&mut b, ReduceOp::Sum);
+    ck.check(
+        "shape cache",
+        eq(
+            (repeat, fresh, world.checked_shapes()),
+            (Ok(()), Ok(()), before + 1),
+        ),
+    );
+    shapes[1] = -shapes[1];
+    let agreed = world.all_reduce(&mut shapes, ReduceOp::Max);
+    ck.check(
+        "same shapes on every rank",
+        eq(agreed.map(|()| shapes[0] == -shapes[1]), Ok(true)),
+    );
     let mut fails = [ck.failed.len() as f32];
     let agreed = world.all_reduce(&mut fails, ReduceOp::Sum);
     let total_failed = if agreed.is_ok() {

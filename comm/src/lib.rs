@@ -2,8 +2,8 @@
 //!
 //! * [`Communicator`] — the object-safe trait every engine implements (`&dyn Communicator`,
 //!   `Box<dyn Communicator>`); it is `Send` so a communicator can move to its rank's thread.
-//! * [`local`] — N ranks as N threads of one process, crossbeam channels, ring and
-//!   recursive-doubling algorithms ([`LocalCluster`]).
+//! * [`local`] — N ranks as N threads of one process, crossbeam channels; in-place
+//!   (shared-memory), ring and recursive-doubling algorithms ([`LocalCluster`]).
 //! * `mpi` (feature `mpi`) — rsmpi over the system MPI, launched by `mpirun`.
 //! * [`sim`] — wraps any engine, adds a link model and a virtual clock ([`SimCommunicator`]).
 //! * [`cost`] — the alpha-beta cost formulas (shared with the balance crate's simulator).

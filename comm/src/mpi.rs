@@ -25,25 +25,33 @@
 //! gathering and reducing in `f32` would move `n` times the bytes.
 //!
 //! # Failures
-//! * Sizes: with `MpiConfig::check_sizes` (default) each collective first all-gathers the
-//!   ranks' lengths (one small `MPI_Allgather`), so mismatches are `SizeMismatch` naming
-//!   rank 0 and the first rank that differs, on every rank, instead of MPI undefined
-//!   behaviour. Turn it off to save that latency once a program is known to be consistent.
+//! * Sizes: with `MpiConfig::check_sizes` (default) the ranks compare the *shape* of a
+//!   collective — operation, length, element type, reduction or root — before running it,
+//!   so that a disagreement is an error on every rank (`SizeMismatch` naming rank 0 and the
+//!   first rank that differs, `CollectiveMismatch`, or `InvalidArgument` for a type, a
+//!   reduction or a root) instead of MPI undefined behaviour. The comparison (one small
+//!   `MPI_Allgather`, a round trip) runs once per shape and communicator, not per call:
+//!   `ShapeChecks` (in the source) says what that does and does not catch. In short, a
+//!   disagreement at the first call of a shape is an error; one where some rank repeats a
+//!   shape that passed before is not detected, and ends the job through the watchdog (or
+//!   MPI's own error). Turn it off to skip even the first check.
 //! * Timeouts: point-to-point receives, sends and non-blocking waits poll with a deadline and
 //!   return `Timeout`. Blocking collectives cannot be interrupted in MPI; a watchdog thread
 //!   aborts the process (and with it, through `mpirun`, the job) when one exceeds
 //!   `MpiConfig::timeout`, printing which operation and rank: a clear failure, never a hang.
+//!   Arming it costs a collective two plain atomic stores (the thread samples them).
 //! * A dead peer: `mpirun` tears the whole job down when a rank exits abnormally, so the
 //!   survivors end rather than observing `PeerLost`.
 //!
 //! Statistics: byte counts are *modelled* (`CommStats::bytes_modelled`) for collectives, from
 //! the ring algorithm's per-rank traffic, since MPI's wire traffic is not visible.
 
+use std::cell::RefCell;
+use std::collections::HashSet;
 use std::ffi::c_void;
 use std::os::raw::c_int;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::thread::ThreadId;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use mpi::collective::{CommunicatorCollectives, Root};
@@ -70,7 +78,9 @@ pub struct MpiConfig {
     /// Longest wait for a peer: point-to-point and non-blocking waits return `Timeout`
     /// after it; a blocking collective past it aborts the job (see the module docs).
     pub timeout: Duration,
-    /// All-gather lengths before each collective to report `SizeMismatch` (see module docs).
+    /// Compare the ranks' lengths (and operation, element type, reduction, root) to report
+    /// `SizeMismatch` and the like instead of MPI undefined behaviour: once per shape of
+    /// call, not per call (see the module docs for what that catches).
     pub check_sizes: bool,
 }
 
@@ -282,61 +292,249 @@ unsafe extern "C" fn half_op<T: Kernel, const OP: u8>(
     }
 }
 
-/// Aborts the process when a blocking collective outlives the timeout. One deadline per
-/// calling thread: the trainer's data-parallel thread runs collectives while the main thread
-/// runs others (MPI_THREAD_MULTIPLE).
+/// Aborts the process when a blocking collective outlives its communicator's timeout.
+///
+/// Every communicator registers a [`Watch`] (communicators are `Send` but not `Sync`, so one
+/// thread at a time runs a communicator's calls; the trainer's data-parallel thread runs
+/// collectives on its own communicator while the main thread runs others). Arming and
+/// disarming are plain atomic stores on the caller's side, no lock and no clock: the
+/// watchdog thread samples every watch each tick and measures how long one call (the same
+/// call count) has stayed armed.
 #[derive(Default)]
 struct Watchdog {
-    started: OnceLock<Instant>,
-    /// Armed deadlines: (thread, ms since `started`, operation index).
-    armed: Arc<Mutex<Vec<(ThreadId, u64, u8)>>>,
+    started: OnceLock<()>,
+    watches: Arc<Mutex<Vec<Weak<Watch>>>>,
 }
 
-impl Watchdog {
-    fn arm(&self, op: OpKind, timeout: Duration, world_rank: i32) {
-        let base = *self.started.get_or_init(|| {
-            let base = Instant::now();
-            let armed = Arc::clone(&self.armed);
-            let spawned = std::thread::Builder::new()
-                .name("meshrec-mpi-watchdog".into())
-                .spawn(move || loop {
-                    std::thread::sleep(Duration::from_millis(100));
-                    let now = base.elapsed().as_millis() as u64;
-                    let expired = armed
-                        .lock()
-                        .map(|a| a.iter().find(|(_, d, _)| now > *d).map(|&(_, _, op)| op))
-                        .unwrap_or(None);
-                    if let Some(opc) = expired {
-                        let op = OpKind::ALL.get(usize::from(opc));
-                        eprintln!(
-                            "meshrec-comm: MPI {} on world rank {world_rank} exceeded its timeout \
-                             (a peer died or stopped answering); aborting the job",
-                            op.map_or("collective", |o| o.name())
-                        );
-                        std::process::abort();
-                    }
-                });
-            if let Err(e) = spawned {
-                eprintln!("meshrec-comm: no MPI watchdog thread ({e}); collectives may hang");
-            }
-            base
-        });
-        let idx = OpKind::ALL.iter().position(|&k| k == op).unwrap_or(0) as u8;
-        let d = (base.elapsed() + timeout).as_millis() as u64;
-        let me = std::thread::current().id();
-        if let Ok(mut armed) = self.armed.lock() {
-            armed.retain(|(t, _, _)| *t != me);
-            armed.push((me, d, idx));
-        }
+/// How often the watchdog samples the watches.
+const WATCHDOG_TICK: Duration = Duration::from_millis(100);
+
+/// One communicator's blocking call in progress, as the watchdog sees it.
+struct Watch {
+    /// 0 when idle, else 1 + the index in `OpKind::ALL` of the call in progress.
+    op: AtomicU8,
+    /// Calls armed so far (written by the communicator's thread only).
+    calls: AtomicU64,
+    timeout: Duration,
+    world_rank: i32,
+    /// The watchdog thread's own notes: the call count last seen armed, and since when.
+    seen_calls: AtomicU64,
+    seen_since_ms: AtomicU64,
+}
+
+impl Watch {
+    fn arm(&self, op: OpKind) {
+        // Only this communicator's thread writes `calls`: no read-modify-write needed.
+        self.calls
+            .store(self.calls.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        self.op.store(op as u8 + 1, Ordering::Release);
     }
 
     fn disarm(&self) {
-        let me = std::thread::current().id();
-        if let Ok(mut armed) = self.armed.lock() {
-            armed.retain(|(t, _, _)| *t != me);
+        self.op.store(0, Ordering::Release);
+    }
+}
+
+impl Watchdog {
+    /// A watch for a communicator whose collectives may each last `timeout`.
+    fn register(&self, timeout: Duration, world_rank: i32) -> Arc<Watch> {
+        self.started.get_or_init(|| {
+            let watches = Arc::clone(&self.watches);
+            let spawned = std::thread::Builder::new()
+                .name("meshrec-mpi-watchdog".into())
+                .spawn(move || watchdog_loop(&watches));
+            if let Err(e) = spawned {
+                eprintln!("meshrec-comm: no MPI watchdog thread ({e}); collectives may hang");
+            }
+        });
+        let w = Arc::new(Watch {
+            op: AtomicU8::new(0),
+            calls: AtomicU64::new(0),
+            timeout,
+            world_rank,
+            seen_calls: AtomicU64::new(u64::MAX),
+            seen_since_ms: AtomicU64::new(0),
+        });
+        if let Ok(mut ws) = self.watches.lock() {
+            ws.retain(|x| x.strong_count() > 0);
+            ws.push(Arc::downgrade(&w));
+        }
+        w
+    }
+}
+
+fn watchdog_loop(watches: &Mutex<Vec<Weak<Watch>>>) {
+    let base = Instant::now();
+    loop {
+        std::thread::sleep(WATCHDOG_TICK);
+        let now = base.elapsed().as_millis() as u64;
+        let live: Vec<Arc<Watch>> = match watches.lock() {
+            Ok(ws) => ws.iter().filter_map(Weak::upgrade).collect(),
+            Err(_) => continue,
+        };
+        for w in live {
+            let op = w.op.load(Ordering::Acquire);
+            if op == 0 {
+                continue;
+            }
+            let calls = w.calls.load(Ordering::Relaxed);
+            if w.seen_calls.swap(calls, Ordering::Relaxed) != calls {
+                w.seen_since_ms.store(now, Ordering::Relaxed);
+                continue;
+            }
+            let since = w.seen_since_ms.load(Ordering::Relaxed);
+            if now.saturating_sub(since) > w.timeout.as_millis() as u64 {
+                let op = OpKind::ALL.get(usize::from(op - 1));
+                eprintln!(
+                    "meshrec-comm: MPI {} on world rank {} exceeded its timeout (a peer died, \
+                     stopped answering, or called another collective or the same one with a \
+                     different buffer); aborting the job",
+                    op.map_or("collective", |o| o.name()),
+                    w.world_rank
+                );
+                std::process::abort();
+            }
         }
     }
 }
+
+/// The shape of a collective call: what every rank must pass alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Shape {
+    op: OpKind,
+    len: usize,
+    dtype: Option<DType>,
+    reduce: Option<ReduceOp>,
+    root: Option<usize>,
+}
+
+const REDUCE_OPS: [ReduceOp; 4] = [ReduceOp::Sum, ReduceOp::Avg, ReduceOp::Max, ReduceOp::Min];
+
+impl Shape {
+    fn reduction(op: OpKind, len: usize, dtype: DType, reduce: ReduceOp) -> Self {
+        Self {
+            op,
+            len,
+            dtype: Some(dtype),
+            reduce: Some(reduce),
+            root: None,
+        }
+    }
+
+    fn plain(op: OpKind, len: usize) -> Self {
+        Self {
+            op,
+            len,
+            dtype: None,
+            reduce: None,
+            root: None,
+        }
+    }
+
+    /// The shape as words for the all-gather (0 for "none", else 1 + index).
+    fn words(&self) -> [u64; 5] {
+        let idx = |i: Option<usize>| i.map_or(0, |i| i as u64 + 1);
+        [
+            self.op as u64,
+            self.len as u64,
+            idx(self
+                .dtype
+                .and_then(|d| DType::ALL.iter().position(|&x| x == d))),
+            idx(self
+                .reduce
+                .and_then(|r| REDUCE_OPS.iter().position(|&x| x == r))),
+            idx(self.root),
+        ]
+    }
+}
+
+/// The error every rank reports when rank `q`'s shape words `theirs` differ from rank 0's
+/// `first` (every rank gathered the same words, so every rank reports the same error).
+fn shape_mismatch(first: &[u64], q: usize, theirs: &[u64]) -> CommError {
+    let op = |w: u64| {
+        OpKind::ALL
+            .get(w as usize)
+            .copied()
+            .unwrap_or(OpKind::AllReduce)
+    };
+    let name = |w: u64, names: &[&'static str]| -> &'static str {
+        w.checked_sub(1)
+            .and_then(|i| names.get(i as usize).copied())
+            .unwrap_or("none")
+    };
+    let dtypes = DType::ALL.map(DType::name);
+    let reduces = ["Sum", "Avg", "Max", "Min"];
+    let kind = op(first[0]);
+    if first[0] != theirs[0] {
+        CommError::CollectiveMismatch {
+            rank: 0,
+            op: kind,
+            peer: q,
+            peer_op: op(theirs[0]),
+        }
+    } else if first[1] != theirs[1] {
+        CommError::SizeMismatch {
+            op: kind,
+            rank: 0,
+            len: first[1] as usize,
+            peer: q,
+            peer_len: theirs[1] as usize,
+        }
+    } else if first[2] != theirs[2] {
+        CommError::InvalidArgument(format!(
+            "{kind}: rank 0 reduces {} but rank {q} reduces {}",
+            name(first[2], &dtypes),
+            name(theirs[2], &dtypes)
+        ))
+    } else if first[3] != theirs[3] {
+        CommError::InvalidArgument(format!(
+            "{kind}: rank 0 reduces with {} but rank {q} with {}",
+            name(first[3], &reduces),
+            name(theirs[3], &reduces)
+        ))
+    } else {
+        CommError::InvalidArgument(format!(
+            "{kind}: rank 0 passes root {} but rank {q} root {}",
+            first[4].saturating_sub(1),
+            theirs[4].saturating_sub(1)
+        ))
+    }
+}
+
+/// Amortised shape checks of one communicator (`MpiConfig::check_sizes`).
+///
+/// The first call of each [`Shape`] all-gathers the ranks' shapes and fails on every rank
+/// alike when they differ; once a shape has passed, later calls of that shape skip the check
+/// (no round trip). Ranks agree on skipping without talking, because their caches are equal:
+/// each holds exactly the shapes that passed a check, inserted at the same call on every
+/// rank (a passed check means every rank had that shape, and every rank runs the same
+/// sequence of collectives). The cache is bounded; when full it is emptied, which happens at
+/// the same call everywhere for the same reason.
+///
+/// What is caught: any disagreement at a call whose shape is new on *every* rank — the first
+/// call of every shape, so a buffer that is wrong from its first use, or ranks that call
+/// different collectives, or reduce different types, or with different operations, or from
+/// different roots. What is not: a disagreement where some rank's shape passed a check
+/// before (say rank 1 passes the length of an earlier bucket). If every rank's shape is
+/// cached, all skip the check and MPI runs with mismatched arguments, which is erroneous
+/// MPI (Open MPI typically aborts on a truncation error or hangs until the watchdog aborts
+/// the job). If some ranks' shapes are cached and others' are not, the latter wait in a check
+/// that the former never join; the checks run on a duplicate of the communicator, so that
+/// wait can never be matched against the data collective, and ends when the watchdog
+/// aborts the job after `MpiConfig::timeout`. Either way the job ends with a message, but
+/// not with the `SizeMismatch` of the first case.
+struct ShapeChecks {
+    /// A duplicate of the communicator for the checks, made (collectively) at the first
+    /// check, which every rank reaches at the same call because all caches start empty.
+    checker: Option<SimpleCommunicator>,
+    passed: HashSet<Shape>,
+    /// The shape of the last call, when it is in `passed`: loops repeat one shape, and a
+    /// comparison is cheaper than hashing.
+    last: Option<Shape>,
+}
+
+/// Most shapes one communicator remembers as checked.
+const MAX_CHECKED_SHAPES: usize = 4096;
 
 /// One rank of an MPI communicator.
 pub struct MpiCommunicator {
@@ -346,6 +544,9 @@ pub struct MpiCommunicator {
     world_rank: i32,
     config: MpiConfig,
     stats: StatsRecorder,
+    watch: Arc<Watch>,
+    /// Freed (its duplicate communicator) before `runtime` drops.
+    checks: RefCell<ShapeChecks>,
     /// Declared last: dropped after `comm` is freed, finalising MPI if it is the last.
     runtime: Arc<MpiRuntime>,
 }
@@ -441,6 +642,7 @@ impl MpiCommunicator {
         let rank = comm.rank() as usize;
         let size = comm.size() as usize;
         let world_rank = runtime.universe.world().rank();
+        let watch = runtime.watchdog.register(config.timeout, world_rank);
         Self {
             comm,
             rank,
@@ -448,6 +650,12 @@ impl MpiCommunicator {
             world_rank,
             config,
             stats: StatsRecorder::new(true),
+            watch,
+            checks: RefCell::new(ShapeChecks {
+                checker: None,
+                passed: HashSet::new(),
+                last: None,
+            }),
             runtime,
         }
     }
@@ -467,6 +675,12 @@ impl MpiCommunicator {
         &self.config
     }
 
+    /// How many call shapes (operation, length, element type, reduction or root) passed the
+    /// size check and are not checked again (see the module docs); equal on every rank.
+    pub fn checked_shapes(&self) -> usize {
+        self.checks.borrow().passed.len()
+    }
+
     /// `split` returning the concrete type.
     pub fn split_mpi(&self, color: u32, key: u32) -> Result<MpiCommunicator> {
         let t0 = Instant::now();
@@ -474,11 +688,9 @@ impl MpiCommunicator {
             .map_err(|_| CommError::InvalidArgument(format!("color {color} above i32 range")))?;
         let k = c_int::try_from(key)
             .map_err(|_| CommError::InvalidArgument(format!("key {key} above i32 range")))?;
-        self.runtime
-            .watchdog
-            .arm(OpKind::Split, self.config.timeout, self.world_rank);
+        self.watch.arm(OpKind::Split);
         let sub = self.comm.split_by_color_with_key(Color::with_value(c), k);
-        self.runtime.watchdog.disarm();
+        self.watch.disarm();
         let sub =
             sub.ok_or_else(|| CommError::Mpi("MPI_Comm_split gave no communicator".into()))?;
         self.stats.record(OpKind::Split, 0, 0, t0.elapsed());
@@ -496,22 +708,33 @@ impl MpiCommunicator {
         all
     }
 
-    /// With `check_sizes`, fails on every rank when the ranks' lengths differ.
-    fn check_sizes(&self, op: OpKind, len: usize) -> Result<()> {
+    /// With `check_sizes`, fails on every rank when the ranks' shapes differ; checked once
+    /// per shape (see [`ShapeChecks`]).
+    fn check_shape(&self, shape: Shape) -> Result<()> {
         if !self.config.check_sizes || self.size == 1 {
             return Ok(());
         }
-        let all = self.lengths(len);
-        match (1..self.size).find(|&q| all[q] != all[0]) {
-            Some(q) => Err(CommError::SizeMismatch {
-                op,
-                rank: 0,
-                len: all[0] as usize,
-                peer: q,
-                peer_len: all[q] as usize,
-            }),
-            None => Ok(()),
+        let mut checks = self.checks.borrow_mut();
+        if checks.last == Some(shape) {
+            return Ok(());
         }
+        if checks.passed.contains(&shape) {
+            checks.last = Some(shape);
+            return Ok(());
+        }
+        let checker = checks.checker.get_or_insert_with(|| self.comm.duplicate());
+        let mut all = vec![0u64; 5 * self.size];
+        checker.all_gather_into(&shape.words()[..], &mut all[..]);
+        let first = &all[..5];
+        if let Some((q, theirs)) = all.chunks_exact(5).enumerate().find(|(_, w)| *w != first) {
+            return Err(shape_mismatch(first, q, theirs));
+        }
+        if checks.passed.len() >= MAX_CHECKED_SHAPES {
+            checks.passed.clear();
+        }
+        checks.passed.insert(shape);
+        checks.last = Some(shape);
+        Ok(())
     }
 
     /// Runs a blocking collective under the watchdog and records statistics.
@@ -523,11 +746,9 @@ impl MpiCommunicator {
         f: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
         let t0 = Instant::now();
-        self.runtime
-            .watchdog
-            .arm(op, self.config.timeout, self.world_rank);
+        self.watch.arm(op);
         let r = f();
-        self.runtime.watchdog.disarm();
+        self.watch.disarm();
         if r.is_ok() {
             self.stats
                 .record(op, sent as u64, received as u64, t0.elapsed());
@@ -540,7 +761,7 @@ impl MpiCommunicator {
         let n = self.size;
         let bytes = cost::ring_all_reduce_bytes_per_rank(n, std::mem::size_of_val(buf) as f64);
         self.collective(OpKind::AllReduce, bytes, bytes, || {
-            self.check_sizes(OpKind::AllReduce, buf.len())?;
+            self.check_shape(Shape::reduction(OpKind::AllReduce, buf.len(), T::DTYPE, op))?;
             if n == 1 {
                 return Ok(());
             }
@@ -592,7 +813,7 @@ impl MpiCommunicator {
         let bytes =
             cost::ring_gather_scatter_bytes_per_rank(n, std::mem::size_of_val(input) as f64);
         self.collective(OpKind::ReduceScatter, bytes, bytes, || {
-            self.check_sizes(OpKind::ReduceScatter, len)?;
+            self.check_shape(Shape::reduction(OpKind::ReduceScatter, len, T::DTYPE, op))?;
             count(len, "reduce_scatter")?;
             let counts: Vec<c_int> = (0..n)
                 .map(|r| chunk_range(len, n, r).len() as c_int)
@@ -968,7 +1189,7 @@ impl Communicator for MpiCommunicator {
         }
         let bytes = cost::ring_gather_scatter_bytes_per_rank(n, (n * len * 4) as f64);
         self.collective(OpKind::AllGather, bytes, bytes, || {
-            self.check_sizes(OpKind::AllGather, len)?;
+            self.check_shape(Shape::plain(OpKind::AllGather, len))?;
             let cnt = count(len, "all_gather")?;
             count(n * len, "all_gather")?;
             // SAFETY: `input` holds `cnt` floats, `output` n * cnt.
@@ -992,9 +1213,7 @@ impl Communicator for MpiCommunicator {
     fn all_gatherv_bytes(&self, input: &[u8]) -> Result<Vec<Vec<u8>>> {
         let n = self.size;
         let t0 = Instant::now();
-        self.runtime
-            .watchdog
-            .arm(OpKind::AllGatherV, self.config.timeout, self.world_rank);
+        self.watch.arm(OpKind::AllGatherV);
         let r = (|| {
             let lens = self.lengths(input.len());
             let total: u64 = lens.iter().sum();
@@ -1035,7 +1254,7 @@ impl Communicator for MpiCommunicator {
             }
             Ok((out, total))
         })();
-        self.runtime.watchdog.disarm();
+        self.watch.disarm();
         let (out, total) = r?;
         self.stats.record(
             OpKind::AllGatherV,
@@ -1055,7 +1274,10 @@ impl Communicator for MpiCommunicator {
             (0.0, s)
         };
         self.collective(OpKind::Broadcast, sent, recvd, || {
-            self.check_sizes(OpKind::Broadcast, buf.len())?;
+            self.check_shape(Shape {
+                root: Some(root),
+                ..Shape::plain(OpKind::Broadcast, buf.len())
+            })?;
             let cnt = count(buf.len(), "broadcast")?;
             // SAFETY: `buf` holds `cnt` floats on every rank (checked above when enabled).
             check(

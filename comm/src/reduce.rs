@@ -186,6 +186,19 @@ pub(crate) fn combine_final_into<T: Kernel>(
     }
 }
 
+/// Final step in place: `dst[i] = dst[i] (op) src[i]`, divided by `n` for `Avg` with the
+/// rounding of [`Kernel::add_div`] (as [`combine_final_both`] computes it).
+pub(crate) fn fold_final<T: Kernel>(dst: &mut [T], src: &[T], op: ReduceOp, n: usize) {
+    debug_assert_eq!(dst.len(), src.len());
+    if op == ReduceOp::Avg {
+        dst.iter_mut()
+            .zip(src)
+            .for_each(|(d, s)| *d = T::add_div(*d, *s, n));
+    } else {
+        combine_into(dst, src, op);
+    }
+}
+
 /// Divides by `n` in place when `op` is `Avg` (the one division of an average).
 pub(crate) fn finish_avg<T: Kernel>(buf: &mut [T], op: ReduceOp, n: usize) {
     if op == ReduceOp::Avg {

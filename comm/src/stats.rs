@@ -116,10 +116,18 @@ impl CommStats {
 }
 
 /// Shared, thread-safe recorder behind a communicator's `stats()` (cloned into the
-/// communicator's progress thread).
+/// communicator's progress thread). One uncontended lock and an array slot per record, so
+/// that small collectives do not pay for their bookkeeping.
 #[derive(Debug, Clone, Default)]
 pub struct StatsRecorder {
-    inner: Arc<Mutex<CommStats>>,
+    inner: Arc<Mutex<Totals>>,
+}
+
+#[derive(Debug, Default)]
+struct Totals {
+    /// Indexed by `OpKind as usize` (the order of `OpKind::ALL`).
+    ops: [OpStats; OpKind::ALL.len()],
+    bytes_modelled: bool,
 }
 
 impl StatsRecorder {
@@ -130,29 +138,67 @@ impl StatsRecorder {
         s
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, CommStats> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Totals> {
         // Stats are plain counters: a panic while holding the lock cannot leave them invalid.
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Adds one completed operation.
     pub fn record(&self, kind: OpKind, bytes_sent: u64, bytes_received: u64, time: Duration) {
+        let t = time.as_secs_f64();
         let mut s = self.lock();
-        let e = s.ops.entry(kind).or_default();
+        let e = &mut s.ops[kind as usize];
         e.count += 1;
         e.bytes_sent += bytes_sent;
         e.bytes_received += bytes_received;
-        e.time_s += time.as_secs_f64();
+        e.time_s += t;
     }
 
     /// A copy of the current totals.
     pub fn snapshot(&self) -> CommStats {
-        self.lock().clone()
+        let s = self.lock();
+        CommStats {
+            ops: OpKind::ALL
+                .iter()
+                .zip(&s.ops)
+                .filter(|(_, o)| o.count > 0)
+                .map(|(&k, &o)| (k, o))
+                .collect(),
+            bytes_modelled: s.bytes_modelled,
+        }
     }
 
     /// Zeroes every total.
     pub fn reset(&self) {
         let mut s = self.lock();
-        s.ops.clear();
+        s.ops = Default::default();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_index_their_own_slot() {
+        for (i, &k) in OpKind::ALL.iter().enumerate() {
+            assert_eq!(k as usize, i, "{k}");
+        }
+    }
+
+    #[test]
+    fn records_show_up_by_kind_and_reset_clears_them() {
+        let s = StatsRecorder::new(true);
+        s.record(OpKind::Barrier, 0, 0, Duration::from_millis(2));
+        s.record(OpKind::Send, 8, 0, Duration::ZERO);
+        s.record(OpKind::Send, 4, 0, Duration::ZERO);
+        let snap = s.snapshot();
+        assert!(snap.bytes_modelled);
+        assert_eq!(snap.ops.len(), 2);
+        assert_eq!(snap.get(OpKind::Send).count, 2);
+        assert_eq!(snap.get(OpKind::Send).bytes_sent, 12);
+        assert!((snap.get(OpKind::Barrier).time_s - 0.002).abs() < 1e-12);
+        s.reset();
+        assert!(s.snapshot().ops.is_empty());
     }
 }

@@ -61,7 +61,8 @@ fn config(algo: u8, seg: usize) -> LocalConfig {
         all_reduce: match algo {
             0 => AllReduceChoice::Auto,
             1 => AllReduceChoice::Ring,
-            _ => AllReduceChoice::RecursiveDoubling,
+            2 => AllReduceChoice::RecursiveDoubling,
+            _ => AllReduceChoice::InPlace,
         },
         segment_bytes: seg,
         ..LocalConfig::default()
@@ -82,7 +83,7 @@ proptest! {
 
     #[test]
     fn all_reduce_matches_reference(
-        (n, len) in shape(), seed in any::<u64>(), op in op_strategy(), algo in 0u8..3, seg in seg_strategy()
+        (n, len) in shape(), seed in any::<u64>(), op in op_strategy(), algo in 0u8..4, seg in seg_strategy()
     ) {
         let want = reference(seed, n, len, op);
         let got = LocalCluster::run_with_config(n, config(algo, seg), |c| {
@@ -97,10 +98,10 @@ proptest! {
 
     #[test]
     fn reduce_scatter_matches_reference(
-        (n, len) in shape(), seed in any::<u64>(), op in op_strategy(), seg in seg_strategy()
+        (n, len) in shape(), seed in any::<u64>(), op in op_strategy(), algo in 0u8..4, seg in seg_strategy()
     ) {
         let want = reference(seed, n, len, op);
-        let got = LocalCluster::run_with_config(n, config(0, seg), |c| {
+        let got = LocalCluster::run_with_config(n, config(algo, seg), |c| {
             let inp = input(seed, c.rank(), len);
             let mut out = vec![0.0; chunk_range(len, n, c.rank()).len()];
             c.reduce_scatter(&inp, &mut out, op).map(|()| out)
@@ -164,7 +165,7 @@ proptest! {
 fn all_ranks_get_bit_identical_results_with_rounding() {
     // Non-integer values: summation order differs from the reference, so compare with a
     // tolerance, and require every rank to agree bit for bit with rank 0.
-    for algo in [1u8, 2] {
+    for algo in [1u8, 2, 3] {
         for n in [3usize, 5, 8] {
             let len = 10_007;
             let got = LocalCluster::run_with_config(n, config(algo, 1000), |c| {

@@ -10,12 +10,13 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{unbounded, Receiver, Sender};
 
+use super::board::Board;
 use super::config::LocalConfig;
 use super::lane::{Lane, Msg};
 use super::p2p::{self, P2p, P2pBody, P2pMsg};
 use super::progress::Worker;
 use super::shared::{lock, Shared};
-use super::{barrier, broadcast, gather, reduction, ring};
+use super::{barrier, broadcast, gather, reduction};
 use crate::communicator::{check_rank, Communicator};
 use crate::dtype::DType;
 use crate::error::{CommError, Result};
@@ -117,11 +118,21 @@ fn build_group(
     let Matrix { tx: ptx, rx: prx } = matrix::<P2pMsg>(m);
     let stats: Vec<StatsRecorder> = (0..m).map(|_| StatsRecorder::new(false)).collect();
     let lanes = |tx: Vec<Vec<Sender<Msg>>>, rx: Vec<Vec<Receiver<Msg>>>| {
+        // One board per lane: the blocking and the progress-thread collectives of a group
+        // run concurrently and must not share slots.
+        let board = Board::new(m);
         tx.into_iter()
             .zip(rx)
             .enumerate()
             .map(|(rank, (tx, rx))| {
-                Lane::new(rank, tx, rx, Arc::clone(shared), stats[rank].clone())
+                Lane::new(
+                    rank,
+                    tx,
+                    rx,
+                    Arc::clone(shared),
+                    stats[rank].clone(),
+                    Arc::clone(&board),
+                )
             })
             .collect::<Vec<_>>()
     };
@@ -227,7 +238,7 @@ impl Communicator for LocalCommunicator {
 
     fn reduce_scatter(&self, input: &[f32], output: &mut [f32], op: ReduceOp) -> Result<()> {
         self.lane.borrow_mut().run(OpKind::ReduceScatter, |l| {
-            ring::reduce_scatter(l, input, output, op)
+            reduction::reduce_scatter(l, input, output, op)
         })
     }
 

@@ -9,6 +9,7 @@ use std::time::Instant;
 use crossbeam_channel::{select, Receiver, Sender};
 use half::{bf16, f16};
 
+use super::board::Board;
 use super::shared::Shared;
 use crate::dtype::DType;
 use crate::error::{CommError, Result};
@@ -25,7 +26,7 @@ pub(super) enum Elems {
 }
 
 impl Elems {
-    fn dtype(&self) -> DType {
+    pub(super) fn dtype(&self) -> DType {
         match self {
             Elems::F32(_) => DType::F32,
             Elems::I64(_) => DType::I64,
@@ -50,13 +51,15 @@ pub(super) enum Body {
     SharedF32(Arc<Vec<f32>>),
     SharedBytes(Arc<Vec<u8>>),
     Words(Vec<u64>),
+    /// "My buffer of this element type is published on the board" (the in-place algorithms).
+    Ready(DType),
     Abort(CommError),
 }
 
 impl Body {
     fn bytes(&self) -> u64 {
         (match self {
-            Body::Empty | Body::Abort(_) => 0,
+            Body::Empty | Body::Ready(_) | Body::Abort(_) => 0,
             Body::Elems(e) => e.len() * e.dtype().size(),
             Body::SharedF32(v) => v.len() * 4,
             Body::SharedBytes(v) => v.len(),
@@ -127,10 +130,26 @@ pub(super) struct Lane {
     pool: Pool,
     sent: u64,
     received: u64,
+    /// Where this lane's ranks publish buffers for the in-place algorithms (shared by the
+    /// lane's ranks).
+    pub(super) board: Arc<Board>,
 }
 
 pub(super) fn protocol(op: OpKind, peer: usize) -> CommError {
     CommError::Internal(format!("{op}: unexpected message from rank {peer}"))
+}
+
+/// Rank `rank` reduces `mine` but rank `peer` reduces `theirs`.
+pub(super) fn type_mismatch(
+    op: OpKind,
+    rank: usize,
+    mine: DType,
+    peer: usize,
+    theirs: DType,
+) -> CommError {
+    CommError::InvalidArgument(format!(
+        "{op}: rank {rank} reduces {mine} but rank {peer} sent {theirs}"
+    ))
 }
 
 impl Lane {
@@ -140,6 +159,7 @@ impl Lane {
         rx: Vec<Receiver<Msg>>,
         shared: Arc<Shared>,
         stats: StatsRecorder,
+        board: Arc<Board>,
     ) -> Self {
         Self {
             rank,
@@ -152,7 +172,21 @@ impl Lane {
             pool: Pool::default(),
             sent: 0,
             received: 0,
+            board,
         }
+    }
+
+    /// Counts bytes moved without a message (the in-place algorithms read and write peers'
+    /// buffers directly).
+    pub(super) fn count(&mut self, sent: u64, received: u64) {
+        self.sent += sent;
+        self.received += received;
+    }
+
+    /// The sequence number of the operation in progress (the same on every rank of the lane
+    /// while all call the same collectives).
+    pub(super) fn seq(&self) -> u64 {
+        self.seq
     }
 
     /// Runs one collective: poison check, statistics, abort broadcast on failure.
@@ -288,13 +322,11 @@ impl Lane {
             Body::Elems(e) => match T::unwrap(e) {
                 Ok(v) if v.len() == want => Ok(v),
                 Ok(_) => Err(protocol(op, from)),
-                Err(other) => Err(CommError::InvalidArgument(format!(
-                    "{op}: rank {} reduces {} but rank {from} sent {}",
-                    self.rank,
-                    T::DTYPE,
-                    other.dtype()
-                ))),
+                Err(other) => Err(type_mismatch(op, self.rank, T::DTYPE, from, other.dtype())),
             },
+            // A peer that chose the in-place algorithm (possible only when it reduces another
+            // type, as the choice depends on the byte size).
+            Body::Ready(d) if d != T::DTYPE => Err(type_mismatch(op, self.rank, T::DTYPE, from, d)),
             _ => Err(protocol(op, from)),
         }
     }

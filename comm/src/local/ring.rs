@@ -6,7 +6,7 @@ use std::ops::Range;
 
 use super::lane::{Lane, Wire};
 use crate::communicator::{chunk_len, chunk_range};
-use crate::error::{CommError, Result};
+use crate::error::Result;
 use crate::op::ReduceOp;
 use crate::reduce::{combine_final_both, combine_final_into, combine_into};
 use crate::stats::OpKind;
@@ -34,22 +34,15 @@ pub(super) fn all_reduce<T: Wire>(l: &mut Lane, buf: &mut [T], op: ReduceOp) -> 
     ring(l, RingBuf::InPlace(buf), op, OpKind::AllReduce)
 }
 
-/// Ring reduce-scatter: chunk `rank` of the reduced `input` into `output`.
+/// Ring reduce-scatter: chunk `rank` of the reduced `input` into `output` (already checked
+/// to be that chunk's length by `reduction::reduce_scatter`).
 pub(super) fn reduce_scatter<T: Wire>(
     l: &mut Lane,
     input: &[T],
     output: &mut [T],
     op: ReduceOp,
 ) -> Result<()> {
-    let want = chunk_len(input.len(), l.size, l.rank);
-    if output.len() != want {
-        return Err(CommError::BadLength {
-            op: OpKind::ReduceScatter,
-            what: "output",
-            expected: want,
-            got: output.len(),
-        });
-    }
+    debug_assert_eq!(output.len(), chunk_len(input.len(), l.size, l.rank));
     if l.size == 1 {
         output.copy_from_slice(input);
         return Ok(());
