@@ -36,6 +36,14 @@ pub enum DataError {
     NoInteractions { path: PathBuf },
     #[error("{path}: the file holds no interactions")]
     Empty { path: PathBuf },
+    #[error("{path}: the file holds no rows")]
+    NoRows { path: PathBuf },
+    #[error("{file}: no row for {kind} `{token}`, which the interactions name")]
+    MissingSideRow {
+        file: PathBuf,
+        kind: &'static str,
+        token: String,
+    },
     #[error("invalid data parameter `{key}`: {message}")]
     InvalidParameter { key: &'static str, message: String },
 }

@@ -1,4 +1,4 @@
-//! The LLM recommender on burn: data, model, fused loss, host optimizer and ranking metrics.
+//! The LLM recommender on burn: data, model, fused loss, host optimizer, ranking metrics.
 
 pub mod checkpoint;
 pub mod config;

@@ -42,14 +42,14 @@ impl InteractionFormat {
     }
 }
 
-fn read_to_string(path: &Path) -> Result<String, DataError> {
+pub(crate) fn read_to_string(path: &Path) -> Result<String, DataError> {
     std::fs::read_to_string(path).map_err(|source| DataError::Io {
         path: path.to_path_buf(),
         source,
     })
 }
 
-fn malformed(path: &Path, line: usize, message: impl Into<String>) -> DataError {
+pub(crate) fn malformed(path: &Path, line: usize, message: impl Into<String>) -> DataError {
     DataError::Malformed {
         at: Location {
             file: path.to_path_buf(),
@@ -60,14 +60,14 @@ fn malformed(path: &Path, line: usize, message: impl Into<String>) -> DataError 
 }
 
 /// A parsed RecBole header: column name -> index, with the raw text for messages.
-struct Header {
-    columns: HashMap<String, usize>,
+pub(crate) struct Header {
+    pub(crate) columns: HashMap<String, usize>,
     raw: String,
-    width: usize,
+    pub(crate) width: usize,
 }
 
 impl Header {
-    fn parse(line: &str) -> Self {
+    pub(crate) fn parse(line: &str) -> Self {
         let mut columns = HashMap::new();
         let mut width = 0;
         for (i, field) in line.split('\t').enumerate() {
@@ -82,7 +82,7 @@ impl Header {
         }
     }
 
-    fn require(&self, path: &Path, column: &str) -> Result<usize, DataError> {
+    pub(crate) fn require(&self, path: &Path, column: &str) -> Result<usize, DataError> {
         self.columns
             .get(column)
             .copied()

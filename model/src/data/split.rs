@@ -3,7 +3,10 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::read::{load_dir_or_file, read_interactions, read_item_features, RawInteraction};
+use super::read::{
+    load_dir_or_file, read_interactions, read_item_features, InteractionFormat, RawInteraction,
+};
+use super::side::{load_side_info, side_files, SideInfo};
 use crate::error::DataError;
 
 /// Item id 0 is padding everywhere; real items are `1..=num_items`. It lives with the
@@ -52,6 +55,9 @@ pub struct Dataset {
     /// External user token of each dense user id (`users[i]` is `user_tokens[i]`).
     pub user_tokens: Vec<String>,
     pub features: Option<ItemFeatures>,
+    /// Titles, years, genres of items and ages, genders, occupations of users, when the
+    /// side files lie beside the interactions.
+    pub side: SideInfo,
 }
 
 /// Orders external tokens numerically when they all are numbers, else lexically, so that
@@ -111,6 +117,7 @@ impl Dataset {
             item_tokens,
             user_tokens,
             features: None,
+            side: SideInfo::default(),
         }
     }
 
@@ -132,7 +139,9 @@ impl Dataset {
     }
 
     /// Loads a dataset from a data file or a folder holding one (RecBole `.inter` with an
-    /// optional `.item` beside it, MovieLens `u.data` or `ratings.dat`).
+    /// optional `.item` and `.user` beside it, MovieLens `u.data` with an optional `u.item`
+    /// and `u.user`, or `ratings.dat`). Side files that are absent leave their part of
+    /// [`Dataset::side`] empty; side files that are present must be well formed.
     pub fn load(path: &Path) -> Result<Self, DataError> {
         let (inter, format, item_file) = load_dir_or_file(path)?;
         let raw = read_interactions(&inter, format)?;
@@ -145,6 +154,22 @@ impl Dataset {
         if let Some(item_file) = item_file {
             let features = read_item_features(&item_file)?;
             dataset.attach_features(&features);
+        }
+        dataset.side = load_side_info(
+            &side_files(&inter, format)?,
+            &dataset.item_tokens,
+            &dataset.user_tokens,
+        )?;
+        // `u.item` holds the genres as flags; they become the same features a RecBole
+        // `.item`'s `class` column gives.
+        if let (InteractionFormat::MovieLens100k, Some(items)) = (format, &dataset.side.items) {
+            let genres: HashMap<String, Vec<String>> = dataset
+                .item_tokens
+                .iter()
+                .enumerate()
+                .filter_map(|(id, token)| Some((token.clone(), items.get(id)?.genres.clone())))
+                .collect();
+            dataset.attach_features(&genres);
         }
         Ok(dataset)
     }
