@@ -588,6 +588,7 @@ mod tests {
         };
         let mut loss = 0.0;
         let mut dh = vec![0.0f64; n * dim];
+        let mut d_table = vec![0.0f64; v * dim];
         for i in 0..n {
             let z: Vec<f64> = (0..v)
                 .map(|j| dot(&h[i * dim..(i + 1) * dim], &table[j * dim..(j + 1) * dim]))
@@ -606,6 +607,7 @@ mod tests {
                     + (1.0 - hard) * temp * (q[j] - p[j]);
                 for k in 0..dim {
                     dh[i * dim + k] += g * f64::from(table[j * dim + k]);
+                    d_table[j * dim + k] += g * f64::from(h[i * dim + k]);
                 }
             }
         }
@@ -630,6 +632,10 @@ mod tests {
             );
             for (a, b) in out.dh.iter().zip(&dh) {
                 assert!((f64::from(*a) - b).abs() < 1e-4, "dh {a} vs {b}");
+            }
+            assert_eq!(out.d_table.len(), d_table.len());
+            for (a, b) in out.d_table.iter().zip(&d_table) {
+                assert!((f64::from(*a) - b).abs() < 1e-4, "d_table {a} vs {b}");
             }
         }
     }

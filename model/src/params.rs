@@ -56,14 +56,16 @@ impl<F: FnMut(String, Vec<usize>, Option<Vec<f32>>)> ModuleVisitor for Reader<'_
         let tensor = param.val();
         let shape = tensor.dims().to_vec();
         let values = match self.grads {
-            None => Some(host(tensor)),
-            Some(grads) => tensor.grad(grads).map(host),
+            None => Some(to_host(tensor)),
+            Some(grads) => tensor.grad(grads).map(to_host),
         };
         (self.f)(self.path.current(), shape, values);
     }
 }
 
-fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+/// A tensor's values as a flat row-major `Vec<f32>` on the host (converted from whatever
+/// float type the backend holds). The one place the crates copy a tensor out.
+pub fn to_host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data()
         .convert::<f32>()
         .try_into_vec::<f32>()

@@ -10,7 +10,7 @@ use crate::loss::{
 };
 use crate::metrics::{rank_of_target, RankingMetrics};
 use crate::model::Recommender;
-use crate::params::read_grads;
+use crate::params::{read_grads, to_host as host};
 
 /// `[batch, seq]` item ids as a burn tensor.
 pub fn id_tensor(ids: &[u32], batch: usize, seq: usize, device: &Device) -> Tensor<2, Int> {
@@ -26,13 +26,6 @@ pub fn loss_positions(targets: &[u32]) -> (Vec<i64>, Vec<u32>) {
         .filter(|(_, &t)| t != PAD)
         .map(|(i, &t)| (i as i64, t))
         .unzip()
-}
-
-pub(crate) fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .unwrap_or_default()
 }
 
 /// The result of one forward/backward: the summed loss over `targets` positions, and the

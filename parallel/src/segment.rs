@@ -20,7 +20,9 @@ use meshrec_comm::{CommError, Communicator, ReduceOp};
 use meshrec_model::data::Batch;
 use meshrec_model::loss::VocabReducer;
 use meshrec_model::model::{Block, BlockDims, ItemEmbedding, Norm};
-use meshrec_model::params::{accumulate_grads, param_paths, read_values, write_values, ParamInfo};
+use meshrec_model::params::{
+    accumulate_grads, param_paths, read_values, to_host as host, write_values, ParamInfo,
+};
 use meshrec_model::step::{id_tensor, tied_softmax_surrogate};
 use meshrec_model::{ModelConfig, Recommender};
 use rand::{Rng, SeedableRng};
@@ -95,13 +97,6 @@ impl VocabReducer for TpReducer<'_> {
         }
         Ok(())
     }
-}
-
-fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .unwrap_or_default()
 }
 
 /// Sums a tensor over the TP group through host memory; untouched with one rank.

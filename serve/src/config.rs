@@ -3,6 +3,7 @@
 //! section.key=value` overrides. The defaults are the plain baseline: no batching, fp32,
 //! one worker, no autoscaling.
 
+use std::cmp::Ordering;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -241,13 +242,13 @@ impl ServeConfig {
             ));
         }
         let a = &self.autoscale;
-        if a.tick_ms == 0 || !(a.target_p95_ms > 0.0) {
+        if a.tick_ms == 0 || a.target_p95_ms.partial_cmp(&0.0) != Some(Ordering::Greater) {
             return Err(ServeError::invalid(
                 "autoscale.tick_ms",
                 "tick_ms and target_p95_ms must be positive",
             ));
         }
-        if !(a.down_queue_per_worker < a.up_queue_per_worker) {
+        if a.down_queue_per_worker.partial_cmp(&a.up_queue_per_worker) != Some(Ordering::Less) {
             return Err(ServeError::invalid(
                 "autoscale.down_queue_per_worker",
                 "must be below up_queue_per_worker (the gap is the hysteresis band)",

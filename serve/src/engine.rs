@@ -9,6 +9,7 @@ use burn::module::Module;
 use burn::tensor::Device;
 use meshrec_model::data::{EvalBatch, PAD};
 use meshrec_model::loss::{score_into, TableShard};
+use meshrec_model::params::to_host as host;
 use meshrec_model::step::last_hidden;
 use meshrec_model::Recommender;
 
@@ -51,7 +52,11 @@ impl Query {
 }
 
 enum Forward {
-    Burn { model: Recommender, device: Device },
+    // Boxed: the module is far larger than the host model's handle.
+    Burn {
+        model: Box<Recommender>,
+        device: Device,
+    },
     Host(HostModel),
 }
 
@@ -68,13 +73,6 @@ pub struct Engine {
     vocab: usize,
     pub max_len: usize,
     pub settings: EngineSettings,
-}
-
-fn host<const D: usize>(t: burn::tensor::Tensor<D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .unwrap_or_default()
 }
 
 impl Engine {
@@ -95,7 +93,7 @@ impl Engine {
         } else {
             let forward = match settings.kernels {
                 Kernels::Burn => Forward::Burn {
-                    model: model.clone().valid().fork(device).no_grad(),
+                    model: Box::new(model.clone().valid().fork(device).no_grad()),
                     device: device.clone(),
                 },
                 Kernels::Host => Forward::Host(HostModel::new(model, false, None)),
@@ -125,19 +123,24 @@ impl Engine {
         }
     }
 
-    /// The final hidden state at the last position of each context, `[n, d]`.
+    /// The final hidden state at the last position of each context, `[n, d]`. The model
+    /// reads the most recent `max_len` items of each (non-empty) context, as offline
+    /// evaluation does.
     pub fn last_hidden(&self, contexts: &[&[u32]]) -> Vec<f32> {
+        let s = self.max_len;
+        let contexts: Vec<&[u32]> = contexts
+            .iter()
+            .map(|c| &c[c.len().saturating_sub(s)..])
+            .collect();
         match &self.forward {
-            Forward::Host(m) => m.last_hidden(contexts),
+            Forward::Host(m) => m.last_hidden(&contexts),
             Forward::Burn { model, device } => {
                 // Right-padded to max_len, as offline evaluation pads: the same shapes give
                 // the same numbers.
-                let s = self.max_len;
                 let n = contexts.len();
                 let mut flat = vec![PAD; n * s];
                 let mut lengths = Vec::with_capacity(n);
                 for (i, c) in contexts.iter().enumerate() {
-                    let c = &c[c.len().saturating_sub(s)..];
                     flat[i * s..i * s + c.len()].copy_from_slice(c);
                     lengths.push(c.len());
                 }

@@ -5,19 +5,12 @@
 //! alone, the only one a recommendation reads. The projections are f32 (`gemm`) or int8
 //! per output channel ([`crate::quant::Int8Linear`]).
 
-use burn::tensor::Tensor;
 use meshrec_model::kernels::{matmul_into, MatRef};
 use meshrec_model::model::{Block, Norm};
+use meshrec_model::params::to_host as host;
 use meshrec_model::Recommender;
 
 use crate::quant::{Int8Linear, Int8Rows};
-
-fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .unwrap_or_default()
-}
 
 /// A projection with burn's `[d_in, d_out]` weight, in f32 or int8.
 #[derive(Debug, Clone)]
@@ -393,4 +386,91 @@ fn gather_rows(x: &[f32], rows: &[usize], d: usize) -> Vec<f32> {
         out.extend_from_slice(&x[r * d..(r + 1) * d]);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::tensor::Device;
+    use meshrec_model::config::{MlpKind, NormKind, Positions};
+    use meshrec_model::params::{init_normal, to_host};
+    use meshrec_model::step::id_tensor;
+    use meshrec_model::{ModelConfig, Preset, Recommender};
+
+    use super::*;
+
+    /// The host forward equals burn's `Recommender::hidden` at each context's last
+    /// position for every architecture option the model has (norm, MLP, positions, input
+    /// scaling, genre side-features) and for contexts of every length up to `max_len`.
+    #[test]
+    fn host_forward_matches_burn_for_every_architecture_option() {
+        let device = Device::flex();
+        let num_items = 30;
+        let num_genres = 5;
+        let item_genres: Vec<Vec<u32>> = (0..=num_items as u32)
+            .map(|i| vec![i % 5, (i / 5) % 5])
+            .collect();
+        let variants = [
+            (
+                NormKind::Rms,
+                MlpKind::Gelu,
+                Positions::Learned,
+                false,
+                false,
+            ),
+            (
+                NormKind::Layer,
+                MlpKind::Gelu,
+                Positions::Learned,
+                false,
+                false,
+            ),
+            (
+                NormKind::Rms,
+                MlpKind::SwiGlu,
+                Positions::Learned,
+                false,
+                false,
+            ),
+            (NormKind::Rms, MlpKind::Gelu, Positions::Rope, false, false),
+            (
+                NormKind::Layer,
+                MlpKind::SwiGlu,
+                Positions::Rope,
+                true,
+                true,
+            ),
+        ];
+        for (v, &(norm, mlp, positions, scale_embedding, genres)) in variants.iter().enumerate() {
+            let mut config = ModelConfig::preset(Preset::Tiny, num_items);
+            config.norm = norm;
+            config.mlp = mlp;
+            config.positions = positions;
+            config.scale_embedding = scale_embedding;
+            config.num_genres = genres.then_some(num_genres);
+            let model = Recommender::new(&config, genres.then_some(&item_genres[..]), &device);
+            let model = init_normal(model, 11 + v as u64, 0.3, config.n_layers, &device);
+            let host_model = HostModel::new(&model, false, None);
+            let d = config.d_model;
+            let contexts: Vec<Vec<u32>> = (1..=config.max_len)
+                .map(|len| {
+                    (0..len)
+                        .map(|p| 1 + ((p * 7 + len) % num_items) as u32)
+                        .collect()
+                })
+                .collect();
+            let refs: Vec<&[u32]> = contexts.iter().map(|c| c.as_slice()).collect();
+            let host_h = host_model.last_hidden(&refs);
+            for (i, c) in contexts.iter().enumerate() {
+                let burn_h = to_host(model.hidden(id_tensor(c, 1, c.len(), &device)));
+                let expected = &burn_h[(c.len() - 1) * d..c.len() * d];
+                for (a, b) in host_h[i * d..(i + 1) * d].iter().zip(expected) {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+                        "variant {v}, length {}: host {a} vs burn {b}",
+                        c.len()
+                    );
+                }
+            }
+        }
+    }
 }

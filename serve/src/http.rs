@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
@@ -115,6 +116,8 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// Validates a request into a query (or the 4xx that refuses it) and the unknown ids.
+// The error is axum's own response, returned as is by the handler: boxing it buys nothing.
+#[allow(clippy::result_large_err)]
 fn to_query(state: &AppState, body: &[u8]) -> Result<(Query, Vec<String>), Response> {
     let value: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("invalid JSON: {e}")))?;
@@ -202,11 +205,25 @@ fn to_query(state: &AppState, body: &[u8]) -> Result<(Query, Vec<String>), Respo
     ))
 }
 
-async fn recommend(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+async fn recommend(
+    State(state): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     state
         .metrics
         .accepted
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // A body over the limit (413) or one that cannot be read gets a JSON error like every
+    // other refusal.
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            return error(
+                rejection.status(),
+                format!("request body: {}", rejection.body_text()),
+            )
+        }
+    };
     let (query, unknown) = match to_query(&state, &body) {
         Ok(q) => q,
         Err(response) => return response,

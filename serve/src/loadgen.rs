@@ -15,6 +15,8 @@ use rand_distr::{Distribution, Exp};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use meshrec_model::data::Dataset;
+
 use crate::error::ServeError;
 use crate::http::RecommendResponse;
 use crate::metrics::scrape_value;
@@ -63,25 +65,27 @@ pub struct LoadReport {
     pub wall_s: f64,
 }
 
-/// Only loopback targets: a load test never leaves this machine.
+/// Only loopback targets: a load test never leaves this machine. The host must be
+/// `localhost` or a loopback IP address (127.0.0.0/8, ::1), parsed, not prefix-matched.
 pub fn check_loopback(url: &str) -> Result<(), ServeError> {
-    let host = url
-        .strip_prefix("http://")
-        .ok_or_else(|| ServeError::Load(format!("`{url}`: only http:// URLs")))?
-        .split(['/', ':'])
-        .next()
-        .unwrap_or("");
-    let ok = host == "localhost"
-        || host.starts_with("127.")
-        || url
-            .strip_prefix("http://")
-            .is_some_and(|r| r.starts_with("[::1]"));
-    if ok {
+    let refuse = |why: &str| {
+        ServeError::Load(format!(
+            "`{url}`: {why}; load is only sent to loopback addresses (127.0.0.0/8, localhost, [::1])"
+        ))
+    };
+    let parsed = reqwest::Url::parse(url).map_err(|e| refuse(&format!("not a URL ({e})")))?;
+    if parsed.scheme() != "http" {
+        return Err(refuse("only http:// URLs"));
+    }
+    let host = parsed.host_str().unwrap_or("");
+    let ip = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>();
+    if host == "localhost" || ip.is_ok_and(|ip| ip.is_loopback()) {
         Ok(())
     } else {
-        Err(ServeError::Load(format!(
-            "`{url}`: load is only sent to loopback addresses (127.0.0.0/8, localhost, [::1])"
-        )))
+        Err(refuse(&format!("host `{host}` is not loopback")))
     }
 }
 
@@ -133,7 +137,8 @@ async fn send(
 struct Tally {
     latencies_ms: Vec<f64>,
     statuses: BTreeMap<String, usize>,
-    finished: Vec<Instant>,
+    /// When the last request finished (the end of the throughput window).
+    last_finished: Option<Instant>,
 }
 
 impl Tally {
@@ -142,7 +147,7 @@ impl Tally {
         if status == 200 {
             self.latencies_ms.push(latency_ms);
         }
-        self.finished.push(Instant::now());
+        self.last_finished = Some(Instant::now());
     }
 }
 
@@ -157,7 +162,7 @@ fn report(mode: &str, arrivals: Arrivals, tally: Tally, start: Instant) -> LoadR
         .filter(|(s, _)| s.starts_with('5'))
         .map(|(_, n)| n)
         .sum();
-    let end = tally.finished.iter().max().copied().unwrap_or(start);
+    let end = tally.last_finished.unwrap_or(start);
     let wall = end.duration_since(start).as_secs_f64().max(1e-9);
     let (concurrency, rate) = match arrivals {
         Arrivals::Closed { concurrency } => (Some(concurrency), None),
@@ -292,6 +297,23 @@ pub async fn run(
 pub struct EvalCase {
     pub history: Vec<String>,
     pub target: String,
+}
+
+/// The test split's cases in raw ids, in user order: each evaluated user's train and valid
+/// items (what `meshrec eval` ranks from) and the test item.
+pub fn test_cases(dataset: &Dataset) -> Vec<EvalCase> {
+    let raw = |i: &u32| dataset.item_tokens[*i as usize].clone();
+    dataset
+        .users
+        .iter()
+        .filter_map(|u| {
+            let (valid, test) = (u.valid?, u.test?);
+            Some(EvalCase {
+                history: u.train.iter().chain([&valid]).map(raw).collect(),
+                target: raw(&test),
+            })
+        })
+        .collect()
 }
 
 /// Ranking accuracy measured through the service.
@@ -475,4 +497,56 @@ pub async fn step(
         let _ = t.await;
     }
     Ok(samples)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_loopback_hosts_are_loaded() {
+        for ok in [
+            "http://127.0.0.1:8080",
+            "http://127.3.2.1/",
+            "http://localhost:9000/v1",
+            "http://[::1]:8080",
+        ] {
+            assert!(check_loopback(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://127.0.0.1.example.com:8080",
+            "http://10.0.0.1:8080",
+            "https://127.0.0.1:8080",
+            "http://[::2]:80",
+            "127.0.0.1:8080",
+        ] {
+            assert!(check_loopback(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn nearest_rank_quantiles_and_ranks_with_ties_counted_against() {
+        let v = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0];
+        assert_eq!(quantile(&v, 0.5), 5.0);
+        assert_eq!(quantile(&v, 0.95), 10.0);
+        assert_eq!(quantile(&v, 0.0), 1.0);
+        assert!(quantile(&[], 0.5).is_nan());
+        let answer = RecommendResponse {
+            items: [("a", 3.0), ("b", 2.0), ("c", 2.0), ("d", 1.0)]
+                .iter()
+                .map(|(i, s)| crate::http::Recommended {
+                    item: i.to_string(),
+                    score: *s,
+                })
+                .collect(),
+            unknown: Vec::new(),
+            model: String::new(),
+        };
+        assert_eq!(rank_in_answer(&answer, "a"), Some(1));
+        // b and c tie: each ranks behind the other.
+        assert_eq!(rank_in_answer(&answer, "c"), Some(3));
+        assert_eq!(rank_in_answer(&answer, "b"), Some(3));
+        assert_eq!(rank_in_answer(&answer, "d"), Some(4));
+        assert_eq!(rank_in_answer(&answer, "z"), None);
+    }
 }

@@ -9,7 +9,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, unbounded, Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TrySendError};
 use meshrec_model::Recommender;
 
 use crate::autoscale::{Autoscaler, Signals};
@@ -93,18 +93,22 @@ impl Pool {
             waiting: AtomicUsize::new(0),
             order: Mutex::new((0..n).collect()),
         });
-        let (ready_tx, ready_rx) = unbounded::<(usize, Ready)>();
+        let (ready_tx, ready_rx) = bounded::<(usize, Ready)>(n);
         let mut worker_txs = Vec::new();
         let mut workers = Vec::new();
         for w in 0..n {
-            let (tx, rx) = unbounded::<Vec<Job>>();
+            // Bounded like everything else: the dispatcher never gives a worker more than
+            // `max_inflight` batches, so a send never waits.
+            let (tx, rx) = bounded::<Vec<Job>>(config.workers.max_inflight);
             worker_txs.push(tx);
             let device_name = config.workers.devices[w].clone();
             let model = model.clone();
             let shared = shared.clone();
             let metrics = metrics.clone();
             let ready = ready_tx.clone();
-            let warm_rows = config.batching.max_batch;
+            // The warm-up batch only ranks the workers (real batches refine the speed), so
+            // a huge max_batch does not make it allocate without bound.
+            let warm_rows = config.batching.max_batch.min(256);
             let handle = std::thread::Builder::new()
                 .name(format!("meshrec-worker-{w}"))
                 .spawn(move || {
@@ -347,11 +351,10 @@ fn batch_loop(
         loads[w].inflight_rows += rows;
         drop(loads);
         metrics.batch_size.observe(rows as f64);
-        if let Err(e) = workers[w].send(batch) {
-            // The worker is gone (it panicked): its jobs' replies drop, their requests get
-            // 500s; the others go on.
-            drop(e);
-        }
+        // The channel holds at most `max_inflight` batches and the dispatcher never gives a
+        // worker more, so this does not wait; it fails only if the worker thread is gone,
+        // and then the batch's replies drop (500s).
+        let _ = workers[w].send(batch);
     }
 }
 
@@ -369,11 +372,19 @@ fn worker_loop(
         let start = Instant::now();
         let (queries, replies): (Vec<Query>, Vec<_>) =
             batch.into_iter().map(|j| (j.query, j.reply)).unzip();
-        let results = engine.recommend(&queries);
+        // A panic inside the engine fails this batch alone: its replies drop (their
+        // requests get 500s), the worker stays in the pool and its counts stay right.
+        let results =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| engine.recommend(&queries)));
         let seconds = start.elapsed().as_secs_f64();
-        for (reply, result) in replies.into_iter().zip(results) {
-            // A client that went away drops its receiver; nothing to do.
-            let _ = reply.send(result);
+        match results {
+            Ok(results) => {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    // A client that went away drops its receiver; nothing to do.
+                    let _ = reply.send(result);
+                }
+            }
+            Err(_) => tracing::error!(worker = w, rows, "the engine panicked on a batch"),
         }
         let wm = &metrics.workers[w];
         wm.batches.fetch_add(1, Ordering::Relaxed);

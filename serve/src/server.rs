@@ -106,9 +106,13 @@ impl Service {
                 addr,
                 message: e.to_string(),
             })?;
-        // Every connection is closed, so every accepted request has its answer; the pool's
-        // queue is empty. Drop the state (and with it the pool, which joins its threads).
-        drop(self.state);
+        // Every connection is closed, so every accepted request has its answer and the
+        // router's references to the state are gone. Dropping the state drops the pool,
+        // which joins its threads: blocking work, so it runs off the async workers.
+        let state = self.state;
+        tokio::task::spawn_blocking(move || drop(state))
+            .await
+            .map_err(|e| ServeError::Stopped(format!("stopping the worker pool: {e}")))?;
         Ok(())
     }
 }

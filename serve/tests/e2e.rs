@@ -83,19 +83,11 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Test-time histories (train + valid, raw ids), targets and the users' dense histories.
+/// Test-time histories (train + valid, raw ids), in user order.
 fn test_histories(dataset: &Dataset) -> Vec<Vec<String>> {
-    dataset
-        .users
-        .iter()
-        .filter(|u| u.test.is_some())
-        .map(|u| {
-            u.train
-                .iter()
-                .chain(u.valid.as_ref())
-                .map(|&i| dataset.item_tokens[i as usize].clone())
-                .collect()
-        })
+    loadgen::test_cases(dataset)
+        .into_iter()
+        .map(|c| c.history)
         .collect()
 }
 
@@ -170,10 +162,11 @@ fn fp32_top10_equals_the_offline_ranking_with_and_without_batching() {
         let client = loadgen::client(16).unwrap();
         let answers: Vec<RecommendResponse> = rt.block_on(async {
             let mut tasks = Vec::new();
-            for h in histories.iter().take(100).cloned() {
+            for h in histories.iter().take(100) {
                 let (client, url) = (client.clone(), url.clone());
+                let request = json!({"history": h, "k": 10});
                 tasks.push(tokio::spawn(async move {
-                    let (status, body) = post(&client, &url, json!({"history": h, "k": 10})).await;
+                    let (status, body) = post(&client, &url, request).await;
                     assert_eq!(status, 200, "{body}");
                     serde_json::from_value::<RecommendResponse>(body).unwrap()
                 }));
@@ -270,6 +263,11 @@ fn every_bad_input_gets_its_status_and_the_next_good_request_succeeds() {
             .await
             .unwrap();
         assert_eq!(resp.status().as_u16(), 413);
+        let text = resp.text().await.unwrap();
+        assert!(
+            text.contains("\"error\"") && text.contains("limit"),
+            "{text}"
+        );
         // Unknown items are listed, not fatal; a user's history is served.
         let mixed = json!({"history": [good_history[0].clone(), "x-unknown"], "k": 5});
         let (status, answer) = post(&client, &url, mixed).await;

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use meshrec_model::data::Dataset;
 use meshrec_serve::loadgen::{self, Arrivals, EvalCase, LoadSpec, Phase, ServedAccuracy};
 use meshrec_serve::plot::{self, Series};
 use meshrec_serve::{RunningServer, ServeConfig, Service};
@@ -53,7 +52,10 @@ fn args() -> Result<Args> {
                 ))
             }
             other => {
-                bail!("unknown argument `{other}` (--out DIR, --seconds S, --retrain, --quick)")
+                bail!(
+                    "unknown argument `{other}` (--out DIR, --seconds S, --retrain, --quick, \
+                     --teacher-weights PATH)"
+                )
             }
         }
     }
@@ -109,11 +111,11 @@ fn main() -> Result<()> {
     let config = RunConfig::load(Some(Path::new("configs/ml100k.toml")), &overrides)?;
     let dataset = meshrec_trainer::setup::load_dataset(&config)?;
 
-    // 1. The teacher: the shipped `small` recipe, trained once and reused.
+    // 1. The teacher: the shipped `small` recipe, trained once and reused, or a finished
+    // run's weights adopted (the config's model, those weights, saved as a serving
+    // checkpoint with its metadata and users). The report says which.
     let teacher = runs.join("small/best.safetensors");
-    if let (Some(weights), false) = (&a.teacher_weights, teacher.is_file() && !a.retrain) {
-        // Adopt a finished run's weights: the config's model, those weights, saved as a
-        // serving checkpoint with its metadata and users.
+    let teacher_source = if let Some(weights) = &a.teacher_weights {
         eprintln!(
             "bench serve: adopting {} as the small model",
             weights.display()
@@ -125,10 +127,17 @@ fn main() -> Result<()> {
         let meta = meshrec_model::checkpoint::CheckpointMeta::new("small", &model_config, &dataset);
         let users = meshrec_model::checkpoint::UserHistories::from_dataset(&dataset);
         meshrec_trainer::model_io::save_checkpoint(&model, &teacher, &meta, Some(&users))?;
+        format!("adopted the weights of {}", weights.display())
     } else if a.retrain || !teacher.is_file() {
         eprintln!("bench serve: training the small model (configs/ml100k.toml)");
         meshrec_trainer::train::train(&config, &device, "cpu", None)?;
-    }
+        "trained here (configs/ml100k.toml)".to_string()
+    } else {
+        format!(
+            "reused from an earlier run of this bench ({})",
+            teacher.display()
+        )
+    };
     // 2. Pruned: a quarter of the heads, half of the MLP channels, a brief fine-tune.
     let prune_options = PruneOptions {
         heads: 0.25,
@@ -226,7 +235,7 @@ fn main() -> Result<()> {
         },
     ];
 
-    let cases: Arc<Vec<EvalCase>> = Arc::new(test_cases(&dataset));
+    let cases: Arc<Vec<EvalCase>> = Arc::new(loadgen::test_cases(&dataset));
     let histories: Arc<Vec<Vec<String>>> =
         Arc::new(cases.iter().map(|c| c.history.clone()).collect());
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -310,6 +319,7 @@ fn main() -> Result<()> {
     }
     write_outputs(
         &a.out,
+        &teacher_source,
         &rows,
         &step_samples,
         &[
@@ -318,25 +328,6 @@ fn main() -> Result<()> {
             ("all (pruned student)", &student_pruned),
         ],
     )
-}
-
-fn test_cases(dataset: &Dataset) -> Vec<EvalCase> {
-    dataset
-        .users
-        .iter()
-        .filter_map(|u| {
-            let (valid, test) = (u.valid?, u.test?);
-            Some(EvalCase {
-                history: u
-                    .train
-                    .iter()
-                    .chain(std::iter::once(&valid))
-                    .map(|&i| dataset.item_tokens[i as usize].clone())
-                    .collect(),
-                target: dataset.item_tokens[test as usize].clone(),
-            })
-        })
-        .collect()
 }
 
 fn find<'a>(rows: &'a [Value], variant: &str, concurrency: usize) -> Option<&'a Value> {
@@ -350,6 +341,7 @@ fn f(v: &Value, key: &str) -> f64 {
 
 fn write_outputs(
     out: &Path,
+    teacher_source: &str,
     rows: &[Value],
     step: &[meshrec_serve::loadgen::StepSample],
     models: &[(&str, &Reduced)],
@@ -421,9 +413,13 @@ fn write_outputs(
         "reaches its peak within seconds of 1->64, back to 1 after, no reversal",
     );
 
-    let mut md = String::from(
-        "# Serving benchmark (measured on this machine; client and server share its 2 cores)\n\n\
-         | variant | clients | p50 ms | p95 ms | p99 ms | req/s | errors | NDCG@10 | HR@10 | p95 vs base | req/s vs base |\n\
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mut md = format!(
+        "# Serving benchmark (measured on this machine; client and server share its {cores} \
+         cores)\n\nThe small model: {teacher_source}.\n\n"
+    );
+    md.push_str(
+        "| variant | clients | p50 ms | p95 ms | p99 ms | req/s | errors | NDCG@10 | HR@10 | p95 vs base | req/s vs base |\n\
          |---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
@@ -488,6 +484,8 @@ fn write_outputs(
         "autoscale_step": step,
         "models": models.iter().map(|(n, m)| (n.to_string(), serde_json::to_value(m).unwrap_or(Value::Null))).collect::<BTreeMap<_, _>>(),
         "measured": "every figure measured on this machine, none modelled",
+        "cores": cores,
+        "small_model": teacher_source,
     });
     std::fs::write(out.join("serve.json"), serde_json::to_string_pretty(&json)?)?;
     let mut names: Vec<&str> = Vec::new();

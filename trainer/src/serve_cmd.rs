@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use meshrec_model::data::Dataset;
-use meshrec_serve::loadgen::{self, Arrivals, EvalCase, LoadReport, LoadSpec, Phase};
+use meshrec_serve::loadgen::{self, Arrivals, LoadReport, LoadSpec, Phase};
 use meshrec_serve::plot::{self, Series};
 use meshrec_serve::{ServeConfig, Service};
 use meshrec_trainer::serving::{self, DistillOptions, PruneOptions, Reduced};
@@ -89,28 +89,6 @@ pub struct LoadgenArgs {
     out: PathBuf,
 }
 
-/// The test split's cases in raw ids: each evaluated user's train and valid items, and the
-/// test item.
-pub fn test_cases(dataset: &Dataset) -> Vec<EvalCase> {
-    dataset
-        .users
-        .iter()
-        .filter_map(|u| {
-            let (valid, test) = (u.valid?, u.test?);
-            let history = u
-                .train
-                .iter()
-                .chain(std::iter::once(&valid))
-                .map(|&i| dataset.item_tokens[i as usize].clone())
-                .collect();
-            Some(EvalCase {
-                history,
-                target: dataset.item_tokens[test as usize].clone(),
-            })
-        })
-        .collect()
-}
-
 fn parse_step(text: &str) -> anyhow::Result<Vec<Phase>> {
     text.split(',')
         .map(|part| {
@@ -134,7 +112,7 @@ fn parse_step(text: &str) -> anyhow::Result<Vec<Phase>> {
 pub fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
     loadgen::check_loopback(&args.url)?;
     let dataset = Dataset::load(&args.data)?;
-    let cases = test_cases(&dataset);
+    let cases = loadgen::test_cases(&dataset);
     anyhow::ensure!(
         !cases.is_empty(),
         "{}: no user has a test item",

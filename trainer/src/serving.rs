@@ -14,17 +14,20 @@ use meshrec_model::data::{Batch, Dataset, EvalSet, EvalSplit, TrainSet};
 use meshrec_model::loss::{
     fused_distill_cross_entropy, DistillWeights, TableShard, DEFAULT_CHUNK_ROWS,
 };
-use meshrec_model::optim::{clip_by_global_norm, sum_of_squares, AdamW, LrSchedule};
-use meshrec_model::params::{param_paths, read_grads, read_values, write_values};
+use meshrec_model::optim::LrSchedule;
+use meshrec_model::params::{param_paths, read_grads, to_host as host};
 use meshrec_model::step::{forward_backward, id_tensor, loss_positions, StepOutput};
 use meshrec_model::Recommender;
 use meshrec_serve::prune;
 use serde::Serialize;
 
+use crate::checkpoint::Progress;
 use crate::config::RunConfig;
+use crate::early_stop::{EarlyStopping, Verdict, METRIC};
 use crate::error::RunError;
 use crate::model_io::{evaluate, save_checkpoint};
-use crate::setup::{adamw_config, build_model, dropout_seed, load_dataset};
+use crate::setup::{build_model, load_dataset};
+use crate::single::SingleDevice;
 
 /// What a reduction produced.
 #[derive(Debug, Clone, Serialize)]
@@ -74,13 +77,6 @@ pub fn inner_device(device: &Device) -> Device {
     Tensor::<1>::zeros([1], device).without_autodiff().device()
 }
 
-fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .unwrap_or_default()
-}
-
 fn checkpoint_error(path: &Path, e: impl std::fmt::Display) -> RunError {
     RunError::Checkpoint {
         path: path.into(),
@@ -101,9 +97,10 @@ fn check_catalogue(dataset: &Dataset, meta: &CheckpointMeta, path: &Path) -> Res
     Ok(())
 }
 
-/// Trains `model` for up to `epochs` with `step` (one forward/backward of a batch), host
-/// AdamW under the run's settings at a constant `lr` after the warm-up, and keeps the
-/// parameters of the best valid NDCG@10. Returns the best model and its valid metrics.
+/// Trains `model` for up to `epochs` with `step` (one forward/backward of a batch) on the
+/// trainer's single-device stepper (host AdamW under the run's settings, at a constant `lr`
+/// after the warm-up), stopping early by the trainer's rule on valid NDCG@10, and keeps the
+/// best model (the starting one included). Returns it, its valid metrics and its epoch.
 fn train_reduced(
     model: Recommender,
     dataset: &Dataset,
@@ -120,10 +117,7 @@ fn train_reduced(
         return Err(RunError::NoTrainingData);
     }
     let valid = EvalSet::new(dataset, max_len, EvalSplit::Valid);
-    let infos = param_paths(&model);
-    let mut values = read_values(&model);
-    let mut optimizer = AdamW::new(adamw_config(config), infos.iter().map(|p| p.numel()));
-    let decay: Vec<bool> = infos.iter().map(|p| p.shape.len() > 1).collect();
+    let report = |m: &Recommender| evaluate(m, &valid, config.eval.batch_size, device).report();
     let t = &config.train;
     let batches = train_set.len().div_ceil(t.batch_size) as u64;
     let schedule = LrSchedule {
@@ -132,45 +126,30 @@ fn train_reduced(
         total_steps: batches * epochs.max(1),
         min_ratio: t.min_lr_ratio,
     };
-    let mut model = model;
-    let mut best = (
-        evaluate(&model, &valid, config.eval.batch_size, device).report(),
-        values.clone(),
-        0u64,
-    );
-    let mut since_best = 0;
+    let early_stop = EarlyStopping { patience };
+    let mut progress = Progress::default();
+    let mut best = model.clone();
+    early_stop.observe(&mut progress, 0, &report(&model));
+    let mut stepper = SingleDevice::new(model, config, device);
     let mut global = 0u64;
     for epoch in 0..epochs {
         for batch in train_set.epoch(t.seed, epoch, t.batch_size) {
-            meshrec_model::dropout::seed_dropout(dropout_seed(t.seed, global));
-            let mut out = step(&model, &batch);
-            let norm = sum_of_squares(&out.grads).sqrt();
-            if norm.is_finite() {
-                clip_by_global_norm(&mut out.grads, norm, t.clip_norm);
-                optimizer.update(&mut values, &out.grads, schedule.at(global) as f32, &decay);
-                model = write_values(model, &values, device);
-            }
+            stepper.step_with(&batch, global, schedule.at(global) as f32, step);
             global += 1;
         }
-        let report = evaluate(&model, &valid, config.eval.batch_size, device).report();
-        let ndcg = report.get("ndcg@10").copied().unwrap_or(0.0);
+        let valid_report = report(stepper.model());
         tracing::info!(
             epoch = epoch + 1,
-            ndcg10 = format!("{ndcg:.4}"),
+            ndcg10 = format!("{:.4}", valid_report.get(METRIC).copied().unwrap_or(0.0)),
             "reduced model epoch"
         );
-        if ndcg > best.0.get("ndcg@10").copied().unwrap_or(0.0) {
-            best = (report, values.clone(), epoch + 1);
-            since_best = 0;
-        } else {
-            since_best += 1;
-            if patience > 0 && since_best >= patience {
-                break;
-            }
+        match early_stop.observe(&mut progress, epoch + 1, &valid_report) {
+            Verdict::Improved => best = stepper.model().clone(),
+            Verdict::NoBetter => {}
+            Verdict::Stop => break,
         }
     }
-    let model = write_values(model, &best.1, device);
-    Ok((model, best.0, best.2))
+    Ok((best, progress.best_valid, progress.best_epoch))
 }
 
 fn test_report(

@@ -5,7 +5,7 @@ use burn::tensor::Device;
 use meshrec_model::data::Batch;
 use meshrec_model::optim::{clip_by_global_norm, sum_of_squares, AdamW};
 use meshrec_model::params::{param_paths, read_values, write_values, ParamInfo};
-use meshrec_model::step::forward_backward;
+use meshrec_model::step::{forward_backward, StepOutput};
 use meshrec_model::Recommender;
 
 use crate::checkpoint::{StateKind, TrainState};
@@ -45,16 +45,24 @@ impl SingleDevice {
     }
 }
 
-impl Stepper for SingleDevice {
-    fn step(&mut self, batch: &Batch, step: u64, lr: f32) -> Result<StepResult, RunError> {
+impl SingleDevice {
+    /// The model as it stands (a module clone shares its tensors: cheap to keep).
+    pub fn model(&self) -> &Recommender {
+        &self.model
+    }
+
+    /// One optimizer step whose gradients come from `grads` (the next-item loss in
+    /// training; distillation passes its own): dropout seeded for `step`, the global norm
+    /// checked (a non-finite one skips the update), clipping, host AdamW at `lr`.
+    pub fn step_with(
+        &mut self,
+        batch: &Batch,
+        step: u64,
+        lr: f32,
+        grads: impl FnOnce(&Recommender, &Batch) -> StepOutput,
+    ) -> StepResult {
         meshrec_model::dropout::seed_dropout(dropout_seed(self.seed, step));
-        let targets = batch.num_targets();
-        let mut out = forward_backward(
-            &self.model,
-            batch,
-            1.0 / targets.max(1) as f32,
-            &self.device,
-        );
+        let mut out = grads(&self.model, batch);
         if self.faults.poisons(step) {
             poison_first(&mut out.grads);
         }
@@ -67,14 +75,28 @@ impl Stepper for SingleDevice {
             // A module clone shares its tensors: cheap.
             self.model = write_values(self.model.clone(), &self.values, &self.device);
         }
-        Ok(StepResult {
+        StepResult {
             loss_sum: out.loss_sum,
             loss_targets: out.targets,
             targets: out.targets,
             skipped,
             parallel: None,
             migration: None,
-        })
+        }
+    }
+}
+
+impl Stepper for SingleDevice {
+    fn step(&mut self, batch: &Batch, step: u64, lr: f32) -> Result<StepResult, RunError> {
+        let device = self.device.clone();
+        Ok(self.step_with(batch, step, lr, |model, batch| {
+            forward_backward(
+                model,
+                batch,
+                1.0 / batch.num_targets().max(1) as f32,
+                &device,
+            )
+        }))
     }
 
     fn full_model(&mut self) -> Result<Recommender, RunError> {

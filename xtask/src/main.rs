@@ -55,6 +55,10 @@ enum Cmd {
         /// `--set key=value` overrides for the runs of the accuracy benchmarks.
         #[arg(long = "set")]
         set: Vec<String>,
+        /// Arguments after `--`, passed to the benchmark program (`serve` only:
+        /// `--teacher-weights PATH`, `--seconds S`, `--retrain`, `--quick`).
+        #[arg(last = true)]
+        extra: Vec<String>,
     },
     /// The cluster simulator's predicted step time against the measured one, for every
     /// layout that runs on this machine (`target/bench/validate-sim.{json,md}`).
@@ -163,7 +167,10 @@ fn demo(set: &[String]) -> Result<()> {
     run(&mut cmd)
 }
 
-fn bench(name: &str) -> Result<()> {
+fn bench(name: &str, extra: &[String]) -> Result<()> {
+    if !extra.is_empty() && name != "serve" {
+        bail!("arguments after `--` are passed to the `serve` benchmark only");
+    }
     std::fs::create_dir_all(bench_dir())?;
     match name {
         "train" => {
@@ -260,7 +267,8 @@ fn bench(name: &str) -> Result<()> {
                     "--",
                     "--out",
                 ])
-                .arg(bench_dir()))
+                .arg(bench_dir())
+                .args(extra))
         }
         // Simulated, not measured: the planner's best hybrid against the best single-mode
         // layouts on 8–64 modelled GPUs; writes paper.{md,json,svg}.
@@ -478,7 +486,7 @@ fn ci() -> Result<()> {
     ]))?;
     // Timings on a shared CI machine are too noisy to gate on: no --max-error here.
     validate_sim(true, None)?;
-    bench("paper")?;
+    bench("paper", &[])?;
     // MPI: the collective self-test across processes.
     run(cargo().args([
         "build",
@@ -635,6 +643,7 @@ fn main() -> Result<()> {
             peer,
             seeds,
             set,
+            extra,
         } => match name.as_str() {
             "recipe" => {
                 if data::verify_ml100k(&root().join("data/ml-100k")).is_err() {
@@ -642,7 +651,7 @@ fn main() -> Result<()> {
                 }
                 recipe::bench(&seeds, peer, &set)
             }
-            _ => bench(&name),
+            _ => bench(&name, &extra),
         },
         Cmd::ValidateSim { quick, max_error } => validate_sim(quick, max_error),
         Cmd::FileCycles => cycles::check_workspace(),
