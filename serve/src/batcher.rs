@@ -1,5 +1,8 @@
-//! When a dynamic batch closes: at `max_batch` requests, or once its first request has
-//! waited `max_delay_us` (Triton's dynamic batcher's two knobs). The decision is a pure
+//! When a dynamic batch closes: at `max_batch` requests, once its first request has waited
+//! `max_delay_us` (Triton's dynamic batcher's two knobs), or at once while a worker sits
+//! idle (work-conserving, as Clipper's adaptive batching: waiting for company only pays while
+//! every worker is busy; otherwise it adds the delay to an unloaded server's latency and
+//! leaves a worker idle). The decision is a pure
 //! function of times in microseconds, so tests drive it with a simulated clock; the pool's
 //! batching thread applies it to its queue.
 
@@ -21,10 +24,10 @@ pub struct BatchPolicy {
 
 impl BatchPolicy {
     /// The decision for a batch of `len` requests whose first arrived at `first_us`, at
-    /// `now_us`.
-    pub fn decide(&self, len: usize, first_us: u64, now_us: u64) -> Decision {
+    /// `now_us`, with `worker_idle` telling whether some worker has nothing in flight.
+    pub fn decide(&self, len: usize, first_us: u64, now_us: u64, worker_idle: bool) -> Decision {
         let deadline = first_us.saturating_add(self.max_delay_us);
-        if len >= self.max_batch || now_us >= deadline {
+        if worker_idle || len >= self.max_batch || now_us >= deadline {
             Decision::Close
         } else {
             Decision::WaitUntil(deadline)
@@ -55,7 +58,7 @@ mod tests {
                 current.push(arrivals[i]);
                 i += 1;
             }
-            match policy.decide(current.len(), current[0], now) {
+            match policy.decide(current.len(), current[0], now, false) {
                 Decision::Close => batches.push(std::mem::take(&mut current)),
                 Decision::WaitUntil(t) => match arrivals.get(i) {
                     Some(&a) if a <= t => {
@@ -75,6 +78,18 @@ mod tests {
             max_batch: 1,
             max_delay_us: 1000,
         };
-        assert_eq!(off.decide(1, 0, 0), Decision::Close);
+        assert_eq!(off.decide(1, 0, 0, false), Decision::Close);
+    }
+
+    /// An idle worker takes the batch as it is; busy workers let it wait for the deadline.
+    #[test]
+    fn an_idle_worker_closes_the_batch_at_once() {
+        let policy = BatchPolicy {
+            max_batch: 32,
+            max_delay_us: 2000,
+        };
+        assert_eq!(policy.decide(1, 0, 10, true), Decision::Close);
+        assert_eq!(policy.decide(1, 0, 10, false), Decision::WaitUntil(2000));
+        assert_eq!(policy.decide(5, 0, 2000, false), Decision::Close);
     }
 }

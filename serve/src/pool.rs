@@ -322,7 +322,19 @@ fn batch_loop(
         let first_us = micros(Instant::now());
         let mut batch = vec![first];
         loop {
-            match policy.decide(batch.len(), first_us, micros(Instant::now())) {
+            // What has queued meanwhile joins without waiting.
+            while batch.len() < policy.max_batch {
+                match queue.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            let worker_idle = shared
+                .loads
+                .lock()
+                .map(|loads| loads.iter().any(|l| l.active && l.inflight_batches == 0))
+                .unwrap_or(false);
+            match policy.decide(batch.len(), first_us, micros(Instant::now()), worker_idle) {
                 Decision::Close => break,
                 Decision::WaitUntil(t) => {
                     let wait = Duration::from_micros(t.saturating_sub(micros(Instant::now())));
