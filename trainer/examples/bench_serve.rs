@@ -149,10 +149,11 @@ fn main() -> Result<()> {
     let pruned_path = runs.join("small-pruned.safetensors");
     let pruned =
         serving::prune_checkpoint(&config, &teacher, &prune_options, &pruned_path, &device)?;
-    // 3. The lighter model: a student of half the width distilled from the teacher.
+    // 3. The lighter model: a one-block student distilled from the teacher (half the depth
+    // keeps more accuracy than half the width: a d_model 32 student lost a quarter of NDCG).
     let student_path = runs.join("student.safetensors");
     let mut student_sets = overrides.clone();
-    student_sets.extend(sets(&["model.d_model=32", "model.d_ff=128"]));
+    student_sets.extend(sets(&["model.n_layers=1"]));
     if a.quick {
         student_sets.push("model.d_model=8".into());
         student_sets.push("model.d_ff=16".into());
@@ -164,9 +165,9 @@ fn main() -> Result<()> {
         &DistillOptions {
             temperature: 2.0,
             hard: 0.5,
-            epochs: if a.quick { 2 } else { 60 },
-            lr: 2e-3,
-            patience: 6,
+            epochs: if a.quick { 2 } else { 200 },
+            lr: 1e-3,
+            patience: 20,
         },
         &student_path,
         &device,
@@ -219,7 +220,7 @@ fn main() -> Result<()> {
             name: "distilled",
             checkpoint: student_path.clone(),
             sets: vec![],
-            about: "student d_model 32, d_ff 128 from the teacher's softmax",
+            about: "one-block student (half the depth) from the teacher's softmax",
         },
         Variant {
             name: "elastic",

@@ -158,7 +158,7 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Train a smaller student (the config's [model], e.g. --set model.d_model=32) from a
+    /// Train a smaller student (the config's [model], e.g. --set model.n_layers=1) from a
     /// trained teacher's catalogue-wide softmax, and save it as a serving checkpoint.
     Distill {
         #[command(flatten)]
@@ -170,12 +170,12 @@ enum Command {
         /// Weight of the true next item's cross-entropy; the rest is the teacher's.
         #[arg(long, default_value_t = 0.5)]
         hard: f32,
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = 200)]
         epochs: u64,
         #[arg(long, default_value_t = 1e-3)]
         lr: f64,
         /// Epochs without a better valid NDCG@10 before stopping (0: never).
-        #[arg(long, default_value_t = 5)]
+        #[arg(long, default_value_t = 20)]
         patience: u64,
         #[arg(long)]
         out: PathBuf,
