@@ -18,8 +18,8 @@ pub struct SyncReport {
     /// Bytes of this rank's compressed representation (the whole payload, header
     /// included, for gather-then-sum; the reduced vectors for all-reduce methods).
     pub payload_bytes: usize,
-    /// Bytes this rank handed to the collective (for fp16/bf16 on an f32 all-reduce
-    /// this is the f32 size, larger than `payload_bytes`).
+    /// Bytes this rank handed to the collective (fp16/bf16 reduce in their own 16-bit
+    /// type, so this equals `payload_bytes` for every all-reduce method).
     pub collective_bytes: usize,
     /// Bytes received from the other ranks (gather-then-sum only).
     pub received_bytes: usize,

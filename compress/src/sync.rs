@@ -5,7 +5,7 @@ use crate::memory::Memory;
 use crate::methods::{Aggregation, Compressor};
 use crate::stats::SyncReport;
 use crate::wire::{Apply, Payload};
-use meshrec_comm::{Communicator, ReduceOp};
+use meshrec_comm::{Communicator, DType, ReduceOp};
 use std::time::{Duration, Instant};
 
 /// Replaces `grads` (this rank's gradient of one tensor or bucket) with the average
@@ -65,10 +65,10 @@ pub fn sync_with<C: Communicator + ?Sized>(
             let mut comm_time = Duration::ZERO;
             let info = {
                 let (mut ctx, residual) = memory.ctx_and_residual(rank);
-                let mut avg = |buf: &mut [f32]| -> Result<(), SyncError> {
+                let mut avg = |buf: &mut [u8], dtype: DType| -> Result<(), SyncError> {
                     let t = Instant::now();
                     let r = comm
-                        .all_reduce(buf, ReduceOp::Avg)
+                        .all_reduce_bytes(buf, dtype, ReduceOp::Avg)
                         .map_err(comm_err("all_reduce"));
                     comm_time += t.elapsed();
                     r

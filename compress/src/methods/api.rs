@@ -4,6 +4,7 @@
 use super::config::MethodConfig;
 use crate::error::{CompressError, SyncError};
 use crate::wire::{self, Apply, DecodeScratch, MethodId, Payload};
+use meshrec_comm::{DType, Element};
 use serde::{Deserialize, Serialize};
 
 /// How the payloads of all ranks are combined.
@@ -42,9 +43,16 @@ impl Ctx<'_> {
     }
 }
 
-/// The all-reduce used by `Compressor::reduce`: sums a buffer over all ranks and
-/// divides by the number of ranks, in place.
-pub type AvgReduce<'a> = dyn FnMut(&mut [f32]) -> Result<(), SyncError> + 'a;
+/// The all-reduce used by `Compressor::reduce`: sums a buffer of the given element type
+/// over all ranks and divides by the number of ranks, in place. Typed, so that a method
+/// whose payload is 16-bit (fp16, bf16) reduces 16-bit values and moves 2 bytes per
+/// element; call it through [`avg_as`].
+pub type AvgReduce<'a> = dyn FnMut(&mut [u8], DType) -> Result<(), SyncError> + 'a;
+
+/// Averages `buf` over all ranks through `avg`, in `buf`'s own element type.
+pub fn avg_as<T: Element>(avg: &mut AvgReduce<'_>, buf: &mut [T]) -> Result<(), SyncError> {
+    avg(bytemuck::cast_slice_mut(buf), T::DTYPE)
+}
 
 /// What an all-reduce-compatible protocol moved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -52,7 +60,7 @@ pub struct ReduceInfo {
     /// Bytes of the compressed representation per rank (what a transport that reduces
     /// in the compressed dtype would move).
     pub payload_bytes: usize,
-    /// Bytes handed to the f32 all-reduce per rank (what this transport moved).
+    /// Bytes handed to the all-reduce per rank (what this transport moved).
     pub reduced_bytes: usize,
     /// The method fell back to a dense all-reduce (PowerSGD on a tensor too small to
     /// gain from it).

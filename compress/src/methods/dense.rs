@@ -1,10 +1,10 @@
 //! Dense methods: identity (f32) and the fp16 / bf16 casts.
 
-use super::api::{Aggregation, AvgReduce, Compressor, Ctx, ReduceInfo};
+use super::api::{avg_as, Aggregation, AvgReduce, Compressor, Ctx, ReduceInfo};
 use super::config::MethodConfig;
 use crate::error::{CompressError, SyncError};
 use crate::wire::{DecodeScratch, Half, Header, MethodId, Params, Payload, HEADER_LEN, STAGE};
-use std::marker::PhantomData;
+use meshrec_comm::Element;
 
 /// Sends the gradient unchanged.
 #[derive(Debug, Default)]
@@ -64,7 +64,7 @@ impl Compressor for Identity {
         if let Some(r) = residual {
             r.fill(0.0);
         }
-        avg(x)?;
+        avg_as(avg, x)?;
         Ok(ReduceInfo {
             payload_bytes: 4 * x.len(),
             reduced_bytes: 4 * x.len(),
@@ -82,15 +82,16 @@ const F16_MAX: f32 = 65504.0;
 pub struct Cast<H> {
     config: MethodConfig,
     scratch: DecodeScratch,
-    _h: PhantomData<H>,
+    /// The 16-bit values the all-reduce carries (reused across calls).
+    wire: Vec<H>,
 }
 
-impl<H: Half> Cast<H> {
+impl<H: Half + Element> Cast<H> {
     pub(crate) fn new(config: MethodConfig) -> Self {
         Self {
             config,
             scratch: DecodeScratch::default(),
-            _h: PhantomData,
+            wire: Vec::new(),
         }
     }
 
@@ -119,7 +120,7 @@ impl<H: Half> Cast<H> {
     }
 }
 
-impl<H: Half + Send> Compressor for Cast<H> {
+impl<H: Half + Element> Compressor for Cast<H> {
     fn method(&self) -> MethodId {
         self.id()
     }
@@ -167,25 +168,29 @@ impl<H: Half + Send> Compressor for Cast<H> {
     ) -> Result<ReduceInfo, SyncError> {
         let limit = self.limit();
         let mut tmp = [0f32; STAGE];
-        let mut h = [H::default(); STAGE];
-        for (c, block) in x.chunks_mut(STAGE).enumerate() {
+        self.wire.clear();
+        self.wire.resize(x.len(), H::default());
+        for (c, (block, h)) in x.chunks(STAGE).zip(self.wire.chunks_mut(STAGE)).enumerate() {
             let n = block.len();
-            Self::cast_block(block, limit, &mut tmp[..n], &mut h[..n]);
-            H::to_f32_slice(&h[..n], &mut tmp[..n]);
+            Self::cast_block(block, limit, &mut tmp[..n], h);
             if let Some(r) = residual.as_deref_mut() {
+                H::to_f32_slice(h, &mut tmp[..n]);
                 let r = &mut r[c * STAGE..c * STAGE + n];
-                for ((r, &v), &s) in r.iter_mut().zip(block.iter()).zip(&tmp[..n]) {
+                for ((r, &v), &s) in r.iter_mut().zip(block).zip(&tmp[..n]) {
                     *r = v - s;
                 }
             }
-            block.copy_from_slice(&tmp[..n]);
         }
-        // The sum runs in f32 over the f16-rounded values: the transport here reduces
-        // f32, so it moves 4 bytes per element even though the payload needs 2.
-        avg(x)?;
+        // Reduced in the 16-bit type, rounding once per hop as NCCL reduces halves: 2 bytes
+        // per element on the wire. The rounding of the sum is not fed back (only the cast's
+        // own error is): it is shared by all ranks and below the cast's.
+        avg_as(avg, &mut self.wire)?;
+        for (dst, h) in x.chunks_mut(STAGE).zip(self.wire.chunks(STAGE)) {
+            H::to_f32_slice(h, dst);
+        }
         Ok(ReduceInfo {
             payload_bytes: 2 * x.len(),
-            reduced_bytes: 4 * x.len(),
+            reduced_bytes: 2 * x.len(),
             skipped: false,
         })
     }

@@ -2,7 +2,7 @@
 //! tensor, warm-started, with Gram-Schmidt orthogonalisation; all-reduce compatible.
 //! The matrix view and its products are in `lowrank.rs`, which the decoder shares.
 
-use super::api::{Aggregation, AvgReduce, Compressor, Ctx, ReduceInfo};
+use super::api::{avg_as, Aggregation, AvgReduce, Compressor, Ctx, ReduceInfo};
 use super::config::MethodConfig;
 use super::dense::write_identity;
 use crate::error::{CompressError, SyncError};
@@ -139,7 +139,7 @@ impl Compressor for PowerSgd {
             if let Some(r) = residual {
                 r.fill(0.0);
             }
-            avg(x)?;
+            avg_as(avg, x)?;
             return Ok(ReduceInfo {
                 payload_bytes: 4 * n,
                 reduced_bytes: 4 * n,
@@ -151,10 +151,10 @@ impl Compressor for PowerSgd {
         self.load_q(ctx, v.cols, r);
         self.p.resize(v.rows * r, 0.0);
         m_times_q(x, v, r, &self.q, &mut self.p);
-        avg(&mut self.p)?;
+        avg_as(avg, &mut self.p)?;
         orthogonalize(&mut self.p, v.rows, r);
         mt_times_p(x, v, r, &self.p, &mut self.q);
-        avg(&mut self.q)?;
+        avg_as(avg, &mut self.q)?;
         self.store_q(ctx);
         match residual {
             Some(res) => {

@@ -1,6 +1,6 @@
 //! Sparsifiers: exact top-k, DGC's sampled-threshold top-k, threshold, and random-k.
 
-use super::api::{Aggregation, AvgReduce, Compressor, Ctx, ReduceInfo};
+use super::api::{avg_as, Aggregation, AvgReduce, Compressor, Ctx, ReduceInfo};
 use super::config::MethodConfig;
 use crate::error::{CompressError, SyncError};
 use crate::rng;
@@ -354,7 +354,7 @@ impl Compressor for RandK {
                 r[i as usize] -= v;
             }
         }
-        avg(&mut self.vals)?;
+        avg_as(avg, &mut self.vals)?;
         x.fill(0.0);
         for (&i, &v) in self.scratch.idx.iter().zip(&self.vals) {
             x[i as usize] = v;
