@@ -19,6 +19,7 @@
 //!
 //! Everything the simulator and planner report is *simulated*, and says so.
 
+pub mod accuracy;
 pub mod cluster;
 pub mod cost;
 pub mod device;
@@ -30,6 +31,7 @@ pub mod report;
 pub mod shape;
 pub mod sim;
 
+pub use accuracy::{AccuracyEntry, AccuracyTable, Verdict};
 pub use cluster::Cluster;
 pub use cost::{CostProfile, LayerCost, ProfileSource};
 pub use device::DeviceSpec;

@@ -15,6 +15,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::accuracy::AccuracyTable;
 use crate::cluster::Cluster;
 use crate::error::BalanceError;
 use crate::report::{fmt_bytes, fmt_mem, fmt_s};
@@ -40,8 +41,16 @@ pub struct PlanRequest {
     pub micro_batches: Vec<usize>,
     /// DP modes to try when `dp > 1`.
     pub dp_modes: Vec<DpMode>,
-    /// Compressors to try when `dp > 1`.
+    /// Compressors to try when `dp > 1`; a lossy one only where the accuracy table says a
+    /// measured recipe of it met the bar, unless `allow_lossy`.
     pub compressions: Vec<Compression>,
+    /// The measured accuracy cost of compressors (`None`: the committed table,
+    /// [`AccuracyTable::committed`]).
+    #[serde(default)]
+    pub accuracy: Option<AccuracyTable>,
+    /// Try every compressor in `compressions`, whatever it costs in accuracy.
+    #[serde(default)]
+    pub allow_lossy: bool,
     /// Adaptive balancing in every simulated layout.
     pub balance: bool,
     /// How many of the best fitting layouts [`Plan::ranking`] keeps.
@@ -67,6 +76,8 @@ impl PlanRequest {
             micro_batches: vec![1, 2, 4, 8, 16, 32, 64],
             dp_modes: vec![DpMode::Sync],
             compressions: vec![Compression::none(), Compression::top_k(0.01, grad_bytes)],
+            accuracy: None,
+            allow_lossy: false,
             balance: true,
             keep: 20,
         }
@@ -193,6 +204,8 @@ pub struct Plan {
     pub fitting: usize,
     /// Configurations dropped because they do not fit in memory.
     pub rejected_memory: usize,
+    /// Compressors of the request left out for their accuracy, each with the reason.
+    pub excluded_compressions: Vec<String>,
     /// Why the winner wins against the best single-mode layout (or, when a single-mode
     /// layout wins, why it beats the best hybrid), with numbers.
     pub explanation: String,
@@ -654,6 +667,26 @@ pub fn plan(req: &PlanRequest) -> Result<Plan, BalanceError> {
             req.cluster.len()
         )));
     }
+    let mut excluded_compressions = Vec::new();
+    let gated;
+    let req = if req.allow_lossy {
+        req
+    } else {
+        let table = match &req.accuracy {
+            Some(t) => t.clone(),
+            None => AccuracyTable::committed()?,
+        };
+        let mut r = req.clone();
+        r.compressions.retain(|c| match table.exclusion(&c.name) {
+            Some(why) => {
+                excluded_compressions.push(why);
+                false
+            }
+            None => true,
+        });
+        gated = r;
+        &gated
+    };
     let configs = enumerate(req);
     let considered = configs.len();
     let mut rejected_memory = 0;
@@ -707,6 +740,7 @@ pub fn plan(req: &PlanRequest) -> Result<Plan, BalanceError> {
         ranking: fitting.into_iter().take(req.keep.max(1)).collect(),
         considered,
         rejected_memory,
+        excluded_compressions,
         explanation: String::new(),
     };
     let topology = &req.cluster.topology;
@@ -757,6 +791,15 @@ pub fn render_report(plan: &Plan, top: usize) -> String {
         plan.fitting,
         plan.rejected_memory,
     ));
+    if !plan.excluded_compressions.is_empty() {
+        out.push_str(
+            "Compressors left out for their accuracy cost (measured, not simulated; `--allow-lossy` tries them):\n",
+        );
+        for why in &plan.excluded_compressions {
+            out.push_str(&format!("- {why}\n"));
+        }
+        out.push('\n');
+    }
     let n = top.min(plan.ranking.len());
     out.push_str(&format!(
         "Top {n} by simulated samples/s:\n\n\
@@ -916,6 +959,41 @@ mod tests {
         assert!(configs
             .iter()
             .any(|c| LayoutClass::of(&c.mesh) == LayoutClass::Hybrid));
+    }
+
+    #[test]
+    fn lossy_compressors_need_a_measured_accuracy_that_meets_the_bar() {
+        let shape = ModelShape::preset_100m();
+        let cluster = Cluster::preset("a100x8", 16).unwrap();
+        let mut req = PlanRequest::new(shape, cluster, 16, 256);
+        req.micro_batches = vec![4];
+        let table = |ratio: f64| {
+            AccuracyTable::parse(
+                &format!(
+                    r#"{{"source": "test", "bar": 0.98, "entries": [{{"compression": "topk1%",
+                    "recipe": "r", "ndcg_vs_dense": {ratio}, "dp_bytes_ratio": 0.02, "seeds": [0, 1, 2]}}]}}"#
+                ),
+                "test",
+            )
+            .unwrap()
+        };
+        let uses_topk = |p: &Plan| {
+            p.ranking
+                .iter()
+                .any(|c| c.config.compression.name == "topk1%")
+        };
+        req.keep = usize::MAX;
+        req.accuracy = Some(table(0.90));
+        let failed = plan(&req).unwrap();
+        assert!(!uses_topk(&failed));
+        assert!(failed.excluded_compressions[0].contains("0.900x"));
+        assert!(render_report(&failed, 5).contains("--allow-lossy"));
+        req.accuracy = Some(table(0.99));
+        let passed = plan(&req).unwrap();
+        assert!(uses_topk(&passed) && passed.excluded_compressions.is_empty());
+        req.accuracy = Some(table(0.90));
+        req.allow_lossy = true;
+        assert!(uses_topk(&plan(&req).unwrap()));
     }
 
     #[test]

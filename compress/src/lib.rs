@@ -30,7 +30,9 @@ pub mod wire;
 
 pub use error::{CompressError, SyncError};
 pub use memory::{Memory, MemoryBank, MemoryOptions};
-pub use methods::{avg_as, Aggregation, AvgReduce, Compressor, Ctx, MethodConfig, ReduceInfo};
+pub use methods::{
+    avg_as, warmed_ratio, Aggregation, AvgReduce, Compressor, Ctx, MethodConfig, ReduceInfo,
+};
 pub use stats::{MethodStats, Stats, SyncReport};
 pub use sync::{sync, sync_with};
 pub use wire::{decode_into, peek, Apply, DecodeScratch, Header, MethodId, Params, Payload};

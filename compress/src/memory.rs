@@ -20,6 +20,13 @@ pub struct MemoryOptions {
     /// gather-then-sum method (top-k, DGC, threshold). The optimizer then runs without
     /// its own momentum.
     pub momentum: Option<f32>,
+    /// DGC's local gradient clipping: scale this rank's gradient of the tensor down to
+    /// this L2 norm before it enters the velocity and residual (DGC clips per tensor at
+    /// the global threshold times `N^-1/2`; the caller passes the scaled value).
+    pub local_clip: Option<f32>,
+    /// DGC's sparsity warm-up: over the first this many steps the sparsifiers keep a
+    /// fraction falling geometrically from 25% to their ratio (0: none).
+    pub sparsity_warmup_steps: u64,
     /// Run-level seed mixed into every shared seed (same on all ranks).
     pub seed: u64,
 }
@@ -29,6 +36,8 @@ impl Default for MemoryOptions {
         Self {
             error_feedback: true,
             momentum: None,
+            local_clip: None,
+            sparsity_warmup_steps: 0,
             seed: 0,
         }
     }
@@ -41,10 +50,19 @@ pub struct Memory {
     len: usize,
     step: u64,
     shape: Option<(usize, usize)>,
+    /// The layers of a bucket as matrices (empty: one tensor), for per-layer PowerSGD.
+    layers: Vec<(usize, usize)>,
     options: MemoryOptions,
     residual: Vec<f32>,
     velocity: Vec<f32>,
     warm_q: Vec<f32>,
+}
+
+/// Elements of a bucket of `(rows, cols)` layers (`None` on overflow).
+fn layers_len(layers: &[(usize, usize)]) -> Option<usize> {
+    layers
+        .iter()
+        .try_fold(0usize, |acc, &(r, c)| r.checked_mul(c)?.checked_add(acc))
 }
 
 fn mem_err(what: String) -> CompressError {
@@ -54,6 +72,13 @@ fn mem_err(what: String) -> CompressError {
 impl Memory {
     /// Memory for tensor `id` (stable across ranks and restarts) of `len` elements.
     pub fn new(id: u64, len: usize, options: MemoryOptions) -> Result<Self, CompressError> {
+        if let Some(c) = options.local_clip {
+            if !(c.is_finite() && c > 0.0) {
+                return Err(mem_err(format!(
+                    "tensor {id}: local clip {c} must be a positive norm"
+                )));
+            }
+        }
         if let Some(m) = options.momentum {
             if !(m.is_finite() && (0.0..1.0).contains(&m)) {
                 return Err(mem_err(format!(
@@ -71,6 +96,7 @@ impl Memory {
             len,
             step: 0,
             shape: None,
+            layers: Vec::new(),
             options,
             residual: if options.error_feedback {
                 vec![0.0; len]
@@ -96,6 +122,24 @@ impl Memory {
         }
         self.shape = Some((rows, cols));
         Ok(self)
+    }
+
+    /// Declares the tensor a bucket of layers, each `(rows, cols)` in order (PowerSGD then
+    /// compresses each as its own matrix). A different layout than before (the bucket was
+    /// refilled differently) drops the warm start, which belonged to the old layers.
+    pub fn set_layers(&mut self, layers: &[(usize, usize)]) -> Result<(), CompressError> {
+        if layers_len(layers) != Some(self.len) {
+            return Err(mem_err(format!(
+                "tensor {}: layers {layers:?} do not add up to length {}",
+                self.id, self.len
+            )));
+        }
+        if self.layers != layers {
+            self.layers.clear();
+            self.layers.extend_from_slice(layers);
+            self.warm_q.clear();
+        }
+        Ok(())
     }
 
     pub fn id(&self) -> u64 {
@@ -157,10 +201,22 @@ impl Memory {
     }
 
     /// Turns `grads` into the compensated gradient `c`: `g + residual` (with momentum
-    /// correction, `u = m u + g` then `residual + u`). Afterwards the residual holds `c`
+    /// correction, `u = m u + g` then `residual + u`; with local clipping, `g` clipped
+    /// first). Afterwards the residual holds `c`
     /// too, ready for `absorb` to subtract what was sent.
     pub fn compensate(&mut self, grads: &mut [f32]) -> Result<(), CompressError> {
         self.check_len("gradient", grads.len())?;
+        if let Some(clip) = self.options.local_clip {
+            let norm = grads
+                .iter()
+                .map(|&g| g as f64 * g as f64)
+                .sum::<f64>()
+                .sqrt();
+            if norm > clip as f64 {
+                let scale = (clip as f64 / norm) as f32;
+                grads.iter_mut().for_each(|g| *g *= scale);
+            }
+        }
         if let Some(m) = self.options.momentum {
             for ((g, u), e) in grads
                 .iter_mut()
@@ -207,22 +263,34 @@ impl Memory {
     /// The context for this step: seeds, view, warm start.
     pub fn ctx(&mut self, rank: usize) -> Ctx<'_> {
         let shared = self.shared_seed();
+        let warmup = self.warmup_progress();
         Ctx {
             shared_seed: shared,
             local_seed: rng::combine(shared, rank as u64 + 1),
             shape: self.shape,
+            layers: (!self.layers.is_empty()).then_some(&self.layers[..]),
             warm: Some(&mut self.warm_q),
+            warmup,
         }
+    }
+
+    /// Where this step sits in the sparsity warm-up (`None` once past it).
+    fn warmup_progress(&self) -> Option<f64> {
+        let total = self.options.sparsity_warmup_steps;
+        (self.step < total).then(|| self.step as f64 / total as f64)
     }
 
     /// Splits into the context and the residual (both borrowed at once by `sync`).
     pub(crate) fn ctx_and_residual(&mut self, rank: usize) -> (Ctx<'_>, Option<&mut [f32]>) {
         let shared = self.shared_seed();
+        let warmup = self.warmup_progress();
         let ctx = Ctx {
             shared_seed: shared,
             local_seed: rng::combine(shared, rank as u64 + 1),
             shape: self.shape,
+            layers: (!self.layers.is_empty()).then_some(&self.layers[..]),
             warm: Some(&mut self.warm_q),
+            warmup,
         };
         let res = if self.options.error_feedback {
             Some(&mut self.residual[..])
@@ -265,6 +333,12 @@ impl Memory {
         {
             return Err(CompressError::Serde(format!(
                 "tensor {}: state buffers do not match length {} and options",
+                self.id, self.len
+            )));
+        }
+        if !self.layers.is_empty() && layers_len(&self.layers) != Some(self.len) {
+            return Err(CompressError::Serde(format!(
+                "tensor {}: layers do not add up to length {}",
                 self.id, self.len
             )));
         }

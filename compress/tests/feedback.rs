@@ -5,7 +5,9 @@
 mod common;
 
 use common::normal;
-use meshrec_compress::{Compressor, Memory, MemoryBank, MemoryOptions, MethodConfig, Payload};
+use meshrec_compress::{
+    warmed_ratio, Compressor, Memory, MemoryBank, MemoryOptions, MethodConfig, Payload,
+};
 
 /// One error-feedback step by hand; returns (compensated c, sent).
 fn step(
@@ -156,11 +158,80 @@ fn dgc_momentum_correction() {
 }
 
 #[test]
+fn sparsity_warm_up_follows_dgc_schedule() {
+    // DGC's four-epoch schedule for 99.9% sparsity: 25%, 6.25%, 1.5625%, 0.39%, 0.1% kept.
+    let dgc = [0.25, 0.0625, 0.015625, 0.00390625, 0.001];
+    for (e, want) in dgc.into_iter().enumerate() {
+        let got = warmed_ratio(0.001, (e < 4).then_some(e as f64 / 4.0));
+        assert!(
+            (got / want - 1.0).abs() < 0.02,
+            "epoch {e}: {got} vs {want}"
+        );
+    }
+    // Ratios at or above the starting fraction are not warmed.
+    assert_eq!(warmed_ratio(0.5, Some(0.0)), 0.5);
+
+    // Through a memory with a 4-step warm-up, top-k 1% of 1000 keeps
+    // ceil(1000 * 0.25^(1-t/4) * 0.01^(t/4)) of 250, 111.8, 50, 22.36, then 10 (a product
+    // that lands a rounding above an integer may keep one more).
+    let n = 1000;
+    let opts = MemoryOptions {
+        sparsity_warmup_steps: 4,
+        ..Default::default()
+    };
+    let mut mem = Memory::new(3, n, opts).unwrap();
+    let mut c = MethodConfig::TopK { ratio: 0.01 }.build().unwrap();
+    let mut p = Payload::new();
+    let kept: Vec<usize> = (0..6)
+        .map(|t| {
+            let (_, sent) = step(c.as_mut(), &mut mem, &normal(n, 40 + t), &mut p);
+            sent.iter().filter(|&&v| v != 0.0).count()
+        })
+        .collect();
+    let fractions = [250.0, 111.8034, 50.0, 22.36068, 10.0, 10.0];
+    for (t, (&k, want)) in kept.iter().zip(fractions).enumerate() {
+        assert!(
+            k as f64 >= want - 1e-3 && (k as f64) < want + 1.0 + 1e-3,
+            "step {t}: kept {k}, want ceil({want})"
+        );
+    }
+}
+
+#[test]
+fn local_clipping_scales_the_gradient_before_it_accumulates() {
+    let opts = MemoryOptions {
+        local_clip: Some(1.0),
+        ..Default::default()
+    };
+    let mut mem = Memory::new(0, 2, opts).unwrap();
+    let mut c = MethodConfig::TopK { ratio: 0.5 }.build().unwrap();
+    let mut p = Payload::new();
+    // |(3, 4)| = 5 > 1: clipped to (0.6, 0.8); top-1 sends 0.8, keeps 0.6.
+    let (compensated, sent) = step(c.as_mut(), &mut mem, &[3.0, 4.0], &mut p);
+    assert_eq!(compensated, [0.6, 0.8]);
+    assert_eq!(sent, [0.0, 0.8]);
+    assert_eq!(mem.residual(), &[0.6, 0.0]);
+    // |(0.3, 0)| < 1: unclipped, added to the residual: (0.9, 0) sends 0.9.
+    let (compensated, sent) = step(c.as_mut(), &mut mem, &[0.3, 0.0], &mut p);
+    assert!((compensated[0] - 0.9).abs() < 1e-6 && compensated[1] == 0.0);
+    assert_eq!(sent[1], 0.0);
+    assert!(Memory::new(
+        0,
+        2,
+        MemoryOptions {
+            local_clip: Some(0.0),
+            ..Default::default()
+        }
+    )
+    .is_err());
+}
+
+#[test]
 fn momentum_needs_a_sparsifier_and_feedback() {
     let bad = MemoryOptions {
         error_feedback: false,
         momentum: Some(0.9),
-        seed: 0,
+        ..Default::default()
     };
     assert!(Memory::new(0, 10, bad).is_err());
     assert!(Memory::new(

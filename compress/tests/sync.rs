@@ -282,6 +282,109 @@ fn every_method_agrees_across_ranks_and_reports_bytes() {
     }
 }
 
+/// A bucket of three layers: two matrices PowerSGD compresses and a bias it sends dense.
+const LAYERS: [(usize, usize); 3] = [(32, 16), (1, 10), (16, 24)];
+
+/// Rank `rank`'s gradient of the bucket: each matrix layer a rank-1 outer product
+/// `(1 + rank) * u v^T` (the same u, v on every rank, so the average is rank 1 too), the
+/// bias normal.
+fn rank_one_layers(rank: usize) -> Vec<f32> {
+    let mut g = Vec::new();
+    for (i, &(rows, cols)) in LAYERS.iter().enumerate() {
+        if rows == 1 {
+            g.extend(normal(cols, 50 + rank as u64));
+            continue;
+        }
+        let (u, v) = (normal(rows, 10 + i as u64), normal(cols, 20 + i as u64));
+        for a in &u {
+            g.extend(v.iter().map(|b| (1.0 + rank as f32) * a * b));
+        }
+    }
+    g
+}
+
+#[test]
+fn per_layer_powersgd_compresses_each_layer_as_its_own_matrix() {
+    let ranks = 2;
+    let n: usize = LAYERS.iter().map(|(r, c)| r * c).sum();
+    let mut want = vec![0f32; n];
+    for r in 0..ranks {
+        for (w, v) in want.iter_mut().zip(rank_one_layers(r)) {
+            *w += v / ranks as f32;
+        }
+    }
+    let cfg = MethodConfig::PowerSgd {
+        rank: 1,
+        min_compression_rate: 1.0,
+    };
+    let run = |per_layer: bool| {
+        LocalCluster::run(ranks, |comm| {
+            let mut c = cfg.build().unwrap();
+            let mut mem = Memory::new(4, n, MemoryOptions::default()).unwrap();
+            if per_layer {
+                mem.set_layers(&LAYERS).unwrap();
+            }
+            let g0 = rank_one_layers(comm.rank());
+            let mut g = g0.clone();
+            let rep = sync(&comm, &mut g, c.as_mut(), &mut mem).unwrap();
+            (
+                g,
+                g0,
+                mem.residual().to_vec(),
+                rep.payload_bytes,
+                mem.clone(),
+            )
+        })
+        .unwrap()
+    };
+    let layered = run(true);
+    let (got, g0, residual, bytes, mem) = &layered[0];
+    assert_eq!(got, &layered[1].0, "ranks disagree");
+    // Rank-1 layers are recovered exactly by rank-1 factors of their own; the bias is
+    // averaged dense.
+    assert_close(got, &want, 1e-5, "per-layer powersgd");
+    // P of each matrix (32 + 16 rows) and the dense bias in one all-reduce, Q of each
+    // (16 + 24 columns) in the other.
+    assert_eq!(*bytes, 4 * ((32 + 10 + 16) + (16 + 24)));
+    // The residual is the local input minus the average on compressed layers, zero on
+    // the bias it sent whole.
+    for i in 0..n {
+        let bias = (512..522).contains(&i);
+        let expect = if bias { 0.0 } else { g0[i] - got[i] };
+        assert!(
+            (residual[i] - expect).abs() <= 1e-5 * (1.0 + g0[i].abs()),
+            "element {i}"
+        );
+    }
+    // The next step warm-starts from the Q of every layer.
+    let mut again = mem.clone();
+    again.set_layers(&LAYERS).unwrap();
+    let mut fresh = mem.clone();
+    fresh.set_layers(&[(1, n)]).unwrap();
+    assert_eq!(again, *mem, "same layers keep the warm start");
+    assert_ne!(fresh, *mem, "other layers drop it");
+    assert!(Memory::new(0, n, MemoryOptions::default())
+        .unwrap()
+        .set_layers(&[(32, 16)])
+        .is_err());
+    // The fused bucket as one near-square matrix is not rank 1: the same rank loses most
+    // of the gradient.
+    let fused = run(false);
+    let err = |g: &[f32]| -> f64 {
+        g.iter()
+            .zip(&want)
+            .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+            .sum::<f64>()
+            .sqrt()
+    };
+    assert!(
+        err(&fused[0].0) > 100.0 * err(got).max(1e-6),
+        "fused {} vs per-layer {}",
+        err(&fused[0].0),
+        err(got)
+    );
+}
+
 #[test]
 fn half_precision_casts_move_half_the_bytes_of_f32() {
     // Measured by the engine's own counters, not by the compressor's report: fp16 and

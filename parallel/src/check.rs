@@ -80,8 +80,10 @@ impl Default for StepSettings {
             dp: DpSettings {
                 bucket_bytes: 4096,
                 method: meshrec_compress::MethodConfig::Identity,
-                error_feedback: false,
-                seed: 0,
+                memory: meshrec_compress::MemoryOptions {
+                    error_feedback: false,
+                    ..Default::default()
+                },
                 threaded: true,
             },
         }

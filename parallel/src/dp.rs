@@ -26,10 +26,9 @@ pub struct DpSettings {
     pub bucket_bytes: usize,
     /// Identity reduces dense f32 sums; anything else goes through the compressor.
     pub method: MethodConfig,
-    /// Keep what compression dropped and add it back next step.
-    pub error_feedback: bool,
-    /// Run seed, mixed into the compressors' shared seeds.
-    pub seed: u64,
+    /// The compressor's per-bucket state: error feedback, DGC's momentum correction,
+    /// local clipping and sparsity warm-up, and the run seed mixed into shared seeds.
+    pub memory: MemoryOptions,
     /// Reduce on a thread of its own (overlapping backward) rather than inline.
     pub threaded: bool,
 }
@@ -40,10 +39,29 @@ struct Slot {
     chunk: usize,
     param: usize,
     len: usize,
+    /// The gradient as a matrix, PyTorch's PowerSGD view: the first dimension by the
+    /// rest (a vector is one row).
+    matrix: (usize, usize),
+}
+
+/// `shape` as `(rows, cols)`: the first dimension by the product of the others; a vector
+/// (or a scalar) is a single row.
+fn matrix_view(shape: &[usize]) -> (usize, usize) {
+    match shape {
+        [] => (1, 1),
+        [n] => (1, *n),
+        [rows, rest @ ..] => (*rows, rest.iter().product()),
+    }
 }
 
 enum Job {
-    Bucket { step: u64, data: Vec<f32>, id: u64 },
+    Bucket {
+        step: u64,
+        data: Vec<f32>,
+        id: u64,
+        /// Each gradient of the bucket as a matrix, in order (per-layer PowerSGD).
+        layers: Vec<(usize, usize)>,
+    },
     Snapshot,
     Restore(MemoryBank),
 }
@@ -83,7 +101,12 @@ impl Worker {
                 self.bank = bank;
                 Ok(Reply::Snapshot(Vec::new()))
             }
-            Job::Bucket { step, mut data, id } => {
+            Job::Bucket {
+                step,
+                mut data,
+                id,
+                layers,
+            } => {
                 let before = self.comm.stats().total().bytes_sent;
                 let rank = self.comm.rank();
                 let dense_bytes = 4 * data.len() as u64;
@@ -96,6 +119,10 @@ impl Worker {
                         let memory = self
                             .bank
                             .get_or_insert(id, data.len(), self.options)
+                            .and_then(|m| {
+                                m.set_layers(&layers)?;
+                                Ok(m)
+                            })
                             .map_err(|e| ParallelError::Dp {
                                 rank,
                                 message: format!("bucket {id}: {e}"),
@@ -260,11 +287,7 @@ impl DpEngine {
             comm,
             compressor,
             bank,
-            options: MemoryOptions {
-                error_feedback: settings.error_feedback,
-                momentum: None,
-                seed: settings.seed,
-            },
+            options: settings.memory,
             payload: Payload::new(),
         };
         let exec = if settings.threaded {
@@ -356,9 +379,25 @@ impl DpEngine {
         Ok(())
     }
 
-    /// Takes one final gradient (the callback of `run_schedule_releasing`); launches the
-    /// open bucket once it reaches the cap.
-    pub fn push(&mut self, chunk: usize, param: usize, grad: &[f32]) -> Result<(), ParallelError> {
+    /// Takes one final gradient (the callback of `run_schedule_releasing`) of a parameter of
+    /// `shape` on this rank; launches the open bucket once it reaches the cap.
+    pub fn push(
+        &mut self,
+        chunk: usize,
+        param: usize,
+        shape: &[usize],
+        grad: &[f32],
+    ) -> Result<(), ParallelError> {
+        let matrix = matrix_view(shape);
+        if matrix.0 * matrix.1 != grad.len() {
+            return Err(ParallelError::Dp {
+                rank: self.rank,
+                message: format!(
+                    "chunk {chunk} parameter {param}: shape {shape:?} does not hold its {} gradient values",
+                    grad.len()
+                ),
+            });
+        }
         if self.filling.capacity() == 0 {
             self.filling.reserve(self.cap_elems.max(grad.len()));
         }
@@ -367,6 +406,7 @@ impl DpEngine {
             chunk,
             param,
             len: grad.len(),
+            matrix,
         });
         if self.filling.len() >= self.cap_elems {
             self.launch()?;
@@ -381,11 +421,17 @@ impl DpEngine {
             .ok_or_else(|| ParallelError::Step("DP gradient pushed outside a step".into()))?;
         let id = building.buckets.len() as u64;
         let step = building.step;
+        let layers = self.filling_slots.iter().map(|s| s.matrix).collect();
         building
             .buckets
             .push(std::mem::take(&mut self.filling_slots));
         let data = std::mem::take(&mut self.filling);
-        self.submit(Job::Bucket { step, data, id })
+        self.submit(Job::Bucket {
+            step,
+            data,
+            id,
+            layers,
+        })
     }
 
     /// Launches the last bucket. Every parameter of `segments` must have been pushed exactly
@@ -527,9 +573,10 @@ impl StepHooks for DpEngine {
         &mut self,
         chunk: usize,
         param: usize,
+        shape: &[usize],
         grad: &[f32],
     ) -> Result<(), ParallelError> {
-        self.push(chunk, param, grad)
+        self.push(chunk, param, shape, grad)
     }
 }
 

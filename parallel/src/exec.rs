@@ -59,15 +59,17 @@ pub trait StepHooks {
         false
     }
 
-    /// A parameter gradient is final for the step: (local chunk, parameter index, gradient).
-    /// Called during each chunk's last backward, only when [`StepHooks::releases_grads`].
+    /// A parameter gradient is final for the step: (local chunk, parameter index, this
+    /// rank's shape of the parameter, gradient). Called during each chunk's last backward,
+    /// only when [`StepHooks::releases_grads`].
     fn grad_ready(
         &mut self,
         chunk: usize,
         param: usize,
+        shape: &[usize],
         grad: &[f32],
     ) -> Result<(), ParallelError> {
-        let _ = (chunk, param, grad);
+        let _ = (chunk, param, shape, grad);
         Ok(())
     }
 
@@ -218,7 +220,9 @@ pub fn run_schedule(
                 let dx = timeline.record(EventKind::Backward, Some(mb), Some(chunk), || {
                     let start = Instant::now();
                     let dx = if releasing {
-                        let mut per_param = |p: usize, g: &[f32]| hooks.grad_ready(chunk, p, g);
+                        let mut per_param = |p: usize, shape: &[usize], g: &[f32]| {
+                            hooks.grad_ready(chunk, p, shape, g)
+                        };
                         segment.backward_releasing(mb, grad, tp, Some(&mut per_param))
                     } else {
                         segment.backward(mb, grad, tp)

@@ -188,9 +188,10 @@ pub struct Segment {
     release_piece: Vec<usize>,
 }
 
-/// A callback told that parameter `index` (in [`Segment::infos`] order) has its final
-/// gradient for the step: what data parallelism needs to start reducing it during backward.
-pub type GradReady<'a> = &'a mut dyn FnMut(usize, &[f32]) -> Result<(), ParallelError>;
+/// A callback told that parameter `index` (in [`Segment::infos`] order, with this rank's
+/// shape of it) has its final gradient for the step: what data parallelism needs to start
+/// reducing it during backward.
+pub type GradReady<'a> = &'a mut dyn FnMut(usize, &[usize], &[f32]) -> Result<(), ParallelError>;
 
 /// The forward index of the first graph piece using parameter `path` of a chunk with
 /// `n_blocks` blocks (pieces: embedding lookup and finish on the first chunk, attention and
@@ -557,7 +558,7 @@ impl Segment {
                     .enumerate()
                     .filter(|(_, &r)| r == index)
                 {
-                    ready(p, &self.grads[p])?;
+                    ready(p, &self.infos[p].shape, &self.grads[p])?;
                 }
             }
         }

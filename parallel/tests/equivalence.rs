@@ -198,7 +198,7 @@ fn compressed_and_inline_data_parallel_reductions_match_one_device() {
     // error feedback, and must lose nothing.
     let mut settings = StepSettings::default();
     settings.dp.method = MethodConfig::TopK { ratio: 1.0 };
-    settings.dp.error_feedback = true;
+    settings.dp.memory.error_feedback = true;
     check_layout_with(&config, &want, &layout, ScheduleKind::OneFOneB, 2, settings);
     // The same reduction run inline at bucket boundaries (engines without concurrent threads).
     let mut settings = StepSettings::default();

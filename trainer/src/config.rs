@@ -281,6 +281,20 @@ pub struct CompressSection {
     pub threshold: f32,
     /// Keep what compression dropped and add it back next step.
     pub error_feedback: bool,
+    /// Fraction of the magnitudes dgc_topk samples to estimate its threshold.
+    pub sample_ratio: f64,
+    /// DGC's momentum correction (0: off; DGC uses 0.9): each rank accumulates the
+    /// velocity `u = m u + g` and compresses that, clearing sent coordinates (momentum
+    /// factor masking). The velocity is then the step's first moment, so AdamW must run
+    /// with `train.beta1 = 0` (its second moment still normalises the update, and is
+    /// scale-free, so the velocity's 1/(1-m) gain does not change the step size).
+    pub momentum_correction: f32,
+    /// DGC's local gradient clipping (0: off): each rank clips its gradient of each
+    /// bucket to this L2 norm times `dp^-1/2` before accumulating it.
+    pub local_clip: f32,
+    /// DGC's sparsity warm-up (0: none): over this many steps the kept fraction of topk,
+    /// dgc_topk and randk falls geometrically from 25% to `ratio`.
+    pub warmup_steps: u64,
 }
 
 impl Default for CompressSection {
@@ -293,6 +307,10 @@ impl Default for CompressSection {
             chunk: 512,
             threshold: 1e-3,
             error_feedback: true,
+            sample_ratio: 0.01,
+            momentum_correction: 0.0,
+            local_clip: 0.0,
+            warmup_steps: 0,
         }
     }
 }
@@ -308,7 +326,7 @@ impl CompressSection {
             "topk" => M::TopK { ratio: self.ratio },
             "dgc_topk" => M::DgcTopK {
                 ratio: self.ratio,
-                sample_ratio: 0.01,
+                sample_ratio: self.sample_ratio,
             },
             "randk" => M::RandK {
                 ratio: self.ratio,
@@ -337,6 +355,80 @@ impl CompressSection {
         m.validate()
             .map_err(|e| invalid("compress.method", e.to_string()))?;
         Ok(m)
+    }
+
+    /// The per-bucket compressor state options for a DP group of `dp` replicas (DGC's
+    /// local clip is the configured norm times `dp^-1/2`, as the paper scales it).
+    pub fn memory_options(&self, dp: usize, seed: u64) -> meshrec_compress::MemoryOptions {
+        meshrec_compress::MemoryOptions {
+            error_feedback: self.error_feedback,
+            momentum: (self.momentum_correction > 0.0).then_some(self.momentum_correction),
+            local_clip: (self.local_clip > 0.0)
+                .then(|| self.local_clip / (dp.max(1) as f32).sqrt()),
+            sparsity_warmup_steps: self.warmup_steps,
+            seed,
+        }
+    }
+
+    /// DGC's corrections checked against the method and the run around them.
+    fn validate_dgc(
+        &self,
+        method: &meshrec_compress::MethodConfig,
+        dp: usize,
+        beta1: f32,
+    ) -> Result<(), ConfigError> {
+        use meshrec_compress::MethodConfig as M;
+        let m = self.momentum_correction;
+        if !(m.is_finite() && (0.0..1.0).contains(&m)) {
+            return Err(invalid(
+                "compress.momentum_correction",
+                "must be in [0, 1) (0: off)",
+            ));
+        }
+        if m > 0.0 {
+            if !matches!(
+                method,
+                M::TopK { .. } | M::DgcTopK { .. } | M::Threshold { .. }
+            ) {
+                return Err(invalid(
+                    "compress.momentum_correction",
+                    "needs a sparsifier that sends its own indices: topk, dgc_topk or threshold",
+                ));
+            }
+            if !self.error_feedback {
+                return Err(invalid(
+                    "compress.momentum_correction",
+                    "accumulates in the error-feedback residual: set compress.error_feedback = true",
+                ));
+            }
+            if dp < 2 {
+                return Err(invalid(
+                    "compress.momentum_correction",
+                    "compression runs only between DP replicas: needs parallel.dp >= 2",
+                ));
+            }
+            if beta1 != 0.0 {
+                return Err(invalid(
+                    "compress.momentum_correction",
+                    "the compressed velocity is already the first moment: set train.beta1 = 0 so AdamW does not apply a second momentum",
+                ));
+            }
+        }
+        if !(self.local_clip.is_finite() && self.local_clip >= 0.0) {
+            return Err(invalid(
+                "compress.local_clip",
+                "must be zero (off) or a positive norm",
+            ));
+        }
+        if self.warmup_steps > 0
+            && !matches!(method, M::TopK { .. } | M::DgcTopK { .. } | M::RandK { .. })
+        {
+            return Err(invalid(
+                "compress.warmup_steps",
+                "warms a kept fraction up: needs topk, dgc_topk or randk",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -566,6 +658,7 @@ impl RunConfig {
         }
         let mode = self.dp.mode()?;
         let method = self.compress.method_config()?;
+        self.compress.validate_dgc(&method, p.dp, t.beta1)?;
         if matches!(mode, DpMode::LocalSgd { .. })
             && method != meshrec_compress::MethodConfig::Identity
         {
@@ -757,5 +850,44 @@ mod tests {
         assert!(err("", &["model.norm=batch"]).contains("model.norm"));
         assert!(err("", &["epochs"]).contains("expected section.key=value"));
         assert!(err("[train]\nepochs = \"many\"\n", &[]).contains("epochs"));
+    }
+
+    #[test]
+    fn dgc_corrections_are_checked_against_the_run() {
+        let dgc = [
+            "parallel.dp=2",
+            "compress.method=\"topk\"",
+            "compress.momentum_correction=0.9",
+            "train.beta1=0",
+        ];
+        let ok = RunConfig::from_toml("", "t", &dgc.map(String::from)).unwrap();
+        let opts = ok.compress.memory_options(2, 7);
+        assert_eq!(
+            (opts.momentum, opts.local_clip, opts.seed),
+            (Some(0.9), None, 7)
+        );
+        let with = |extra: &[&'static str]| -> Vec<&'static str> {
+            dgc.iter().chain(extra).copied().collect()
+        };
+        // AdamW's own momentum on top of the velocity is refused, as is a missing DP group,
+        // a method without its own indices and momentum without the residual it lives in.
+        let beta = err("", &with(&["train.beta1=0.9"]));
+        assert!(beta.contains("compress.momentum_correction") && beta.contains("train.beta1"));
+        assert!(err("", &with(&["parallel.dp=1"])).contains("parallel.dp >= 2"));
+        assert!(err("", &with(&["compress.method=\"randk\""])).contains("topk, dgc_topk"));
+        assert!(err("", &with(&["compress.error_feedback=false"])).contains("error_feedback"));
+        assert!(err("", &with(&["compress.momentum_correction=1.0"])).contains("[0, 1)"));
+        assert!(err(
+            "",
+            &["compress.method=\"powersgd\"", "compress.warmup_steps=5"]
+        )
+        .contains("compress.warmup_steps"));
+        assert!(err("", &["compress.local_clip=-1"]).contains("compress.local_clip"));
+        // The local clip is the global norm scaled by dp^-1/2, as DGC scales it.
+        let clip = RunConfig::from_toml("", "t", &["compress.local_clip=2.0".to_string()])
+            .unwrap()
+            .compress
+            .memory_options(4, 0);
+        assert_eq!(clip.local_clip, Some(1.0));
     }
 }

@@ -122,6 +122,10 @@ enum Command {
         /// Layouts listed.
         #[arg(long, default_value_t = 10)]
         top: usize,
+        /// Also try compressors whose measured accuracy cost fails the bar (or was never
+        /// measured): see balance/data/compression_accuracy.json.
+        #[arg(long)]
+        allow_lossy: bool,
     },
     /// A run's loss and validation curves (SVG and PNG in its folder) and its summary.
     Report {
@@ -360,8 +364,9 @@ fn run() -> anyhow::Result<()> {
             cluster,
             batch,
             top,
+            allow_lossy,
         } => {
-            let request = match (model, config) {
+            let mut request = match (model, config) {
                 (Some(name), None) => {
                     meshrec_balance::PlanRequest::from_names(&name, &cluster, devices, batch)?
                 }
@@ -378,6 +383,7 @@ fn run() -> anyhow::Result<()> {
                 }
                 _ => anyhow::bail!("give exactly one of --model (a planning preset) or --config"),
             };
+            request.allow_lossy = allow_lossy;
             let plan = meshrec_balance::plan(&request)?;
             print!("{}", meshrec_balance::plan::render_report(&plan, top));
         }

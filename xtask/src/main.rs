@@ -3,6 +3,7 @@
 //! packages they build against (or say how to). Nothing here is a library.
 
 mod cmd;
+mod convergence;
 mod cycles;
 mod data;
 mod peer;
@@ -41,15 +42,15 @@ enum Cmd {
         #[arg(long = "set")]
         set: Vec<String>,
     },
-    /// Run a benchmark: train, recipe, comm, compress, pipeline, tp, strategies, serve, paper
-    /// (simulated). `comm` builds against OpenMPI: as root it installs the Debian packages
+    /// Run a benchmark: train, recipe, convergence, comm, compress, pipeline, tp, strategies,
+    /// serve, paper (simulated). `comm` builds against OpenMPI: as root it installs the Debian packages
     /// it needs.
     Bench {
         name: String,
         /// Also run the PyTorch peer (`../shared/peer`) in the same invocation.
         #[arg(long)]
         peer: bool,
-        /// Seeds of the accuracy benchmarks (`recipe`).
+        /// Seeds of the accuracy benchmarks (`recipe`, `convergence`).
         #[arg(long, value_delimiter = ',', default_values_t = [0u64, 1, 2])]
         seeds: Vec<u64>,
         /// `--set key=value` overrides for the runs of the accuracy benchmarks.
@@ -285,7 +286,7 @@ fn bench(name: &str, extra: &[String]) -> Result<()> {
             ])
             .arg(bench_dir())),
         other => {
-            bail!("unknown benchmark `{other}` (known: train, recipe, comm, compress, pipeline, tp, strategies, serve, paper)")
+            bail!("unknown benchmark `{other}` (known: train, recipe, convergence, comm, compress, pipeline, tp, strategies, serve, paper)")
         }
     }
 }
@@ -645,11 +646,15 @@ fn main() -> Result<()> {
             set,
             extra,
         } => match name.as_str() {
-            "recipe" => {
+            "recipe" | "convergence" => {
                 if data::verify_ml100k(&root().join("data/ml-100k")).is_err() {
                     data::fetch_ml100k(None)?;
                 }
-                recipe::bench(&seeds, peer, &set)
+                if name == "recipe" {
+                    recipe::bench(&seeds, peer, &set)
+                } else {
+                    convergence::bench(&seeds, &set)
+                }
             }
             _ => bench(&name, &extra),
         },

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 use crate::workspace::root;
 
 /// The metrics reported, as the summaries name them.
-const METRICS: [&str; 3] = ["ndcg@10", "hr@10", "mrr@10"];
+pub(crate) const METRICS: [&str; 3] = ["ndcg@10", "hr@10", "mrr@10"];
 /// The peer's test NDCG@10 / HR@10 over seeds 0, 1, 2 as `../shared/peer/README.md`
 /// states them, for runs without `--peer`.
 const PEER_DOCUMENTED: [(&str, f64); 2] = [("ndcg@10", 0.108), ("hr@10", 0.203)];
@@ -27,7 +27,7 @@ struct Run {
 }
 
 /// Mean and sample standard deviation.
-fn mean_std(xs: &[f64]) -> (f64, f64) {
+pub(crate) fn mean_std(xs: &[f64]) -> (f64, f64) {
     let n = xs.len() as f64;
     let mean = xs.iter().sum::<f64>() / n.max(1.0);
     let var = if xs.len() > 1 {
@@ -38,13 +38,13 @@ fn mean_std(xs: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-fn read_summary(path: &Path) -> Result<Value> {
+pub(crate) fn read_summary(path: &Path) -> Result<Value> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
-fn metrics_of(value: &Value, what: &str) -> Result<BTreeMap<String, f64>> {
+pub(crate) fn metrics_of(value: &Value, what: &str) -> Result<BTreeMap<String, f64>> {
     METRICS
         .iter()
         .map(|k| {
@@ -59,6 +59,25 @@ fn metrics_of(value: &Value, what: &str) -> Result<BTreeMap<String, f64>> {
 
 fn meshrec_run(seed: u64, sets: &[String], out_dir: &Path) -> Result<Run> {
     let name = format!("recipe-seed{seed}");
+    let summary = train_ml100k(&name, seed, sets, out_dir)?;
+    let path = out_dir.join(&name).join("summary.json");
+    Ok(Run {
+        system: "meshrec",
+        seed,
+        test: metrics_of(&summary["test"], &path.display().to_string())?,
+        best_epoch: summary["best_epoch"].as_u64().unwrap_or(0),
+        wall_s: summary["wall_seconds"].as_f64().unwrap_or(f64::NAN),
+    })
+}
+
+/// Trains `configs/ml100k.toml` with `sets` and `seed` into `out_dir/name` (release
+/// build, CPU) and returns its `summary.json`.
+pub(crate) fn train_ml100k(
+    name: &str,
+    seed: u64,
+    sets: &[String],
+    out_dir: &Path,
+) -> Result<Value> {
     let mut cmd = crate::cmd::meshrec_release();
     cmd.args([
         "train",
@@ -75,15 +94,7 @@ fn meshrec_run(seed: u64, sets: &[String], out_dir: &Path) -> Result<Run> {
         cmd.args(["--set", &set]);
     }
     crate::cmd::run(&mut cmd)?;
-    let path = out_dir.join(&name).join("summary.json");
-    let summary = read_summary(&path)?;
-    Ok(Run {
-        system: "meshrec",
-        seed,
-        test: metrics_of(&summary["test"], &path.display().to_string())?,
-        best_epoch: summary["best_epoch"].as_u64().unwrap_or(0),
-        wall_s: summary["wall_seconds"].as_f64().unwrap_or(f64::NAN),
-    })
+    read_summary(&out_dir.join(name).join("summary.json"))
 }
 
 fn peer_run(seed: u64) -> Result<Run> {

@@ -28,8 +28,27 @@ pub struct Ctx<'a> {
     pub local_seed: u64,
     /// Matrix view of the tensor for PowerSGD; `None` picks a near-square view.
     pub shape: Option<(usize, usize)>,
+    /// The tensor is a bucket of several layers, each `(rows, cols)` in order (their
+    /// products sum to the length): PowerSGD compresses each layer as its own matrix
+    /// (Vogels et al.), batching all layers' factors into one all-reduce per factor.
+    pub layers: Option<&'a [(usize, usize)]>,
     /// PowerSGD warm-start factor Q (cols x rank); filled on first use.
     pub warm: Option<&'a mut Vec<f32>>,
+    /// Progress through DGC's sparsity warm-up, in [0, 1); `None` outside it. The
+    /// sparsifiers keep [`warmed_ratio`] of the elements instead of their ratio.
+    pub warmup: Option<f64>,
+}
+
+/// DGC's sparsity warm-up: the kept fraction falls geometrically from 25% to `ratio` as
+/// `progress` goes from 0 to 1. DGC's schedule (75%, 93.75%, 98.4%, 99.6%, 99.9% sparsity
+/// over four epochs) is, within 2%, this curve at progress 0, 1/4, ..., 1 for ratio 0.1%;
+/// a continuous curve lets the warm-up be any number of steps.
+pub fn warmed_ratio(ratio: f64, progress: Option<f64>) -> f64 {
+    const START: f64 = 0.25;
+    match progress {
+        Some(p) if ratio < START => (START.ln() * (1.0 - p) + ratio.ln() * p).exp(),
+        _ => ratio,
+    }
 }
 
 impl Ctx<'_> {

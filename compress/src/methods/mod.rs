@@ -11,7 +11,7 @@ pub mod powersgd;
 pub mod quant;
 pub mod sparse;
 
-pub use api::{avg_as, Aggregation, AvgReduce, Compressor, Ctx, ReduceInfo};
+pub use api::{avg_as, warmed_ratio, Aggregation, AvgReduce, Compressor, Ctx, ReduceInfo};
 pub use config::MethodConfig;
 
 use crate::error::CompressError;

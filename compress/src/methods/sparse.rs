@@ -1,6 +1,6 @@
 //! Sparsifiers: exact top-k, DGC's sampled-threshold top-k, threshold, and random-k.
 
-use super::api::{avg_as, Aggregation, AvgReduce, Compressor, Ctx, ReduceInfo};
+use super::api::{avg_as, warmed_ratio, Aggregation, AvgReduce, Compressor, Ctx, ReduceInfo};
 use super::config::MethodConfig;
 use crate::error::{CompressError, SyncError};
 use crate::rng;
@@ -113,15 +113,18 @@ impl Sparsifier {
         }
     }
 
-    /// Indices (sorted) and values this method keeps for `x`.
-    pub(crate) fn select(&mut self, x: &[f32], seed: u64) -> (&[u32], &[f32]) {
+    /// Indices (sorted) and values this method keeps for `x`, at `warmup`'s point of the
+    /// sparsity warm-up (see [`warmed_ratio`]).
+    pub(crate) fn select(&mut self, x: &[f32], seed: u64, warmup: Option<f64>) -> (&[u32], &[f32]) {
         let n = x.len();
         match self.config {
-            MethodConfig::TopK { ratio } => self.exact_topk(x, k_for(ratio, n), seed),
+            MethodConfig::TopK { ratio } => {
+                self.exact_topk(x, k_for(warmed_ratio(ratio, warmup), n), seed)
+            }
             MethodConfig::DgcTopK {
                 ratio,
                 sample_ratio,
-            } => self.dgc(x, k_for(ratio, n), sample_ratio, seed),
+            } => self.dgc(x, k_for(warmed_ratio(ratio, warmup), n), sample_ratio, seed),
             MethodConfig::Threshold { threshold } => {
                 // |x| > threshold  <=>  mag >= bits(threshold) + 1 for finite threshold >= 0.
                 collect_at_least(x, mag(threshold) + 1, &mut self.idx);
@@ -256,7 +259,7 @@ impl Compressor for Sparsifier {
     ) -> Result<(), CompressError> {
         let method = self.method();
         check_u32_len(method, x.len())?;
-        self.select(x, ctx.local_seed);
+        self.select(x, ctx.local_seed, ctx.warmup);
         write_sparse(method, x.len(), &self.idx, &self.vals, out);
         Ok(())
     }
@@ -288,10 +291,10 @@ impl RandK {
     }
 
     /// Draws the index set into the scratch and gathers the (scaled) values.
-    fn gather(&mut self, x: &[f32], seed: u64) -> Result<(), CompressError> {
-        let n = x.len();
+    fn gather(&mut self, x: &[f32], ctx: &Ctx<'_>) -> Result<(), CompressError> {
+        let (n, seed) = (x.len(), ctx.shared_seed);
         check_u32_len(MethodId::RandK, n)?;
-        let k = k_for(self.ratio, n);
+        let k = k_for(warmed_ratio(self.ratio, ctx.warmup), n);
         rng::randk_indices(n, k, seed, &mut self.scratch.bits, &mut self.scratch.idx);
         let scale = if self.unbiased && k > 0 {
             (n as f64 / k as f64) as f32
@@ -321,7 +324,7 @@ impl Compressor for RandK {
         ctx: &mut Ctx<'_>,
         out: &mut Payload,
     ) -> Result<(), CompressError> {
-        self.gather(x, ctx.shared_seed)?;
+        self.gather(x, ctx)?;
         let buf = out.buf_mut();
         buf.clear();
         let header = Header {
@@ -347,7 +350,7 @@ impl Compressor for RandK {
         ctx: &mut Ctx<'_>,
         avg: &mut AvgReduce<'_>,
     ) -> Result<ReduceInfo, SyncError> {
-        self.gather(x, ctx.shared_seed)?;
+        self.gather(x, ctx)?;
         if let Some(r) = residual {
             // r holds x on entry (see the trait): subtract what is sent.
             for (&i, &v) in self.scratch.idx.iter().zip(&self.vals) {

@@ -89,8 +89,9 @@ pub fn dp_updater(
         &DpSettings {
             bucket_bytes: (config.dp.bucket_mb * 1024.0 * 1024.0) as usize,
             method: config.compress.method_config()?,
-            error_feedback: config.compress.error_feedback,
-            seed: config.train.seed,
+            memory: config
+                .compress
+                .memory_options(groups.mesh.dp, config.train.seed),
             threaded: concurrent_comm,
         },
         None,

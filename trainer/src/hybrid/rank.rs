@@ -60,6 +60,7 @@ impl StepHooks for MeshStepHooks<'_> {
         &mut self,
         chunk: usize,
         param: usize,
+        shape: &[usize],
         grad: &[f32],
     ) -> Result<(), ParallelError> {
         let Some(engine) = self.engine.as_mut() else {
@@ -68,9 +69,9 @@ impl StepHooks for MeshStepHooks<'_> {
         if std::mem::take(&mut self.poison_pending) {
             let mut bad = [grad.to_vec()];
             poison_first(&mut bad);
-            return engine.push(chunk, param, &bad[0]);
+            return engine.push(chunk, param, shape, &bad[0]);
         }
-        engine.push(chunk, param, grad)
+        engine.push(chunk, param, shape, grad)
     }
 
     fn computed(&mut self, _action: Action, elapsed: Duration) {
