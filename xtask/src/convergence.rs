@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::recipe::{mean_std, metrics_of, train_ml100k, METRICS};
+use crate::recipe::{mean_std, metrics_of, read_summary, train_ml100k, METRICS};
 use crate::workspace::root;
 
 /// One compressor setting of the bench.
@@ -69,6 +69,8 @@ struct Row {
     /// Bytes rank 0 sent on the DP group per step, counted by the engine.
     dp_sent_per_step: f64,
     wall_s: f64,
+    /// Read from an earlier invocation's finished run.
+    reused: bool,
 }
 
 fn row(method: &'static str, seed: u64, summary: &Value, what: &str) -> Result<Row> {
@@ -86,6 +88,7 @@ fn row(method: &'static str, seed: u64, summary: &Value, what: &str) -> Result<R
         dp_bytes_ratio: 1.0 / ratio,
         dp_sent_per_step: num(par, "comm_bytes_dp").unwrap_or(f64::NAN),
         wall_s: num(summary, "wall_seconds").unwrap_or(f64::NAN),
+        reused: false,
     })
 }
 
@@ -97,7 +100,7 @@ pub fn bench(seeds: &[u64], sets: &[String]) -> Result<()> {
     let bench_dir = root().join("target/bench");
     let out_dir = bench_dir.join("convergence-runs");
     std::fs::create_dir_all(&out_dir)?;
-    let mut rows = Vec::new();
+    let (mut rows, mut done) = (Vec::new(), Vec::new());
     for &seed in seeds {
         for (i, m) in METHODS.iter().enumerate() {
             let name = format!("conv-m{i}-seed{seed}");
@@ -107,11 +110,36 @@ pub fn bench(seeds: &[u64], sets: &[String]) -> Result<()> {
                 .map(|s| s.to_string())
                 .chain(sets.iter().cloned())
                 .collect();
-            eprintln!("bench convergence: {} seed {seed}", m.name);
-            let summary = train_ml100k(&name, seed, &run_sets, &out_dir)?;
-            rows.push(row(m.name, seed, &summary, &name)?);
+            // A finished run of an earlier invocation is reused (delete the folder, or
+            // target/bench/convergence-runs, to train it again): the bench takes hours.
+            let finished = out_dir.join(&name).join("summary.json");
+            let (summary, reused) = if finished.is_file() {
+                eprintln!(
+                    "bench convergence: {} seed {seed}: reusing {}",
+                    m.name,
+                    finished.display()
+                );
+                (read_summary(&finished)?, true)
+            } else {
+                eprintln!("bench convergence: {} seed {seed}", m.name);
+                (train_ml100k(&name, seed, &run_sets, &out_dir)?, false)
+            };
+            rows.push(Row {
+                reused,
+                ..row(m.name, seed, &summary, &name)?
+            });
         }
+        // The tables so far, after every seed: a long bench shows its results as it goes.
+        done.push(seed);
+        report(&rows, &done, sets, done.len() == seeds.len())?;
     }
+    Ok(())
+}
+
+/// Writes `convergence.{md,json}` for the seeds `seeds` whose runs are all in `rows`, and,
+/// when the bench is `complete` with the shipped recipe, the planner's accuracy table.
+fn report(rows: &[Row], seeds: &[u64], sets: &[String], complete: bool) -> Result<()> {
+    let bench_dir = root().join("target/bench");
     let of = |method: &'static str| rows.iter().filter(move |r| r.method == method);
     let dense_ndcg: BTreeMap<u64, f64> = of("dense").map(|r| (r.seed, r.test["ndcg@10"])).collect();
     let mut md = format!(
@@ -125,9 +153,9 @@ pub fn bench(seeds: &[u64], sets: &[String]) -> Result<()> {
             format!(", with {}", sets.join(", "))
         },
     );
-    for r in &rows {
+    for r in rows {
         md.push_str(&format!(
-            "| {} | {} | {} | {:.4} | {:.4} | {:.3}x | {:.4} | {:.2} | {:.0} |\n",
+            "| {} | {} | {} | {:.4} | {:.4} | {:.3}x | {:.4} | {:.2} | {:.0}{} |\n",
             r.method,
             r.seed,
             r.best_epoch,
@@ -136,7 +164,8 @@ pub fn bench(seeds: &[u64], sets: &[String]) -> Result<()> {
             r.test["ndcg@10"] / dense_ndcg[&r.seed],
             r.dp_bytes_ratio,
             r.dp_sent_per_step / 1e6,
-            r.wall_s
+            r.wall_s,
+            if r.reused { " (earlier run)" } else { "" }
         ));
     }
     md.push_str(
@@ -203,12 +232,13 @@ pub fn bench(seeds: &[u64], sets: &[String]) -> Result<()> {
             "dp_bytes_ratio": r.dp_bytes_ratio,
             "dp_sent_bytes_per_step": r.dp_sent_per_step,
             "wall_s": r.wall_s,
+            "reused": r.reused,
         })).collect::<Vec<_>>(),
         "methods": summary,
     });
     // The planner's committed table (balance/data/compression_accuracy.json), from runs of
     // the shipped recipe only: a run with overrides measures something else.
-    if sets.is_empty() {
+    if complete && sets.is_empty() {
         let table = json!({
             "source": format!(
                 "measured by `cargo xtask bench convergence`: configs/ml100k.toml (small), dp 2, \
@@ -229,6 +259,13 @@ pub fn bench(seeds: &[u64], sets: &[String]) -> Result<()> {
         bench_dir.join("convergence.json"),
         serde_json::to_string_pretty(&json)?,
     )?;
-    print!("{md}");
+    if complete {
+        print!("{md}");
+    } else {
+        eprintln!(
+            "bench convergence: seeds {seeds:?} done, tables so far in {}",
+            bench_dir.display()
+        );
+    }
     Ok(())
 }
