@@ -22,7 +22,7 @@ use crate::report::{fmt_bytes, fmt_mem, fmt_s};
 use crate::shape::ModelShape;
 use crate::sim::{simulate, Compression, SimConfig, SimResult, StepPart};
 use meshrec_comm::cost::Topology;
-use meshrec_pipeline::{DpMode, Mesh, ScheduleSpec};
+use meshrec_pipeline::{DpMode, Mesh, Recompute, ScheduleSpec, ZeroStage};
 
 /// What to plan for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -51,6 +51,14 @@ pub struct PlanRequest {
     /// Try every compressor in `compressions`, whatever it costs in accuracy.
     #[serde(default)]
     pub allow_lossy: bool,
+    /// ZeRO stages to try with sync DP when `dp > 1` (stage 2 only without compression,
+    /// as the trainer requires).
+    #[serde(default = "all_zero_stages")]
+    pub zero_stages: Vec<ZeroStage>,
+    /// Recomputation levels a layout may use, cheapest first: each layout takes the first
+    /// that fits (recomputation only costs time).
+    #[serde(default = "all_recompute")]
+    pub recompute: Vec<Recompute>,
     /// Adaptive balancing in every simulated layout.
     pub balance: bool,
     /// How many of the best fitting layouts [`Plan::ranking`] keeps.
@@ -78,6 +86,8 @@ impl PlanRequest {
             compressions: vec![Compression::none(), Compression::top_k(0.01, grad_bytes)],
             accuracy: None,
             allow_lossy: false,
+            zero_stages: all_zero_stages(),
+            recompute: all_recompute(),
             balance: true,
             keep: 20,
         }
@@ -209,6 +219,56 @@ pub struct Plan {
     /// Why the winner wins against the best single-mode layout (or, when a single-mode
     /// layout wins, why it beats the best hybrid), with numbers.
     pub explanation: String,
+    /// The winner's layout under each ZeRO stage (simulated): what it holds per device and
+    /// how much larger a model's training state would fit. Empty without sync DP replicas.
+    #[serde(default)]
+    pub zero_headroom: Vec<ZeroHeadroom>,
+}
+
+/// The winning layout re-simulated under one ZeRO stage (SIMULATED, formulas of
+/// `balance::shape`): the fullest device's state and peak memory, and how many times the
+/// model's parameters would fit in the device's capacity with activations and buffers held
+/// as they are.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ZeroHeadroom {
+    pub zero: ZeroStage,
+    pub state_bytes: u64,
+    pub peak_memory_bytes: u64,
+    pub samples_per_s: f64,
+    /// `(capacity - (peak - state)) / state`: the factor by which parameters could grow.
+    pub model_scale: f64,
+}
+
+/// The winner under every ZeRO stage, where it has sync DP replicas.
+fn zero_headroom(best: &Candidate, cluster: &Cluster, capacity: u64) -> Vec<ZeroHeadroom> {
+    if best.config.mesh.dp < 2 || best.config.dp_mode != DpMode::Sync {
+        return Vec::new();
+    }
+    all_zero_stages()
+        .into_iter()
+        .filter_map(|zero| {
+            let mut cfg = best.config.clone();
+            cfg.zero = zero;
+            if zero.shards_gradients() {
+                cfg.compression = Compression::none();
+            }
+            let r = simulate(&cfg, cluster).ok()?;
+            let (rank, &peak) = r
+                .peak_memory_bytes
+                .iter()
+                .enumerate()
+                .max_by_key(|(_, m)| **m)?;
+            let state = *r.state_bytes.get(rank)?;
+            let other = peak.saturating_sub(state) as f64;
+            Some(ZeroHeadroom {
+                zero,
+                state_bytes: state,
+                peak_memory_bytes: peak,
+                samples_per_s: r.samples_per_s,
+                model_scale: (capacity as f64 - other) / (state as f64).max(1.0),
+            })
+        })
+        .collect()
 }
 
 impl Plan {
@@ -334,6 +394,34 @@ impl PaperRow {
     }
 }
 
+fn all_recompute() -> Vec<Recompute> {
+    vec![Recompute::None, Recompute::Selective, Recompute::Full]
+}
+
+/// `config` simulated with the first of `levels` under which it fits (the last one tried
+/// when none does).
+fn with_least_recompute(
+    mut config: SimConfig,
+    levels: &[Recompute],
+    cluster: &Cluster,
+) -> (SimConfig, Result<SimResult, BalanceError>) {
+    let mut outcome = Err(BalanceError::NoFeasibleLayout(
+        "no recomputation level to try".into(),
+    ));
+    for &level in levels {
+        config.recompute = level;
+        outcome = simulate(&config, cluster);
+        if matches!(&outcome, Ok(r) if r.fits) {
+            break;
+        }
+    }
+    (config, outcome)
+}
+
+fn all_zero_stages() -> Vec<ZeroStage> {
+    vec![ZeroStage::Off, ZeroStage::Optimizer, ZeroStage::Gradients]
+}
+
 fn divisors(n: usize) -> impl Iterator<Item = usize> {
     (1..=n).filter(move |d| n.is_multiple_of(*d))
 }
@@ -386,20 +474,32 @@ pub fn enumerate(req: &PlanRequest) -> Vec<SimConfig> {
                     }
                     for &mode in &modes {
                         for comp in &comps {
-                            for &reverse_stages in orders {
-                                let mut cfg = SimConfig::new(
-                                    req.shape.clone(),
-                                    mesh,
-                                    schedule,
-                                    m,
-                                    req.global_batch,
-                                );
-                                cfg.dp_mode = mode;
-                                cfg.compression = comp.clone();
-                                cfg.balance = req.balance;
-                                cfg.record_timeline = false;
-                                cfg.reverse_stages = reverse_stages;
-                                out.push(cfg);
+                            let zeros: Vec<ZeroStage> = if dp > 1 && mode == DpMode::Sync {
+                                req.zero_stages
+                                    .iter()
+                                    .copied()
+                                    .filter(|z| !z.shards_gradients() || comp.name == "none")
+                                    .collect()
+                            } else {
+                                vec![ZeroStage::Off]
+                            };
+                            for &zero in &zeros {
+                                for &reverse_stages in orders {
+                                    let mut cfg = SimConfig::new(
+                                        req.shape.clone(),
+                                        mesh,
+                                        schedule,
+                                        m,
+                                        req.global_batch,
+                                    );
+                                    cfg.dp_mode = mode;
+                                    cfg.compression = comp.clone();
+                                    cfg.zero = zero;
+                                    cfg.balance = req.balance;
+                                    cfg.record_timeline = false;
+                                    cfg.reverse_stages = reverse_stages;
+                                    out.push(cfg);
+                                }
                             }
                         }
                     }
@@ -693,7 +793,13 @@ pub fn plan(req: &PlanRequest) -> Result<Plan, BalanceError> {
     let mut fitting: Vec<Candidate> = Vec::new();
     let mut last_error = None;
     for config in configs {
-        match simulate(&config, &req.cluster) {
+        let levels = if req.recompute.is_empty() {
+            &[Recompute::None][..]
+        } else {
+            &req.recompute[..]
+        };
+        let (config, outcome) = with_least_recompute(config, levels, &req.cluster);
+        match outcome {
             Ok(result) if result.fits => fitting.push(Candidate { config, result }),
             Ok(_) | Err(BalanceError::OutOfMemory { .. }) => rejected_memory += 1,
             Err(e) => last_error = Some(e),
@@ -742,7 +848,9 @@ pub fn plan(req: &PlanRequest) -> Result<Plan, BalanceError> {
         rejected_memory,
         excluded_compressions,
         explanation: String::new(),
+        zero_headroom: Vec::new(),
     };
+    plan.zero_headroom = zero_headroom(&plan.best, &req.cluster, capacity_bytes);
     let topology = &req.cluster.topology;
     plan.explanation = match (plan.best_single(), plan.best_hybrid.as_ref()) {
         // The winner is hybrid (or a single device): against the best single-mode layout.
@@ -803,13 +911,13 @@ pub fn render_report(plan: &Plan, top: usize) -> String {
     let n = top.min(plan.ranking.len());
     out.push_str(&format!(
         "Top {n} by simulated samples/s:\n\n\
-         | # | class | dp | tp | pp | schedule | micro-batches | DP mode | compression | samples/s | step | util mean | util min | bubble | MFU | dp bytes | tp bytes | pp bytes | intra-node | inter-node | peak memory |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+         | # | class | dp | tp | pp | schedule | micro-batches | DP mode | compression | ZeRO | recompute | samples/s | step | util mean | util min | bubble | MFU | dp bytes | tp bytes | pp bytes | intra-node | inter-node | peak memory |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     ));
     for (i, c) in plan.ranking.iter().take(n).enumerate() {
         let (cfg, r) = (&c.config, &c.result);
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {}{} | {} | {} | {} | {:.1} | {} | {:.1}% | {:.1}% | {:.1}% | {:.1}% | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {}{} | {} | {} | {} | {} | {} | {:.1} | {} | {:.1}% | {:.1}% | {:.1}% | {:.1}% | {} | {} | {} | {} | {} | {} |\n",
             i + 1,
             c.class().label(),
             cfg.mesh.dp,
@@ -820,6 +928,8 @@ pub fn render_report(plan: &Plan, top: usize) -> String {
             cfg.micro_batches,
             cfg.dp_mode,
             cfg.compression.name,
+            cfg.effective_zero().number(),
+            cfg.recompute,
             r.samples_per_s,
             fmt_s(r.step_s),
             100.0 * r.utilization_mean,
@@ -864,6 +974,23 @@ pub fn render_report(plan: &Plan, top: usize) -> String {
         describe(&plan.best),
         plan.explanation
     ));
+    if !plan.zero_headroom.is_empty() {
+        out.push_str(
+            "\nThe winner's layout under each ZeRO stage (simulated; fullest device; model scale = how many \
+             times the parameters fit in the device's memory, activations and buffers held as they are):\n\n\
+             | ZeRO | state / device | peak / device | samples/s | model scale |\n|---|---|---|---|---|\n",
+        );
+        for z in &plan.zero_headroom {
+            out.push_str(&format!(
+                "| {} | {} | {} | {:.1} | {:.2}x |\n",
+                z.zero,
+                fmt_mem(z.state_bytes as f64),
+                fmt_mem(z.peak_memory_bytes as f64),
+                z.samples_per_s,
+                z.model_scale
+            ));
+        }
+    }
     out
 }
 
@@ -875,17 +1002,13 @@ mod tests {
     use crate::sim::{CommBytes, StepBreakdown};
     use meshrec_comm::cost::LinkClass;
 
-    #[test]
-    fn never_returns_a_layout_that_does_not_fit() {
-        // 1B model on 12 GiB devices: DP-only (16.5 GB of state per replica) cannot fit; the
-        // planner must shard, and every ranked layout must fit every device.
-        let shape = ModelShape::preset_1b();
+    /// Eight 12 GiB T4s on one PCIe node.
+    fn t4x8_12gib() -> Cluster {
         let small = DeviceSpec {
             memory_bytes: 12 << 30,
             ..DeviceSpec::t4_16gb()
         };
-        assert!(shape.state_bytes() > small.memory_bytes);
-        let cluster = Cluster::homogeneous(
+        Cluster::homogeneous(
             "t4x8",
             small,
             8,
@@ -893,14 +1016,24 @@ mod tests {
             LinkClass::PCIE4_X16,
             LinkClass::ETHERNET_10G,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn never_returns_a_layout_that_does_not_fit() {
+        // 1B model on 12 GiB devices: DP-only (16.5 GB of state per replica) cannot fit; the
+        // planner must shard, and every ranked layout must fit every device.
+        let shape = ModelShape::preset_1b();
+        let cluster = t4x8_12gib();
+        assert!(shape.state_bytes() > cluster.devices[0].memory_bytes);
         let mut req = PlanRequest::new(shape, cluster, 8, 64);
         req.micro_batches = vec![4, 8, 16];
+        req.zero_stages = vec![ZeroStage::Off];
         let plan = plan(&req).unwrap();
         assert!(plan.rejected_memory > 0);
         assert!(
             plan.best_dp.is_none(),
-            "DP-only cannot hold 1B params x 16 B on 16 GB"
+            "DP-only cannot hold 1B params x 16 B on 12 GiB without ZeRO"
         );
         for c in plan
             .ranking
@@ -918,6 +1051,35 @@ mod tests {
             }
         }
         assert!(plan.explanation.contains("SIMULATED"));
+    }
+
+    /// The same 1B model on 12 GiB devices fits DP-only once ZeRO shards the state: ZeRO-2
+    /// over 8 replicas holds 4 + 12/8 bytes per parameter instead of 16, as the formulas say.
+    #[test]
+    fn zero_lets_data_parallelism_hold_a_model_it_could_not() {
+        let shape = ModelShape::preset_1b();
+        let cluster = t4x8_12gib();
+        let mut req = PlanRequest::new(shape.clone(), cluster, 8, 64);
+        req.micro_batches = vec![8];
+        req.schedules = vec![ScheduleSpec::ONE_F_ONE_B];
+        let plan = plan(&req).unwrap();
+        let dp = plan.best_dp.clone().expect("ZeRO lets DP-only fit");
+        assert!(dp.config.zero.shards_optimizer(), "{}", dp.config.label());
+        let want = shape
+            .precision
+            .rank_state_bytes(shape.params(), 8, dp.config.zero)
+            .total();
+        let got = dp.result.state_bytes[0] as f64;
+        assert!(
+            (got - want).abs() / want < 1e-6,
+            "state per device {got} vs formula {want}"
+        );
+        // The report shows how much larger a model each stage lets the winner hold.
+        let scales: Vec<f64> = plan.zero_headroom.iter().map(|z| z.model_scale).collect();
+        if scales.len() == 3 {
+            assert!(scales[0] < scales[1] && scales[1] < scales[2], "{scales:?}");
+        }
+        assert!(render_report(&plan, 3).contains("| ZeRO |"));
     }
 
     #[test]
@@ -1030,9 +1192,13 @@ mod tests {
         let plan = plan(&req).unwrap();
         assert_eq!(plan.ranking.len(), 5);
         assert!(plan.fitting >= 5 && plan.fitting + plan.rejected_memory <= plan.considered);
-        let text = render_report(&plan, 3);
-        assert!(text.starts_with("SIMULATED layout plan"), "{text}");
-        assert!(text.contains("Top 3 by simulated samples/s"), "{text}");
+        let full = render_report(&plan, 3);
+        assert!(full.starts_with("SIMULATED layout plan"), "{full}");
+        assert!(full.contains("Top 3 by simulated samples/s"), "{full}");
+        let text = full
+            .split("\nBest of each class")
+            .next()
+            .unwrap_or_default();
         let rows = text.lines().filter(|l| l.starts_with("| ")).count();
         assert_eq!(rows, 1 + 3, "{text}"); // header + 3 layouts
         let ranks: Vec<&str> = text
@@ -1049,7 +1215,7 @@ mod tests {
             "Winner:",
             "Why: ",
         ] {
-            assert!(text.contains(needle), "{needle} missing:\n{text}");
+            assert!(full.contains(needle), "{needle} missing:\n{full}");
         }
         // The explanation names the best single-mode layout and where the time goes.
         let single = plan.best_single().unwrap().config.label();
@@ -1081,6 +1247,7 @@ mod tests {
             bubble_per_stage: vec![0.0; mesh.pp],
             bytes,
             peak_memory_bytes: vec![1 << 30; world],
+            state_bytes: vec![1 << 29; world],
             fits: true,
             partition: Partition::from_bounds(vec![0, n], n).unwrap(),
             replica_micro_batch: vec![256 / mesh.dp / 8; mesh.dp],

@@ -23,8 +23,12 @@
 //!   probabilities `2·a·s`, attention context `d`, MLP intermediates `4·f` (SwiGLU: gate,
 //!   up, silu(gate), product) or `2·f` (GELU: pre- and post-activation); times the
 //!   activation element size. Under tensor parallelism everything except the residual and
-//!   norm part (`4·d`) is split `t` ways (no sequence parallelism).
+//!   norm part (`4·d`) is split `t` ways (no sequence parallelism). Recomputation keeps
+//!   less: selective drops the `2·a·s` scores and probabilities (recomputed from Q, K, V,
+//!   whose `4·s·d` FLOPs backward runs again), full keeps the block's input `d` only (and
+//!   runs the whole block forward again).
 
+use meshrec_pipeline::{Recompute, ZeroStage};
 use serde::{Deserialize, Serialize};
 
 use crate::error::BalanceError;
@@ -85,6 +89,26 @@ impl Precision {
             grad_bytes: 2,
             optimizer_bytes: 12,
             activation_bytes: 2,
+        }
+    }
+
+    /// What one rank of a DP group of `dp` holds for `params` parameters (its slice of
+    /// the model) under ZeRO stage `zero`: weights whole, gradients `/dp` under ZeRO-2,
+    /// optimizer state `/dp` under ZeRO-1 and 2 (Rajbhandari et al.'s accounting).
+    pub fn rank_state_bytes(&self, params: u64, dp: usize, zero: ZeroStage) -> StateBytes {
+        let n = params as f64;
+        let per = |bytes: u32, sharded: bool| {
+            let b = n * f64::from(bytes);
+            if sharded {
+                b / dp.max(1) as f64
+            } else {
+                b
+            }
+        };
+        StateBytes {
+            param: per(self.param_bytes, false),
+            grad: per(self.grad_bytes, zero.shards_gradients()),
+            optimizer: per(self.optimizer_bytes, zero.shards_optimizer()),
         }
     }
 
@@ -372,6 +396,16 @@ impl ModelShape {
     /// Activation elements stashed per token by one block when split over `tp` ranks
     /// (see the module docs): `4·d + (4·d + 2·a·s + mlp)/tp`.
     pub fn block_activation_elems_per_token(&self, tp: u32) -> f64 {
+        self.block_activation_elems_per_token_under(tp, Recompute::None)
+    }
+
+    /// Activation elements a block keeps per token for backward under `recompute`:
+    /// everything (`none`), all but the attention's `2·a·s` scores and probabilities
+    /// (`selective`), or its input `d` only (`full`).
+    pub fn block_activation_elems_per_token_under(&self, tp: u32, recompute: Recompute) -> f64 {
+        if recompute == Recompute::Full {
+            return self.d_model as f64;
+        }
         let d = self.d_model as f64;
         let f = self.d_ff as f64;
         let s = self.seq_len as f64;
@@ -381,7 +415,38 @@ impl ModelShape {
             MlpKind::Gelu => 2.0 * f,
         };
         let t = f64::from(tp.max(1));
-        4.0 * d + (4.0 * d + 2.0 * a * s + mlp) / t
+        let scores = if recompute == Recompute::Selective {
+            0.0
+        } else {
+            2.0 * a * s
+        };
+        4.0 * d + (4.0 * d + scores + mlp) / t
+    }
+
+    /// The activation bytes one micro-batch of `tokens` tokens keeps through the whole model
+    /// (one pipeline stage) under `recompute`, plus recomputation's working set: one block's
+    /// dropped activations, alive while backward runs that block again.
+    pub fn model_activation_bytes(&self, tp: u32, recompute: Recompute, tokens: f64) -> f64 {
+        let ab = f64::from(self.precision.activation_bytes);
+        let block = self.block_activation_elems_per_token_under(tp, recompute);
+        let dropped = self.block_activation_elems_per_token_under(tp, Recompute::None) - block;
+        let ends: f64 = [0, self.n_partition_layers() - 1]
+            .iter()
+            .filter_map(|&i| self.layer_activation_bytes_per_token(i, tp))
+            .sum();
+        (ends + (f64::from(self.n_layers) * block + dropped) * ab) * tokens
+    }
+
+    /// The share of a block's forward FLOPs that backward runs again under `recompute`:
+    /// none, the attention core `4·s·d` (selective), or all of it (full).
+    pub fn block_recompute_share(&self, recompute: Recompute) -> f64 {
+        match recompute {
+            Recompute::None => 0.0,
+            Recompute::Selective => {
+                4.0 * (self.seq_len * self.d_model) as f64 / self.block_fwd_flops_per_token()
+            }
+            Recompute::Full => 1.0,
+        }
     }
 
     /// Activation bytes stashed per token by one block (unsharded).
@@ -425,9 +490,52 @@ impl ModelShape {
     }
 }
 
+/// A rank's training-state bytes by kind (see [`Precision::rank_state_bytes`]).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StateBytes {
+    pub param: f64,
+    pub grad: f64,
+    pub optimizer: f64,
+}
+
+impl StateBytes {
+    pub fn total(&self) -> f64 {
+        self.param + self.grad + self.optimizer
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Korthikanti et al.'s per-token counts: selective drops the `2·a·s` scores and
+    /// probabilities, full keeps the block input `d`; backward reruns `4·s·d` of the
+    /// forward (selective) or all of it.
+    #[test]
+    fn recomputation_keeps_what_the_paper_says() {
+        let shape = ModelShape::new("t", 100, 64, 2, 4, 256, 50).unwrap();
+        let none = shape.block_activation_elems_per_token_under(1, Recompute::None);
+        let sel = shape.block_activation_elems_per_token_under(1, Recompute::Selective);
+        assert_eq!(none - sel, 2.0 * 4.0 * 50.0);
+        assert_eq!(
+            shape.block_activation_elems_per_token_under(2, Recompute::Full),
+            64.0
+        );
+        assert_eq!(shape.block_recompute_share(Recompute::None), 0.0);
+        assert_eq!(shape.block_recompute_share(Recompute::Full), 1.0);
+        let share = shape.block_recompute_share(Recompute::Selective);
+        assert!((share * shape.block_fwd_flops_per_token() - 4.0 * 50.0 * 64.0).abs() < 1e-6);
+    }
+
+    /// ZeRO's accounting for fp32 AdamW over 4 ranks: 16, 4 + 4 + 8/4 and 4 + 12/4 bytes
+    /// per parameter.
+    #[test]
+    fn zero_stages_shard_the_state_as_the_paper_counts() {
+        let per = |zero| Precision::fp32().rank_state_bytes(1000, 4, zero).total() / 1000.0;
+        assert_eq!(per(ZeroStage::Off), 16.0);
+        assert_eq!(per(ZeroStage::Optimizer), 10.0);
+        assert_eq!(per(ZeroStage::Gradients), 7.0);
+    }
 
     fn gpt2_like() -> ModelShape {
         // GPT-2 small's well-known 124M with untied head counted separately: d 768,

@@ -8,6 +8,7 @@ use meshrec_balance::plan::{enumerate, plan, Candidate, PlanRequest};
 use meshrec_balance::sim::{simulate, Compression};
 use meshrec_balance::{BalanceError, Cluster, DeviceSpec, ModelShape};
 use meshrec_comm::cost::LinkClass;
+use meshrec_pipeline::{Recompute, ZeroStage};
 use proptest::prelude::*;
 
 fn shape(vocab: u64, d: u64, layers: u32, heads: u32, ff_mult: u64, seq: u64) -> ModelShape {
@@ -36,9 +37,14 @@ fn check_fits(c: &Candidate, cluster: &Cluster, shape: &ModelShape) -> Result<()
             ));
         }
     }
-    // One replica's tp · pp devices hold the whole training state between them.
+    // One replica's tp · pp devices hold the whole training state between them (under
+    // ZeRO, their DP-sharded part of it).
     let mesh = c.config.mesh;
-    let share = shape.state_bytes() as f64 / (mesh.tp * mesh.pp) as f64;
+    let state = shape
+        .precision
+        .rank_state_bytes(shape.params(), mesh.dp, c.config.effective_zero())
+        .total();
+    let share = state / (mesh.tp * mesh.pp) as f64;
     let peak = again.peak_memory_bytes.iter().copied().max().unwrap_or(0) as f64;
     if peak < share * 0.999 {
         return Err(format!(
@@ -102,15 +108,23 @@ proptest! {
         // The exhaustive reference below enumerates every compressor asked for.
         req.allow_lossy = true;
 
-        // Exhaustive reference: every enumerated configuration, simulated.
+        // Exhaustive reference: every enumerated configuration, simulated with the least
+        // recomputation under which it fits.
         let configs = enumerate(&req);
         let mut fitting_sps = Vec::new();
         for cfg in &configs {
-            match simulate(cfg, &cluster) {
-                Ok(r) if r.fits => fitting_sps.push(r.samples_per_s),
-                // The balancing partitioner already finds no placement that fits.
-                Ok(_) | Err(BalanceError::OutOfMemory { .. }) => {}
-                Err(e) => prop_assert!(false, "{}: {}", cfg.label(), e),
+            for level in [Recompute::None, Recompute::Selective, Recompute::Full] {
+                let mut cfg = cfg.clone();
+                cfg.recompute = level;
+                match simulate(&cfg, &cluster) {
+                    Ok(r) if r.fits => {
+                        fitting_sps.push(r.samples_per_s);
+                        break;
+                    }
+                    // The balancing partitioner already finds no placement that fits.
+                    Ok(_) | Err(BalanceError::OutOfMemory { .. }) => {}
+                    Err(e) => prop_assert!(false, "{}: {}", cfg.label(), e),
+                }
             }
         }
         match plan(&req) {
@@ -147,8 +161,8 @@ proptest! {
 
 #[test]
 fn a_model_too_big_for_one_device_is_only_planned_sharded() {
-    // Capacity below the whole state: DP-only (full replicas) can never fit, so every
-    // layout the planner returns shards the model (tp · pp > 1).
+    // Capacity below the whole state: DP-only with full replicas (no ZeRO) can never fit,
+    // so every layout the planner returns shards the model (tp · pp > 1).
     let shape = shape(20_000, 64, 4, 4, 4, 32);
     let capacity = shape.state_bytes() * 3 / 4;
     let device = DeviceSpec {
@@ -166,6 +180,7 @@ fn a_model_too_big_for_one_device_is_only_planned_sharded() {
     .unwrap();
     let mut req = PlanRequest::new(shape.clone(), cluster.clone(), 8, 32);
     req.keep = usize::MAX;
+    req.zero_stages = vec![ZeroStage::Off];
     let p = plan(&req).unwrap();
     assert!(p.rejected_memory > 0);
     assert!(p.best_dp.is_none());

@@ -6,7 +6,7 @@
 //! the trainer seeds per step with [`seed_dropout`]; the `Dropout` module keeps burn's
 //! configuration and `training` flag, only the sampling is replaced.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use burn::nn::Dropout;
 use burn::tensor::{Tensor, TensorData};
@@ -15,6 +15,21 @@ use rand::{RngCore, SeedableRng};
 
 thread_local! {
     static DROPOUT_RNG: RefCell<SmallRng> = RefCell::new(SmallRng::seed_from_u64(0));
+    static WITHOUT_GRAPH: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with training dropout applied to plain (non-autodiff) tensors and modules in
+/// evaluation mode too: a training forward run without a graph (what full recomputation
+/// keeps nothing of) still draws the training masks, from this thread's stream.
+pub fn training_without_graph<T>(f: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            WITHOUT_GRAPH.with(|w| w.set(self.0));
+        }
+    }
+    let _reset = Reset(WITHOUT_GRAPH.with(|w| w.replace(true)));
+    f()
 }
 
 /// Seeds this thread's dropout stream (call once per step with a key derived from the run
@@ -42,10 +57,12 @@ pub fn mask_values(rng: &mut impl RngCore, n: usize, prob: f64) -> Vec<f32> {
 }
 
 /// Applies `dropout`'s configuration to `x` with a mask from this thread's stream; the
-/// identity in evaluation (no autodiff, or the module's `training` flag cleared) and for
-/// probability zero, as burn's own.
+/// identity in evaluation (no autodiff, or the module's `training` flag cleared; unless
+/// inside [`training_without_graph`]) and for probability zero, as burn's own.
 pub fn apply<const D: usize>(dropout: &Dropout, x: Tensor<D>) -> Tensor<D> {
-    if !dropout.training.is_enabled() || !x.device().is_autodiff() || dropout.prob <= 0.0 {
+    let training = WITHOUT_GRAPH.with(Cell::get)
+        || (dropout.training.is_enabled() && x.device().is_autodiff());
+    if !training || dropout.prob <= 0.0 {
         return x;
     }
     let dims = x.dims();

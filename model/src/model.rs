@@ -134,17 +134,33 @@ impl Attention {
 
     /// `x`: `[batch, seq, d_model]` (already normalised) -> `[batch, seq, d_model]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let [q, k, v] = self.project(x);
+        self.wo.forward(self.core(q, k, v))
+    }
+
+    /// The query, key and value projections `[batch, heads, seq, head_dim]` (rotated when
+    /// RoPE is on): what selective recomputation keeps of the attention.
+    pub fn project(&self, x: Tensor<3>) -> [Tensor<4>; 3] {
         let [b, s, _] = x.dims();
-        let device = x.device();
         let split = |t: Tensor<3>| t.reshape([b, s, self.heads, self.head_dim]).swap_dims(1, 2);
         let mut q = split(self.wq.forward(x.clone()));
         let mut k = split(self.wk.forward(x.clone()));
         let v = split(self.wv.forward(x));
         if self.rope {
-            let (cos, sin) = rope_tables(s, self.head_dim, &device);
+            let (cos, sin) = rope_tables(s, self.head_dim, &q.device());
             q = apply_rope(q, &cos, &sin);
             k = apply_rope(k, &cos, &sin);
         }
+        [q, k, v]
+    }
+
+    /// Causal scaled dot-product attention with dropout on the probabilities, heads merged
+    /// back: `[batch, seq, heads · head_dim]`. Its `seq²`-sized intermediates (scores,
+    /// probabilities, dropout mask) are what selective recomputation recomputes
+    /// (Korthikanti et al.).
+    pub fn core(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<3> {
+        let [b, _, s, _] = q.dims();
+        let device = q.device();
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let scores = q.matmul(k.swap_dims(2, 3)) * scale;
         let future: Tensor<2, Bool> = Tensor::tril_mask([s, s], 0, &device);
@@ -153,11 +169,10 @@ impl Attention {
             f32::NEG_INFINITY,
         );
         let probs = dropout::apply(&self.dropout, softmax(scores, 3));
-        let context = probs
+        probs
             .matmul(v)
             .swap_dims(1, 2)
-            .reshape([b, s, self.heads * self.head_dim]);
-        self.wo.forward(context)
+            .reshape([b, s, self.heads * self.head_dim])
     }
 }
 

@@ -53,6 +53,21 @@ impl AdamW {
     /// One update. `decay[i]` says whether parameter `i` takes weight decay (matrices do,
     /// norm scales do not).
     pub fn update(&mut self, params: &mut [Vec<f32>], grads: &[Vec<f32>], lr: f32, decay: &[bool]) {
+        let mut params: Vec<&mut [f32]> = params.iter_mut().map(Vec::as_mut_slice).collect();
+        let grads: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
+        self.update_slices(&mut params, &grads, lr, decay);
+    }
+
+    /// One update of parameter slices whose moments this state holds: the whole parameters,
+    /// or under ZeRO a rank's shard of each (`m[i]`, `v[i]`, `params[i]` and `grads[i]`
+    /// all of one length).
+    pub fn update_slices(
+        &mut self,
+        params: &mut [&mut [f32]],
+        grads: &[&[f32]],
+        lr: f32,
+        decay: &[bool],
+    ) {
         assert_eq!(params.len(), self.m.len(), "AdamW: parameter count changed");
         self.step += 1;
         let c = self.config;
@@ -67,11 +82,13 @@ impl AdamW {
             } else {
                 1.0
             };
-            let (p, g, m, v) = (&mut params[i], &grads[i], &mut self.m[i], &mut self.v[i]);
-            assert_eq!(
+            let (p, g, m, v) = (&mut *params[i], grads[i], &mut self.m[i], &mut self.v[i]);
+            assert!(
+                p.len() == g.len() && p.len() == m.len(),
+                "AdamW: parameter {i} has {} values, its gradient {} and its moments {}",
                 p.len(),
                 g.len(),
-                "AdamW: gradient size differs from parameter"
+                m.len()
             );
             for j in 0..p.len() {
                 let gj = g[j];
@@ -81,6 +98,15 @@ impl AdamW {
                 p[j] = p[j] * shrink - step_size * m[j] / denom;
             }
         }
+    }
+
+    /// Bytes of the moments this state holds (allocated capacity, what the process keeps).
+    pub fn held_bytes(&self) -> u64 {
+        self.m
+            .iter()
+            .chain(&self.v)
+            .map(|b| 4 * b.capacity() as u64)
+            .sum()
     }
 }
 

@@ -12,15 +12,14 @@ use meshrec_model::step::forward_backward;
 use meshrec_model::{ModelConfig, Recommender};
 
 use meshrec_pipeline::timeline::Recorder;
-use meshrec_pipeline::Schedule;
+use meshrec_pipeline::{Recompute, Schedule};
 
 use crate::dp::{DpEngine, DpSettings};
 use crate::error::ParallelError;
-use crate::exec::{
-    global_grad_norm, micro_batches, reduce_model_parallel_grads, run_schedule, StepLoss,
-};
+use crate::exec::{micro_batches, reduce_model_parallel_grads, run_schedule, StepLoss};
 use crate::layout::{shard_chunk, FullState, Layout, ParamSpec, RankState};
 use crate::mesh::Groups;
+use crate::optim::{whole_grads, RankOptimizer};
 use crate::rank::build_segments;
 use crate::segment::Segment;
 
@@ -63,6 +62,11 @@ pub struct StepSettings {
     pub clip_norm: f64,
     /// How the DP group reduces gradients.
     pub dp: DpSettings,
+    /// What backward recomputes instead of keeping.
+    pub recompute: Recompute,
+    /// Dropout on (the model's own rates; masks keyed by step, micro-batch and site) or off
+    /// (what the one-device reference runs).
+    pub dropout: bool,
 }
 
 impl Default for StepSettings {
@@ -85,7 +89,10 @@ impl Default for StepSettings {
                     ..Default::default()
                 },
                 threaded: true,
+                zero: meshrec_pipeline::ZeroStage::Off,
             },
+            recompute: Recompute::None,
+            dropout: false,
         }
     }
 }
@@ -143,8 +150,9 @@ pub struct RankOutcome {
     pub peak_in_flight: Vec<usize>,
 }
 
-/// Runs the step of `layout` on this rank (`world` spans the whole layout) with dropout
-/// off: the global batch is split over data-parallel ranks, then into micro-batches.
+/// Runs the step of `layout` on this rank (`world` spans the whole layout), dropout off
+/// unless `settings.dropout`: the global batch is split over data-parallel ranks, then
+/// into micro-batches.
 pub fn layout_step(
     world: Box<dyn Communicator>,
     config: &ModelConfig,
@@ -160,7 +168,8 @@ pub fn layout_step(
     let groups = Groups::new(world, layout.mesh)?;
     let mut segments = build_segments(config, item_genres, layout, &groups, initial, device)?;
     for s in &mut segments {
-        s.set_training(false);
+        s.set_training(settings.dropout);
+        s.set_recompute(settings.recompute);
     }
     let rows = meshrec_comm::chunk_range(batch.batch_size, layout.mesh.dp, groups.coord.dp);
     let local = batch.rows(rows.start, rows.end);
@@ -198,23 +207,21 @@ pub fn layout_step(
             targets: both[1].round() as usize,
         };
     }
+    let zero = settings.dp.zero;
     let grads = RankState {
         coord: groups.coord,
         chunks: segments
             .iter()
-            .map(|s| (s.specs.clone(), s.grads.clone()))
+            .map(|s| s.specs.clone())
+            .zip(whole_grads(&segments, &groups, zero)?)
             .collect(),
     };
-    let norm = global_grad_norm(&segments, &groups)?;
-    let mut chunks = Vec::with_capacity(segments.len());
-    for s in &mut segments {
-        clip_by_global_norm(&mut s.grads, norm, settings.clip_norm);
-        let decay: Vec<bool> = s.infos.iter().map(ParamSpec::decays).collect();
-        let mut adamw = AdamW::new(settings.adamw, s.infos.iter().map(ParamInfo::numel));
-        let mut values = s.values();
-        adamw.update(&mut values, &s.grads, settings.lr, &decay);
-        chunks.push((s.specs.clone(), values));
-    }
+    let mut optimizer = RankOptimizer::new(settings.adamw, &segments, &groups, zero);
+    optimizer.step(&mut segments, &groups, settings.lr, settings.clip_norm)?;
+    let chunks = segments
+        .iter()
+        .map(|s| (s.specs.clone(), s.values()))
+        .collect();
     Ok(RankOutcome {
         rank,
         loss,

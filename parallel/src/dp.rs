@@ -4,6 +4,10 @@
 //! group while backward goes on. A step's reduction can be waited for at once
 //! (synchronous DP) or later (bounded-staleness asynchronous DP, see the trainer).
 //!
+//! Under ZeRO-2 ([`ZeroStage::Gradients`]) each bucket is laid out shard-major
+//! ([`ShardLayout`]) and reduce-scattered instead of all-reduced: every rank gets back only
+//! its shard of each gradient, and the full reduced gradient never exists anywhere.
+//!
 //! The thread owns a communicator of its own (split from the DP group), so the step's
 //! other collectives never interleave with its messages. Where the engine cannot take
 //! calls from two threads at once, the same worker runs inline at each bucket boundary.
@@ -14,10 +18,12 @@ use std::thread::JoinHandle;
 use crossbeam_channel::{Receiver, Sender};
 use meshrec_comm::{Communicator, ReduceOp};
 use meshrec_compress::{Compressor, MemoryBank, MemoryOptions, MethodConfig, Payload};
+use meshrec_pipeline::ZeroStage;
 
 use crate::error::ParallelError;
 use crate::exec::StepHooks;
 use crate::segment::Segment;
+use crate::zero::ShardLayout;
 
 /// How a DP group reduces gradients.
 #[derive(Debug, Clone, PartialEq)]
@@ -31,6 +37,8 @@ pub struct DpSettings {
     pub memory: MemoryOptions,
     /// Reduce on a thread of its own (overlapping backward) rather than inline.
     pub threaded: bool,
+    /// ZeRO-2 reduce-scatters the buckets (dense only); other stages all-reduce them.
+    pub zero: ZeroStage,
 }
 
 /// Where one gradient sits in a bucket.
@@ -61,6 +69,8 @@ enum Job {
         id: u64,
         /// Each gradient of the bucket as a matrix, in order (per-layer PowerSGD).
         layers: Vec<(usize, usize)>,
+        /// ZeRO-2: `data` is laid out shard-major and is reduce-scattered.
+        scatter: Option<ShardLayout>,
     },
     Snapshot,
     Restore(MemoryBank),
@@ -106,11 +116,19 @@ impl Worker {
                 mut data,
                 id,
                 layers,
+                scatter,
             } => {
                 let before = self.comm.stats().total().bytes_sent;
                 let rank = self.comm.rank();
                 let dense_bytes = 4 * data.len() as u64;
                 let wire_bytes = match self.compressor.as_mut() {
+                    None if scatter.is_some() => {
+                        let block = data.len() / self.comm.size();
+                        let mut mine = vec![0.0f32; block];
+                        self.comm.reduce_scatter(&data, &mut mine, ReduceOp::Sum)?;
+                        data = mine;
+                        dense_bytes
+                    }
                     None => {
                         self.comm.all_reduce(&mut data, ReduceOp::Sum)?;
                         dense_bytes
@@ -176,11 +194,20 @@ struct InFlight {
     done: Vec<BucketDone>,
 }
 
-/// A step's gradients reduced over the DP group (sums of every rank's contribution).
+/// Under ZeRO-2, which DP rank this is of how many: the reduced buckets hold its shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Scatter {
+    rank: usize,
+    size: usize,
+}
+
+/// A step's gradients reduced over the DP group (sums of every rank's contribution): whole,
+/// or under ZeRO-2 this rank's shard of each.
 pub struct ReducedStep {
     pub step: u64,
     buckets: Vec<Vec<Slot>>,
     done: Vec<BucketDone>,
+    scatter: Option<Scatter>,
 }
 
 /// What a step's reduction moved.
@@ -212,22 +239,35 @@ impl DpTraffic {
     }
 }
 
+/// The gradient buffer a bucket slot's reduced values go to.
+fn home<'a>(segments: &'a mut [Segment], s: &Slot) -> Result<&'a mut Vec<f32>, ParallelError> {
+    segments
+        .get_mut(s.chunk)
+        .and_then(|seg| seg.grads.get_mut(s.param))
+        .ok_or_else(|| {
+            ParallelError::State(format!(
+                "reduced gradient for chunk {} parameter {} has no home",
+                s.chunk, s.param
+            ))
+        })
+}
+
 impl ReducedStep {
-    /// Writes every reduced gradient into its segment's gradient buffer.
+    /// Writes every reduced gradient into its segment's gradient buffer. Under ZeRO-2 the
+    /// buffer is replaced by this rank's shard (see [`meshrec_pipeline::zero_shard`]), so
+    /// the full-size accumulator is freed until the next step needs it.
     pub fn write_into(&self, segments: &mut [Segment]) -> Result<(), ParallelError> {
         for (slots, done) in self.buckets.iter().zip(&self.done) {
+            if let Some(Scatter { rank, size }) = self.scatter {
+                let layout = ShardLayout::new(slots.iter().map(|s| s.len), size);
+                for (i, s) in slots.iter().enumerate() {
+                    *home(segments, s)? = layout.shard_of(&done.data, rank, i).to_vec();
+                }
+                continue;
+            }
             let mut at = 0;
             for s in slots {
-                let grad = segments
-                    .get_mut(s.chunk)
-                    .and_then(|seg| seg.grads.get_mut(s.param))
-                    .ok_or_else(|| {
-                        ParallelError::State(format!(
-                            "reduced gradient for chunk {} parameter {} has no home",
-                            s.chunk, s.param
-                        ))
-                    })?;
-                grad.copy_from_slice(&done.data[at..at + s.len]);
+                home(segments, s)?.copy_from_slice(&done.data[at..at + s.len]);
                 at += s.len;
             }
         }
@@ -251,6 +291,7 @@ impl ReducedStep {
 pub struct DpEngine {
     exec: Exec,
     rank: usize,
+    scatter: Option<Scatter>,
     cap_elems: usize,
     filling: Vec<f32>,
     filling_slots: Vec<Slot>,
@@ -267,7 +308,19 @@ impl DpEngine {
         memory: Option<&[u8]>,
     ) -> Result<Self, ParallelError> {
         let rank = comm.rank();
+        let size = comm.size();
         let dp_err = |message: String| ParallelError::Dp { rank, message };
+        let scatter = settings
+            .zero
+            .shards_gradients()
+            .then_some(Scatter { rank, size });
+        if scatter.is_some() && settings.method != MethodConfig::Identity {
+            return Err(dp_err(
+                "ZeRO-2 reduce-scatters dense gradients; a compressor's all-reduce protocol leaves \
+                 every rank the whole gradient"
+                    .into(),
+            ));
+        }
         if settings.bucket_bytes < 4 {
             return Err(dp_err(format!(
                 "bucket size {} bytes is below one f32",
@@ -320,6 +373,7 @@ impl DpEngine {
         Ok(Self {
             exec,
             rank,
+            scatter,
             cap_elems: settings.bucket_bytes / 4,
             filling: Vec::new(),
             filling_slots: Vec::new(),
@@ -422,15 +476,28 @@ impl DpEngine {
         let id = building.buckets.len() as u64;
         let step = building.step;
         let layers = self.filling_slots.iter().map(|s| s.matrix).collect();
-        building
-            .buckets
-            .push(std::mem::take(&mut self.filling_slots));
-        let data = std::mem::take(&mut self.filling);
+        let slots = std::mem::take(&mut self.filling_slots);
+        let mut data = std::mem::take(&mut self.filling);
+        let scatter = match self.scatter {
+            Some(Scatter { size, .. }) => {
+                let layout = ShardLayout::new(slots.iter().map(|s| s.len), size);
+                let mut at = 0;
+                let grads = slots.iter().map(|s| {
+                    at += s.len;
+                    &data[at - s.len..at]
+                });
+                data = layout.pack_all(grads)?;
+                Some(layout)
+            }
+            None => None,
+        };
+        building.buckets.push(slots);
         self.submit(Job::Bucket {
             step,
             data,
             id,
             layers,
+            scatter,
         })
     }
 
@@ -518,6 +585,7 @@ impl DpEngine {
             step: f.step,
             buckets: f.buckets,
             done: f.done,
+            scatter: self.scatter,
         })
     }
 

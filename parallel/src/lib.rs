@@ -9,8 +9,11 @@
 //! * [`rank`] — a rank's chunks of a layout, built and loaded from a full state.
 //! * [`exec`] — runs a schedule over a rank's segments, then the model-parallel gradient
 //!   reductions; callers add to a step through [`exec::StepHooks`].
+//! * [`optim`] — a rank's AdamW over its segments, the moments whole or ZeRO-sharded.
 //! * [`dp`] — data-parallel gradient reduction in buckets on a thread, compressed or dense,
 //!   waited for at once (sync) or later (bounded staleness).
+//! * [`zero`] — ZeRO's shard-major layouts for the reduce-scatter of gradients and the
+//!   all-gather of updated parameters.
 //! * [`eval`] — full-ranking evaluation on vocabulary shards.
 //! * [`check`] — the layout-equivalence check against one device.
 
@@ -21,7 +24,9 @@ pub mod eval;
 pub mod exec;
 pub mod layout;
 pub mod mesh;
+pub mod optim;
 pub mod rank;
 pub mod segment;
+pub mod zero;
 
 pub use error::{MeshError, ParallelError};

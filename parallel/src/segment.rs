@@ -25,6 +25,7 @@ use meshrec_model::params::{
 };
 use meshrec_model::step::{id_tensor, tied_softmax_surrogate};
 use meshrec_model::{ModelConfig, Recommender};
+use meshrec_pipeline::Recompute;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -71,6 +72,25 @@ enum Piece {
     Branch {
         leaf: Tensor<3>,
         partial: Tensor<3>,
+        mask: Option<Tensor<3>>,
+    },
+    /// Full recomputation: the branch's input only (no graph); backward runs the branch
+    /// again from it.
+    Recomputed {
+        input: Tensor<3>,
+        block: usize,
+        site: u64,
+        mask: Option<Tensor<3>>,
+    },
+    /// Selective recomputation of an attention branch: the projections' graph (leaf ->
+    /// queries, keys, values) and the output projection's (context leaf -> partial) are
+    /// kept; the `seq²` core between them is run again in backward from `qkv`.
+    SelectiveAttention {
+        leaf: Tensor<3>,
+        qkv: [Tensor<4>; 3],
+        context: Tensor<3>,
+        partial: Tensor<3>,
+        block: usize,
         mask: Option<Tensor<3>>,
     },
     /// final-norm leaf -> tied softmax surrogate.
@@ -123,6 +143,18 @@ pub struct DropoutKey {
 
 impl DropoutKey {
     fn stream(&self, micro_batch: usize, block: usize, site: u64) -> ChaCha8Rng {
+        ChaCha8Rng::seed_from_u64(self.key(micro_batch, block, site))
+    }
+
+    /// Seeds this thread's dropout stream (the attention's own dropout, inside a branch)
+    /// for one branch of one micro-batch on TP rank `tp_rank` (heads differ by rank): a
+    /// branch run again for recomputation draws the same masks.
+    fn seed_branch(&self, micro_batch: usize, block: usize, site: u64, tp_rank: usize) {
+        let key = self.key(micro_batch, block, site | BRANCH_SITE);
+        meshrec_model::dropout::seed_dropout(key ^ (tp_rank as u64).wrapping_mul(0x9e37_79b9));
+    }
+
+    fn key(&self, micro_batch: usize, block: usize, site: u64) -> u64 {
         let mut key = self.seed ^ 0x9e37_79b9_7f4a_7c15;
         for part in [
             self.step,
@@ -133,9 +165,12 @@ impl DropoutKey {
         ] {
             key = (key ^ part).wrapping_mul(0x0100_0000_01b3).rotate_left(17);
         }
-        ChaCha8Rng::seed_from_u64(key)
+        key
     }
 }
+
+/// Marks the sites of branch-internal dropout streams apart from the residual masks'.
+const BRANCH_SITE: u64 = 1 << 32;
 
 /// An inverted-dropout mask (`0` or `1 / (1 - p)`), `None` when `p == 0`.
 fn keyed_mask(
@@ -183,6 +218,7 @@ pub struct Segment {
     device: Device,
     stash: BTreeMap<usize, Vec<Piece>>,
     peak_in_flight: usize,
+    recompute: Recompute,
     /// Per parameter, the forward index of the first piece that uses it: its gradient is
     /// complete once backward has passed that piece.
     release_piece: Vec<usize>,
@@ -275,6 +311,7 @@ impl Segment {
             device: device.clone(),
             stash: BTreeMap::new(),
             peak_in_flight: 0,
+            recompute: Recompute::None,
             release_piece,
         })
     }
@@ -308,10 +345,21 @@ impl Segment {
         read_values(&self.chunk)
     }
 
+    /// Zeroed full-size gradient accumulators for a step (under ZeRO-2 the previous step
+    /// left only this rank's shards in them).
     pub fn zero_grads(&mut self) {
-        for g in &mut self.grads {
-            g.fill(0.0);
+        for (g, info) in self.grads.iter_mut().zip(&self.infos) {
+            if g.len() == info.numel() {
+                g.fill(0.0);
+            } else {
+                *g = vec![0.0; info.numel()];
+            }
         }
+    }
+
+    /// What backward recomputes instead of keeping (see [`Recompute`]).
+    pub fn set_recompute(&mut self, recompute: Recompute) {
+        self.recompute = recompute;
     }
 
     /// Dropout on (training) or off (evaluation, equivalence tests).
@@ -394,16 +442,45 @@ impl Segment {
                 Tensor::from_data(TensorData::new(values, [b, s, d]), &self.device)
             }
         };
+        let tp_rank = tp.rank();
         for (i, block) in self.chunk.blocks.iter().enumerate() {
             let global = self.first_block + i;
             for site in 0..2u64 {
-                let leaf = x.clone().detach().require_grad();
-                let partial = if site == 0 {
-                    block.attention_branch(leaf.clone())
-                } else {
-                    block.mlp_branch(leaf.clone())
+                self.dropout_key.seed_branch(mb, global, site, tp_rank);
+                let (partial, piece) = match (self.recompute, site) {
+                    (Recompute::Full, _) => {
+                        // On the plain device: autodiff would record a graph (freed only at
+                        // the next backward) even for outputs that are dropped.
+                        let input = x.clone().detach();
+                        let plain = block.valid();
+                        let partial = meshrec_model::dropout::training_without_graph(|| {
+                            branch(&plain, site, input.clone().inner())
+                        });
+                        (partial.autodiff(), BranchPiece::Recomputed { input })
+                    }
+                    (Recompute::Selective, 0) => {
+                        let leaf = x.clone().detach().require_grad();
+                        let qkv = block.attn.project(block.attn_norm.forward(leaf.clone()));
+                        let [q, k, v] = qkv.clone().map(|t| t.detach());
+                        let context = block.attn.core(q, k, v).require_grad();
+                        let partial = block.attn.wo.forward(context.clone());
+                        (
+                            partial.clone(),
+                            BranchPiece::Selective {
+                                leaf,
+                                qkv,
+                                context,
+                                partial,
+                            },
+                        )
+                    }
+                    _ => {
+                        let leaf = x.clone().detach().require_grad();
+                        let partial = branch(block, site, leaf.clone());
+                        (partial.clone(), BranchPiece::Kept { leaf, partial })
+                    }
                 };
-                let reduced = tp_all_reduce(partial.clone().detach(), tp)?;
+                let reduced = tp_all_reduce(partial.detach(), tp)?;
                 let mask = keyed_mask(
                     self.dropout_key.stream(mb, global, site + 1),
                     reduced.dims(),
@@ -414,10 +491,31 @@ impl Segment {
                     Some(m) => x + reduced * m.clone(),
                     None => x + reduced,
                 };
-                pieces.push(Piece::Branch {
-                    leaf,
-                    partial,
-                    mask,
+                pieces.push(match piece {
+                    BranchPiece::Kept { leaf, partial } => Piece::Branch {
+                        leaf,
+                        partial,
+                        mask,
+                    },
+                    BranchPiece::Recomputed { input } => Piece::Recomputed {
+                        input,
+                        block: i,
+                        site,
+                        mask,
+                    },
+                    BranchPiece::Selective {
+                        leaf,
+                        qkv,
+                        context,
+                        partial,
+                    } => Piece::SelectiveAttention {
+                        leaf,
+                        qkv,
+                        context,
+                        partial,
+                        block: i,
+                        mask,
+                    },
                 });
             }
         }
@@ -490,9 +588,10 @@ impl Segment {
         let mut g: Option<Tensor<3>> = None;
         if let Some(values) = grad_output {
             let dims = match pieces.last() {
-                Some(Piece::Branch { leaf, .. }) | Some(Piece::EmbedFinish { leaf, .. }) => {
-                    leaf.dims()
-                }
+                Some(Piece::Branch { leaf, .. })
+                | Some(Piece::EmbedFinish { leaf, .. })
+                | Some(Piece::SelectiveAttention { leaf, .. })
+                | Some(Piece::Recomputed { input: leaf, .. }) => leaf.dims(),
                 _ => {
                     return Err(ParallelError::Step(format!(
                         "chunk {} got an output gradient but ends in the head",
@@ -529,13 +628,67 @@ impl Segment {
                     mask,
                 } => {
                     let g = upstream(g, self.model_chunk)?;
-                    let g_branch = match mask {
-                        Some(m) => g.clone() * m,
-                        None => g.clone(),
-                    };
-                    let grads = (partial * g_branch).sum().backward();
+                    Some(self.branch_backward(&leaf, partial, g, mask, tp)?)
+                }
+                Piece::Recomputed {
+                    input,
+                    block,
+                    site,
+                    mask,
+                } => {
+                    let g = upstream(g, self.model_chunk)?;
+                    let global = self.first_block + block;
+                    self.dropout_key.seed_branch(mb, global, site, tp.rank());
+                    let leaf = input.require_grad();
+                    let partial = branch(&self.chunk.blocks[block], site, leaf.clone());
+                    Some(self.branch_backward(&leaf, partial, g, mask, tp)?)
+                }
+                Piece::SelectiveAttention {
+                    leaf,
+                    qkv,
+                    context,
+                    partial,
+                    block,
+                    mask,
+                } => {
+                    let g = upstream(g, self.model_chunk)?;
+                    // The output projection, from the kept context.
+                    let grads = (partial * masked(&g, mask)).sum().backward();
                     accumulate_grads(&self.chunk, &grads, &mut self.grads);
-                    let partial_dx = leaf.grad(&grads).unwrap_or_else(|| g.zeros_like());
+                    let d_context = context.grad(&grads).ok_or_else(|| {
+                        ParallelError::Step(format!(
+                            "chunk {}: the attention context has no gradient",
+                            self.model_chunk
+                        ))
+                    })?;
+                    // The core again, with the same dropout masks, from the kept q, k, v.
+                    let global = self.first_block + block;
+                    self.dropout_key.seed_branch(mb, global, 0, tp.rank());
+                    let leaves = qkv.clone().map(|t| t.detach().require_grad());
+                    let [q, k, v] = leaves.clone();
+                    let attn = &self.chunk.blocks[block].attn;
+                    let core = attn.core(q, k, v);
+                    let core_grads = (core * d_context).sum().backward();
+                    // Then the projections, driven by the gradients of q, k and v.
+                    let mut surrogate: Option<Tensor<1>> = None;
+                    for (kept, l) in qkv.into_iter().zip(&leaves) {
+                        let Some(dl) = l.grad(&core_grads) else {
+                            continue;
+                        };
+                        let term = (kept * dl).sum();
+                        surrogate = Some(match surrogate {
+                            Some(s) => s + term,
+                            None => term,
+                        });
+                    }
+                    let partial_dx = match surrogate {
+                        Some(s) => {
+                            let grads = s.backward();
+                            accumulate_grads(&self.chunk, &grads, &mut self.grads);
+                            leaf.grad(&grads).unwrap_or_else(|| g.zeros_like())
+                        }
+                        None => g.zeros_like(),
+                    };
                     Some(g + tp_all_reduce(partial_dx, tp)?)
                 }
                 Piece::EmbedFinish { leaf, out } => {
@@ -563,6 +716,60 @@ impl Segment {
             }
         }
         Ok(if self.is_first { None } else { g.map(host) })
+    }
+}
+
+/// A branch's forward as the model defines it: attention (site 0) or MLP (site 1).
+fn branch(block: &Block, site: u64, x: Tensor<3>) -> Tensor<3> {
+    if site == 0 {
+        block.attention_branch(x)
+    } else {
+        block.mlp_branch(x)
+    }
+}
+
+/// What a branch's forward produced before the residual dropout mask.
+#[allow(clippy::large_enum_variant)]
+enum BranchPiece {
+    Kept {
+        leaf: Tensor<3>,
+        partial: Tensor<3>,
+    },
+    Recomputed {
+        input: Tensor<3>,
+    },
+    Selective {
+        leaf: Tensor<3>,
+        qkv: [Tensor<4>; 3],
+        context: Tensor<3>,
+        partial: Tensor<3>,
+    },
+}
+
+/// The upstream gradient through the residual dropout mask, if any.
+fn masked(g: &Tensor<3>, mask: Option<Tensor<3>>) -> Tensor<3> {
+    match mask {
+        Some(m) => g.clone() * m,
+        None => g.clone(),
+    }
+}
+
+impl Segment {
+    /// Backward through a branch's graph (`leaf` -> `partial`) given the residual stream's
+    /// gradient `g`: accumulates the parameter gradients and returns `g` plus the branch's
+    /// input gradient, summed over the TP group.
+    fn branch_backward(
+        &mut self,
+        leaf: &Tensor<3>,
+        partial: Tensor<3>,
+        g: Tensor<3>,
+        mask: Option<Tensor<3>>,
+        tp: &dyn Communicator,
+    ) -> Result<Tensor<3>, ParallelError> {
+        let grads = (partial * masked(&g, mask)).sum().backward();
+        accumulate_grads(&self.chunk, &grads, &mut self.grads);
+        let partial_dx = leaf.grad(&grads).unwrap_or_else(|| g.zeros_like());
+        Ok(g + tp_all_reduce(partial_dx, tp)?)
     }
 }
 

@@ -7,9 +7,9 @@ use meshrec_model::data::Batch;
 use meshrec_model::device::test_device;
 use meshrec_model::ModelConfig;
 use meshrec_parallel::check::{
-    layout_step, reference_step, tiny_case, worst_deviation, Reference, StepSettings,
+    layout_step, reference_step, tiny_case, worst_deviation, RankOutcome, Reference, StepSettings,
 };
-use meshrec_parallel::layout::{unshard, Layout, RankState};
+use meshrec_parallel::layout::{unshard, FullState, Layout, RankState};
 use meshrec_parallel::mesh::Mesh;
 use meshrec_parallel::rank::initial_state;
 use meshrec_pipeline::schedule::{Schedule, ScheduleKind};
@@ -42,6 +42,37 @@ fn reference(config: &ModelConfig) -> Reference {
     .unwrap()
 }
 
+/// Every rank's outcome of one step of `layout` with `kind` on `m` micro-batches.
+fn run_layout(
+    config: &ModelConfig,
+    initial: &FullState,
+    layout: &Layout,
+    kind: ScheduleKind,
+    m: usize,
+    settings: StepSettings,
+) -> Vec<RankOutcome> {
+    let schedule = Schedule::new(kind, layout.mesh.pp, m, layout.virtual_stages).unwrap();
+    let genres = genres();
+    let outcomes = LocalCluster::run(layout.mesh.world_size(), |comm| {
+        layout_step(
+            Box::new(comm),
+            config,
+            Some(&genres),
+            layout,
+            &schedule,
+            &batch(),
+            initial,
+            settings.clone(),
+            &test_device(),
+        )
+    })
+    .unwrap();
+    outcomes
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap_or_else(|e| panic!("{} {kind:?} m{m}: {e}", layout.describe()))
+}
+
 /// Runs `layout` with `kind` on `m` micro-batches and checks it against `want`; returns the
 /// peak number of stashed micro-batches on any chunk.
 fn check_layout(
@@ -62,28 +93,7 @@ fn check_layout_with(
     m: usize,
     settings: StepSettings,
 ) -> usize {
-    let schedule = Schedule::new(kind, layout.mesh.pp, m, layout.virtual_stages).unwrap();
-    let world = layout.mesh.world_size();
-    let genres = genres();
-    let outcomes = LocalCluster::run(world, |comm| {
-        let device = test_device();
-        layout_step(
-            Box::new(comm),
-            config,
-            Some(&genres),
-            layout,
-            &schedule,
-            &batch(),
-            &want.initial,
-            settings.clone(),
-            &device,
-        )
-    })
-    .unwrap();
-    let outcomes: Vec<_> = outcomes
-        .into_iter()
-        .collect::<Result<_, _>>()
-        .unwrap_or_else(|e| panic!("{} {kind:?} m{m}: {e}", layout.describe()));
+    let outcomes = run_layout(config, &want.initial, layout, kind, m, settings);
     let what = format!("{} {kind:?} m{m}", layout.describe());
     for o in &outcomes {
         let loss = o.loss.loss_sum / o.loss.targets as f64;
@@ -205,4 +215,98 @@ fn compressed_and_inline_data_parallel_reductions_match_one_device() {
     settings.dp.threaded = false;
     let layout = Layout::uniform(Mesh::new(2, 1, 2).unwrap(), 1, config.n_layers).unwrap();
     check_layout_with(&config, &want, &layout, ScheduleKind::GPipe, 2, settings);
+}
+
+/// ZeRO-1 and ZeRO-2 (sharded AdamW moments; reduce-scattered gradients) give one device's
+/// gradients and update on DP layouts combined with TP and PP, including dp 4, where most
+/// parameters do not split evenly and the last ranks' shards are short or empty.
+#[test]
+fn zero_sharded_optimizer_and_gradients_match_one_device() {
+    use meshrec_pipeline::ZeroStage;
+    let config = config();
+    let want = reference(&config);
+    for zero in [ZeroStage::Optimizer, ZeroStage::Gradients] {
+        let mut settings = StepSettings::default();
+        settings.dp.zero = zero;
+        let layout = Layout::uniform(Mesh::new(2, 2, 1).unwrap(), 1, config.n_layers).unwrap();
+        check_layout_with(
+            &config,
+            &want,
+            &layout,
+            ScheduleKind::OneFOneB,
+            2,
+            settings.clone(),
+        );
+        // Interleaving puts the item table and its tied copy on one pipeline rank.
+        let layout = Layout::uniform(Mesh::new(2, 1, 2).unwrap(), 2, config.n_layers).unwrap();
+        check_layout_with(
+            &config,
+            &want,
+            &layout,
+            ScheduleKind::Interleaved,
+            2,
+            settings.clone(),
+        );
+        let layout = Layout::uniform(Mesh::new(4, 1, 1).unwrap(), 1, config.n_layers).unwrap();
+        check_layout_with(&config, &want, &layout, ScheduleKind::GPipe, 1, settings);
+    }
+}
+
+/// Selective and full recomputation give one device's gradients and update on TP and PP
+/// layouts; with dropout on they reproduce the masks of the run that keeps everything, so
+/// they equal it too (dropout's masks are keyed by step, micro-batch and site).
+#[test]
+fn recomputation_keeps_gradients_exact() {
+    use meshrec_pipeline::Recompute;
+    let config = config();
+    let want = reference(&config);
+    for recompute in [Recompute::Selective, Recompute::Full] {
+        let settings = StepSettings {
+            recompute,
+            ..StepSettings::default()
+        };
+        let layout = Layout::uniform(Mesh::new(1, 2, 2).unwrap(), 1, config.n_layers).unwrap();
+        check_layout_with(
+            &config,
+            &want,
+            &layout,
+            ScheduleKind::OneFOneB,
+            2,
+            settings.clone(),
+        );
+        let layout = Layout::uniform(Mesh::new(2, 1, 1).unwrap(), 1, config.n_layers).unwrap();
+        check_layout_with(&config, &want, &layout, ScheduleKind::GPipe, 2, settings);
+    }
+    // Dropout on: each mode against keeping everything, same layout and masks.
+    let mut config = config;
+    config.dropout = 0.3;
+    let layout = Layout::uniform(Mesh::new(1, 2, 2).unwrap(), 1, config.n_layers).unwrap();
+    let run = |recompute| {
+        let settings = StepSettings {
+            recompute,
+            dropout: true,
+            ..StepSettings::default()
+        };
+        let outcomes = run_layout(
+            &config,
+            &want.initial,
+            &layout,
+            ScheduleKind::OneFOneB,
+            2,
+            settings,
+        );
+        let states: Vec<RankState> = outcomes.into_iter().map(|o| o.grads).collect();
+        unshard(&want.grads.shapes, &states, &layout.mesh).unwrap()
+    };
+    let kept = run(Recompute::None);
+    // Selective reruns the very kernels on the very buffers: bit for bit. Full reruns a
+    // whole block into fresh buffers, and its reductions may round differently (seen:
+    // 3e-7 relative).
+    for (recompute, bound) in [(Recompute::Selective, 0.0), (Recompute::Full, 1e-5)] {
+        let (path, err) = worst_deviation(&kept, &run(recompute), 1e-6).unwrap();
+        assert!(
+            err <= bound,
+            "{recompute} with dropout: gradient of `{path}` off by {err:e}"
+        );
+    }
 }

@@ -444,6 +444,68 @@ pub fn check_compatible(
     Ok(())
 }
 
+/// How far one checkpoint's parameters are from another's.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ParamDiff {
+    /// Largest `|a - b| / max(max |a| of the parameter, 1e-6)` over every element.
+    pub max_rel_diff: f64,
+    /// The parameter where it occurs.
+    pub worst: String,
+    /// Largest absolute difference.
+    pub max_abs_diff: f64,
+}
+
+/// Compares the parameters of two training states of one model, `b` loaded from `b_path`.
+/// Errors name that checkpoint and the first parameter it lacks or holds at another size.
+pub fn param_diff(a: &TrainState, b: &TrainState, b_path: &Path) -> Result<ParamDiff, RunError> {
+    let mut out = ParamDiff {
+        max_rel_diff: 0.0,
+        worst: String::new(),
+        max_abs_diff: 0.0,
+    };
+    if a.values.len() != b.values.len() {
+        return Err(bad(
+            b_path,
+            format!(
+                "holds {} parameters, the other checkpoint {}",
+                b.values.len(),
+                a.values.len()
+            ),
+        ));
+    }
+    for (path, x) in &a.values {
+        let y = b
+            .values
+            .get(path)
+            .ok_or_else(|| bad(b_path, format!("lacks `{path}`")))?;
+        if x.len() != y.len() {
+            return Err(bad(
+                b_path,
+                format!(
+                    "`{path}` has {} values, the other checkpoint {}",
+                    y.len(),
+                    x.len()
+                ),
+            ));
+        }
+        let scale = x.iter().fold(1e-6f64, |m, v| m.max(f64::from(v.abs())));
+        let abs = x
+            .iter()
+            .zip(y)
+            .fold(0.0f64, |m, (p, q)| m.max(f64::from((p - q).abs())));
+        out.max_abs_diff = out.max_abs_diff.max(abs);
+        if abs / scale > out.max_rel_diff || abs.is_nan() {
+            out.max_rel_diff = if abs.is_nan() {
+                f64::INFINITY
+            } else {
+                abs / scale
+            };
+            out.worst = path.clone();
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use meshrec_model::config::{MlpKind, Positions};
 use meshrec_model::data::{SyntheticConfig, WindowPolicy};
 use meshrec_model::{ModelConfig, NormKind, Preset};
-use meshrec_pipeline::{DpMode, ScheduleError, ScheduleKind, ScheduleSpec};
+use meshrec_pipeline::{DpMode, Recompute, ScheduleError, ScheduleKind, ScheduleSpec, ZeroStage};
 use serde::{Deserialize, Serialize};
 
 /// Configuration errors; each names the file or key at fault.
@@ -117,6 +117,17 @@ pub struct TrainSection {
     /// Stop after this many optimizer steps in total (0: no limit), checkpointing there;
     /// the learning-rate schedule still follows `epochs`.
     pub max_steps: u64,
+    /// Activation recomputation: `none`, `selective` (the attention's scores and softmax
+    /// are recomputed in backward) or `full` (each block keeps its input only). Runs on the
+    /// mesh executor, also with one device.
+    pub recompute: String,
+}
+
+impl TrainSection {
+    /// The recomputation `train.recompute` names.
+    pub fn recompute(&self) -> Result<Recompute, ConfigError> {
+        Recompute::from_name(&self.recompute).map_err(|e| invalid("train.recompute", e.to_string()))
+    }
 }
 
 impl Default for TrainSection {
@@ -136,6 +147,7 @@ impl Default for TrainSection {
             patience: 10,
             device: "cpu".into(),
             max_steps: 0,
+            recompute: "none".into(),
         }
     }
 }
@@ -242,6 +254,9 @@ pub struct DpSection {
     pub sync_every: u64,
     /// Async: the most steps an update may lag the step that computed it (0 = sync).
     pub max_staleness: u64,
+    /// ZeRO stage (DeepSpeed's numbering): 0 none, 1 AdamW moments sharded over the DP
+    /// group, 2 gradients too (buckets reduce-scattered). Sync DP only.
+    pub zero: u64,
 }
 
 impl Default for DpSection {
@@ -251,6 +266,7 @@ impl Default for DpSection {
             bucket_mb: 25.0,
             sync_every: 8,
             max_staleness: 2,
+            zero: 0,
         }
     }
 }
@@ -260,6 +276,49 @@ impl DpSection {
     pub fn mode(&self) -> Result<DpMode, ConfigError> {
         DpMode::from_name(&self.mode, self.max_staleness, self.sync_every)
             .map_err(|e| invalid("dp.mode", e.to_string()))
+    }
+
+    /// The ZeRO stage `dp.zero` names.
+    pub fn zero_stage(&self) -> Result<ZeroStage, ConfigError> {
+        ZeroStage::from_number(self.zero).map_err(|e| invalid("dp.zero", e.to_string()))
+    }
+
+    /// Refuses ZeRO where its shards cannot work, with the reason.
+    fn validate_zero(
+        &self,
+        mode: DpMode,
+        method: &meshrec_compress::MethodConfig,
+    ) -> Result<(), ConfigError> {
+        let zero = self.zero_stage()?;
+        if zero == ZeroStage::Off {
+            return Ok(());
+        }
+        match mode {
+            DpMode::Sync => {}
+            DpMode::Async { .. } => {
+                return Err(invalid(
+                    "dp.zero",
+                    "async DP lets replicas apply updates at their own pace, but a ZeRO update is \
+                     only complete once every replica's shard is all-gathered: use dp.mode = \"sync\"",
+                ))
+            }
+            DpMode::LocalSgd { .. } => {
+                return Err(invalid(
+                    "dp.zero",
+                    "local SGD replicas hold different parameters between averages, so one \
+                     replica's optimizer shard cannot update another's: use dp.mode = \"sync\"",
+                ))
+            }
+        }
+        if zero.shards_gradients() && *method != meshrec_compress::MethodConfig::Identity {
+            return Err(invalid(
+                "dp.zero",
+                "ZeRO-2 reduce-scatters dense gradients, and a compressor's all-reduce protocol \
+                 leaves every rank the whole gradient: use dp.zero = 1 with compression, or \
+                 compress.method = \"none\"",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -541,6 +600,13 @@ fn parse_value(text: &str) -> toml::Value {
 }
 
 impl RunConfig {
+    /// Whether the run needs the mesh executor (segments, graph cuts) rather than the plain
+    /// one-device step: several ranks, or recomputation, which the executor's graph cuts
+    /// carry out.
+    pub fn uses_mesh_executor(&self) -> bool {
+        self.parallel.world_size() > 1 || self.train.recompute != "none"
+    }
+
     /// Reads `path` (if any), applies the overrides, and checks every value.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigError> {
         let (text, origin) = match path {
@@ -656,9 +722,11 @@ impl RunConfig {
                 ),
             ));
         }
+        t.recompute()?;
         let mode = self.dp.mode()?;
         let method = self.compress.method_config()?;
         self.compress.validate_dgc(&method, p.dp, t.beta1)?;
+        self.dp.validate_zero(mode, &method)?;
         if matches!(mode, DpMode::LocalSgd { .. })
             && method != meshrec_compress::MethodConfig::Identity
         {

@@ -19,6 +19,7 @@ pub mod config;
 pub mod early_stop;
 pub mod error;
 pub mod faults;
+pub mod heap;
 pub mod hybrid;
 pub mod measure;
 pub mod metrics;

@@ -4,12 +4,17 @@
 
 mod serve_cmd;
 
+/// Counts the heap so that each step's transient memory is measured (`metrics.jsonl`).
+#[global_allocator]
+static HEAP: meshrec_trainer::heap::CountingAlloc = meshrec_trainer::heap::CountingAlloc;
+
 use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use meshrec_model::data::{EvalSet, EvalSplit};
 use meshrec_model::device::parse_device;
+use meshrec_trainer::checkpoint;
 use meshrec_trainer::config::RunConfig;
 use meshrec_trainer::error::RunError;
 use meshrec_trainer::model_io::{evaluate, load_checkpoint};
@@ -127,6 +132,9 @@ enum Command {
         #[arg(long)]
         allow_lossy: bool,
     },
+    /// Compare the parameters of two checkpoints (each a checkpoint, a `checkpoints`
+    /// folder or a run folder): the largest relative and absolute difference, as JSON.
+    Diff { a: PathBuf, b: PathBuf },
     /// A run's loss and validation curves (SVG and PNG in its folder) and its summary.
     Report {
         /// The run's folder (`runs/<output.name>`).
@@ -270,9 +278,9 @@ fn run() -> anyhow::Result<()> {
         Command::Train(TrainArgs { common, resume }) => {
             let (config, device, name) = setup(&common)?;
             let resume = resume.as_deref();
-            let summary = match (config.parallel.comm.as_str(), config.parallel.world_size()) {
-                ("local", 1) => train::train(&config, &device, &name, resume)?,
-                ("local", _) => hybrid::train_local(&config, &device, &name, resume)?,
+            let summary = match (config.parallel.comm.as_str(), config.uses_mesh_executor()) {
+                ("local", false) => train::train(&config, &device, &name, resume)?,
+                ("local", true) => hybrid::train_local(&config, &device, &name, resume)?,
                 _ => match hybrid::train_mpi(&config, &device, &name, resume)? {
                     Some(summary) => summary,
                     // Only world rank 0 reports.
@@ -386,6 +394,12 @@ fn run() -> anyhow::Result<()> {
             request.allow_lossy = allow_lossy;
             let plan = meshrec_balance::plan(&request)?;
             print!("{}", meshrec_balance::plan::render_report(&plan, top));
+        }
+        Command::Diff { a, b } => {
+            let (_, _, sa) = checkpoint::load(&a)?;
+            let (b_dir, _, sb) = checkpoint::load(&b)?;
+            let diff = checkpoint::param_diff(&sa, &sb, &b_dir)?;
+            println!("{}", serde_json::to_string(&diff)?);
         }
         Command::Report { run } => {
             let curves = report::read_curves(&run)?;

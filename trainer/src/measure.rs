@@ -109,7 +109,7 @@ pub fn measure_layout(
         return Err(RunError::NoTrainingData);
     }
     let lr = config.train.lr as f32;
-    if config.parallel.world_size() == 1 {
+    if !config.uses_mesh_executor() {
         let (_, model) = build_model(config, &dataset, device)?;
         let mut single = SingleDevice::new(model, config, device);
         run_steps(&mut single, &batches, warmup, lr)?

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 
 use crate::error::RunError;
-use crate::stepper::{Migration, ParallelStepStats};
+use crate::stepper::{HeldMemory, Migration, ParallelStepStats};
 
 /// One line of `metrics.jsonl`: a step or an epoch.
 #[derive(Debug, Clone, Serialize)]
@@ -32,6 +32,14 @@ pub struct StepRecord {
     pub parallel: Option<ParallelStepStats>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub migration: Option<Migration>,
+    /// Per world rank, what it holds after the update (counted; on a mesh).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub memory: Vec<HeldMemory>,
+    /// The most the process's heap grew above its level at the step's start: activations,
+    /// graphs and buffers of every rank in the process (measured by the counting allocator
+    /// of the `meshrec` binary; absent without it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heap_step_peak_bytes: Option<u64>,
 }
 
 /// One line of `metrics.jsonl`.
@@ -58,6 +66,8 @@ pub struct Summary {
     pub preset: String,
     pub device: String,
     pub params: u64,
+    /// The model as `balance::shape` sees it (its formulas' inputs).
+    pub shape: meshrec_balance::ModelShape,
     pub epochs_run: u64,
     pub best_epoch: u64,
     pub samples_per_s: f64,
@@ -72,6 +82,13 @@ pub struct Summary {
     /// Means per step over the run, on a mesh.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parallel: Option<ParallelStepStats>,
+    /// Per world rank, the most it held of each kind after any step's update (counted; on
+    /// a mesh).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub memory_peak: Vec<HeldMemory>,
+    /// The largest `heap_step_peak_bytes` of any step (measured; see `metrics.jsonl`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heap_step_peak_bytes: Option<u64>,
 }
 
 /// `metrics.jsonl` of a run, written by the leader (the other ranks hold a writer that

@@ -82,6 +82,7 @@ impl SingleDevice {
             skipped,
             parallel: None,
             migration: None,
+            memory: Vec::new(),
         }
     }
 }

@@ -41,6 +41,35 @@ pub struct StepResult {
     pub parallel: Option<ParallelStepStats>,
     /// The pipeline repartition the online rebalancer carried out after this step.
     pub migration: Option<Migration>,
+    /// What each world rank holds after the step's update, counted from its buffers (a
+    /// mesh's ranks; empty on one device).
+    pub memory: Vec<HeldMemory>,
+}
+
+/// The bytes one rank holds for its training state after a step's update, counted from the
+/// buffers themselves (parameter tensors' elements, gradient and AdamW moment buffers'
+/// allocations), never from the formulas the planner uses: `balance::shape` is tested
+/// against these counts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct HeldMemory {
+    pub param_bytes: u64,
+    pub grad_bytes: u64,
+    pub optimizer_bytes: u64,
+}
+
+impl HeldMemory {
+    pub fn total_bytes(&self) -> u64 {
+        self.param_bytes + self.grad_bytes + self.optimizer_bytes
+    }
+
+    /// The larger of each kind.
+    pub fn max(self, other: Self) -> Self {
+        Self {
+            param_bytes: self.param_bytes.max(other.param_bytes),
+            grad_bytes: self.grad_bytes.max(other.grad_bytes),
+            optimizer_bytes: self.optimizer_bytes.max(other.optimizer_bytes),
+        }
+    }
 }
 
 /// A pipeline repartition by the online rebalancer: the new blocks per stage, and the

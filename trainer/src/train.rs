@@ -17,6 +17,7 @@ use crate::checkpoint_policy::CheckpointPolicy;
 use crate::config::RunConfig;
 use crate::early_stop::{EarlyStopping, Verdict, METRIC};
 use crate::error::RunError;
+use crate::heap;
 use crate::metrics::{
     peak_rss_bytes, write_summary, EpochRecord, MetricsLine, MetricsWriter, StepRecord, Summary,
 };
@@ -24,7 +25,7 @@ use crate::model_io::{evaluate, load_checkpoint, save_checkpoint};
 use crate::progress::EpochProgress;
 use crate::setup::{build_model, load_dataset};
 use crate::single::SingleDevice;
-use crate::stepper::{ParallelStepStats, StepResult, Stepper};
+use crate::stepper::{HeldMemory, ParallelStepStats, StepResult, Stepper};
 
 /// Trains on one device.
 pub fn train(
@@ -89,6 +90,16 @@ fn record_step(progress: &mut Progress, out: &StepResult, samples: u64, seconds:
 }
 
 /// Clears the per-epoch sums at an epoch's start.
+/// Raises each rank's peak of each kind to what it holds after this step.
+fn peak_memory(peak: &mut Vec<HeldMemory>, now: &[HeldMemory]) {
+    if peak.len() != now.len() {
+        peak.resize(now.len(), HeldMemory::default());
+    }
+    for (p, n) in peak.iter_mut().zip(now) {
+        *p = p.max(*n);
+    }
+}
+
 fn start_epoch(progress: &mut Progress, epoch: u64) {
     progress.epoch = epoch;
     progress.epoch_loss_sum = 0.0;
@@ -168,6 +179,8 @@ pub fn train_with(
     }
 
     let mut run_stats = StatsSum::default();
+    let mut memory_peak: Vec<HeldMemory> = Vec::new();
+    let mut heap_step_peak: Option<u64> = None;
     let mut stopped_at_max = false;
     let first_epoch = progress.epoch;
     for epoch in first_epoch..t.epochs {
@@ -190,10 +203,17 @@ pub fn train_with(
             let step = progress.step;
             let lr = schedule.at(step);
             let step_start = Instant::now();
+            // One rank measures the process (its ranks share the heap).
+            let heap_start = leader.then(heap::reset_peak).flatten();
             let out = stepper.step(&batch, step, lr as f32)?;
+            let heap_step = heap::peak()
+                .zip(heap_start)
+                .map(|(p, s)| p.saturating_sub(s));
+            heap_step_peak = heap_step_peak.max(heap_step);
             let seconds = step_start.elapsed().as_secs_f64();
             epoch_stats.add(&out.parallel);
             run_stats.add(&out.parallel);
+            peak_memory(&mut memory_peak, &out.memory);
             if out.skipped {
                 tracing::warn!(step, "non-finite gradient: optimizer step skipped");
             }
@@ -214,6 +234,8 @@ pub fn train_with(
                 skipped: out.skipped,
                 parallel: out.parallel,
                 migration: out.migration.clone(),
+                memory: out.memory.clone(),
+                heap_step_peak_bytes: heap_step,
             }))?;
             bar.step(
                 progress.step,
@@ -313,6 +335,7 @@ pub fn train_with(
         preset: config.model.preset.clone(),
         device: device_name.to_string(),
         params: model_config.num_params(),
+        shape: model_config.shape(&config.model.preset),
         epochs_run: progress.epoch,
         best_epoch: progress.best_epoch,
         samples_per_s: progress.samples as f64 / progress.train_seconds.max(1e-9),
@@ -324,6 +347,8 @@ pub fn train_with(
         test: test_report,
         checkpoint: best_model,
         parallel: run_stats.mean(),
+        memory_peak,
+        heap_step_peak_bytes: heap_step_peak,
     };
     write_summary(&run_dir, &summary)?;
     Ok(Some(summary))

@@ -6,6 +6,7 @@ mod cmd;
 mod convergence;
 mod cycles;
 mod data;
+mod memory;
 mod peer;
 mod recipe;
 mod workspace;
@@ -42,8 +43,8 @@ enum Cmd {
         #[arg(long = "set")]
         set: Vec<String>,
     },
-    /// Run a benchmark: train, recipe, convergence, comm, compress, pipeline, tp, strategies,
-    /// serve, paper (simulated). `comm` builds against OpenMPI: as root it installs the Debian packages
+    /// Run a benchmark: train, recipe, convergence, memory, comm, compress, pipeline, tp,
+    /// strategies, serve, paper (simulated). `comm` builds against OpenMPI: as root it installs the Debian packages
     /// it needs.
     Bench {
         name: String,
@@ -286,7 +287,7 @@ fn bench(name: &str, extra: &[String]) -> Result<()> {
             ])
             .arg(bench_dir())),
         other => {
-            bail!("unknown benchmark `{other}` (known: train, recipe, convergence, comm, compress, pipeline, tp, strategies, serve, paper)")
+            bail!("unknown benchmark `{other}` (known: train, recipe, convergence, memory, comm, compress, pipeline, tp, strategies, serve, paper)")
         }
     }
 }
@@ -531,9 +532,9 @@ fn ci() -> Result<()> {
     let out = std::env::temp_dir().join("meshrec-ci-mpi-run");
     let _ = std::fs::remove_dir_all(&out);
     let meshrec = target_dir().join("debug/meshrec");
-    let mpi_train = |np: &str, name: &str, sets: &[&str]| {
-        let mut train = mpirun(np, &meshrec);
-        train.args(["train", "--comm", "mpi"]);
+    // `meshrec train` on the tiny synthetic run, on engine `comm`.
+    let train_args = |comm: &str, name: &str, sets: &[&str]| -> Vec<String> {
+        let mut args: Vec<String> = ["train", "--comm", comm].map(String::from).to_vec();
         for set in [
             "data.path=synthetic",
             "data.synthetic.users=60",
@@ -545,10 +546,18 @@ fn ci() -> Result<()> {
         .iter()
         .chain(sets)
         {
-            train.args(["--set", set]);
+            args.extend(["--set".to_string(), set.to_string()]);
         }
-        train.args(["--set", &format!("output.name={name}")]);
-        train.args(["--set", &format!("output.dir=\"{}\"", out.display())]);
+        args.extend(["--set".to_string(), format!("output.name={name}")]);
+        args.extend([
+            "--set".to_string(),
+            format!("output.dir=\"{}\"", out.display()),
+        ]);
+        args
+    };
+    let mpi_train = |np: &str, name: &str, sets: &[&str]| {
+        let mut train = mpirun(np, &meshrec);
+        train.args(train_args("mpi", name, sets));
         train
     };
     let summary_of = |name: &str| -> Result<()> {
@@ -586,6 +595,45 @@ fn ci() -> Result<()> {
         ],
     ))?;
     summary_of("dp2")?;
+    // The memory savers across processes: ZeRO-2 (gradients reduce-scattered, AdamW
+    // sharded, parameters all-gathered over MPI) with selective recomputation on dp2·pp2,
+    // equal to the same run on the local engine, each rank holding half the gradients.
+    let savers = [
+        "parallel.dp=2",
+        "parallel.pp=2",
+        "parallel.micro_batches=2",
+        "dp.zero=2",
+        "train.recompute=\"selective\"",
+    ];
+    run(&mut mpi_train("4", "zero2-mpi", &savers))?;
+    summary_of("zero2-mpi")?;
+    run(Command::new(&meshrec).args(train_args("local", "zero2-local", &savers)))?;
+    let diff = Command::new(&meshrec)
+        .arg("diff")
+        .arg(out.join("zero2-mpi"))
+        .arg(out.join("zero2-local"))
+        .output()
+        .context("running meshrec diff")?;
+    let diff: serde_json::Value =
+        serde_json::from_slice(&diff.stdout).context("meshrec diff printed no JSON")?;
+    let rel = diff["max_rel_diff"].as_f64().unwrap_or(f64::INFINITY);
+    if rel > 1e-6 {
+        bail!("ZeRO-2 under mpirun differs from the local engine by {rel:e} (relative): {diff}");
+    }
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+        out.join("zero2-mpi").join("summary.json"),
+    )?)?;
+    for (r, m) in summary["memory_peak"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let (p, g) = (m["param_bytes"].as_f64(), m["grad_bytes"].as_f64());
+        if !matches!((p, g), (Some(p), Some(g)) if g < 0.51 * p) {
+            bail!("ZeRO-2 rank {r} under mpirun holds gradients {g:?} B for parameters {p:?} B: not sharded");
+        }
+    }
     // A layout every rank rejects alike (tp 3 does not divide the tiny model's 4 heads) is
     // reported once, by world rank 0, not by every process.
     let rejected = mpi_train("3", "bad-layout", &["parallel.tp=3"])
@@ -646,14 +694,14 @@ fn main() -> Result<()> {
             set,
             extra,
         } => match name.as_str() {
-            "recipe" | "convergence" => {
+            "recipe" | "convergence" | "memory" => {
                 if data::verify_ml100k(&root().join("data/ml-100k")).is_err() {
                     data::fetch_ml100k(None)?;
                 }
-                if name == "recipe" {
-                    recipe::bench(&seeds, peer, &set)
-                } else {
-                    convergence::bench(&seeds, &set)
+                match name.as_str() {
+                    "recipe" => recipe::bench(&seeds, peer, &set),
+                    "convergence" => convergence::bench(&seeds, &set),
+                    _ => memory::bench(),
                 }
             }
             _ => bench(&name, &extra),

@@ -1,7 +1,7 @@
 //! What the simulator simulates: a model, a layout on a cluster, a schedule, the DP mode and
 //! compressor, and the balancing switches.
 
-use meshrec_pipeline::{Coord, DpMode, Mesh, Schedule, ScheduleSpec};
+use meshrec_pipeline::{Coord, DpMode, Mesh, Recompute, Schedule, ScheduleSpec, ZeroStage};
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::Cluster;
@@ -29,6 +29,12 @@ pub struct SimConfig {
     pub dp_mode: DpMode,
     /// DP gradient compression.
     pub compression: Compression,
+    /// ZeRO sharding of the optimizer state (and gradients) over each DP group (sync DP).
+    #[serde(default)]
+    pub zero: ZeroStage,
+    /// Activation recomputation in every block.
+    #[serde(default)]
+    pub recompute: Recompute,
     /// DP bucket size in bytes (DDP: 25 MB).
     pub bucket_bytes: u64,
     /// Adaptive balancing: partition layers by the partitioner (device speeds, memory,
@@ -69,6 +75,8 @@ impl SimConfig {
             global_batch,
             dp_mode: DpMode::Sync,
             compression: Compression::none(),
+            zero: ZeroStage::Off,
+            recompute: Recompute::None,
             bucket_bytes: 25_000_000,
             balance: true,
             partition: None,
@@ -94,17 +102,37 @@ impl SimConfig {
         })
     }
 
-    /// `dp2·tp2·pp2 1f1b m8 sync none` (`rev` appended for reversed stages).
+    /// `dp2·tp2·pp2 1f1b m8 sync none` (`rev` appended for reversed stages, the ZeRO
+    /// stage where one is on).
     pub fn label(&self) -> String {
         format!(
-            "{}{} {} m{} {} {}",
+            "{}{} {} m{} {} {}{}{}",
             self.mesh,
             if self.reverse_stages { " rev" } else { "" },
             self.schedule,
             self.micro_batches,
             self.dp_mode,
-            self.compression.name
+            self.compression.name,
+            if self.zero == ZeroStage::Off {
+                String::new()
+            } else {
+                format!(" {}", self.zero)
+            },
+            if self.recompute == Recompute::None {
+                String::new()
+            } else {
+                format!(" recompute-{}", self.recompute)
+            }
         )
+    }
+
+    /// The ZeRO stage in effect: none with one replica or outside sync DP.
+    pub fn effective_zero(&self) -> ZeroStage {
+        if self.mesh.dp > 1 && self.dp_mode == DpMode::Sync {
+            self.zero
+        } else {
+            ZeroStage::Off
+        }
     }
 
     /// The pipeline schedule of one replica, built and checked.

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 
 use meshrec_comm::cost as link;
 use meshrec_comm::cost::{LinkClass, LinkKind};
+use meshrec_pipeline::Recompute;
 
 use crate::cluster::Cluster;
 use crate::cost::CostProfile;
@@ -47,6 +48,25 @@ pub(crate) struct Prepared {
     pub(crate) b: Vec<usize>,
     pub(crate) tp_link: Vec<(LinkClass, LinkKind)>, // per pipeline device index r*pp+s
     pub(crate) tied_grad_bytes: f64,
+}
+
+/// The resident state bytes per parameter under the configuration's ZeRO stage over the
+/// unsharded ones (1 without ZeRO).
+pub(crate) fn zero_state_scale(cfg: &SimConfig) -> f64 {
+    let precision = &cfg.shape.precision;
+    precision
+        .rank_state_bytes(1, cfg.mesh.dp, cfg.effective_zero())
+        .total()
+        / precision.state_bytes_per_param() as f64
+}
+
+/// Under the configuration's recomputation: the fraction of a block's activations kept,
+/// and the fraction of its forward that backward runs again.
+pub(crate) fn recompute_effect(cfg: &SimConfig, tp: u32) -> (f64, f64) {
+    let shape = &cfg.shape;
+    let kept = shape.block_activation_elems_per_token_under(tp, cfg.recompute)
+        / shape.block_activation_elems_per_token_under(tp, Recompute::None);
+    (kept, shape.block_recompute_share(cfg.recompute))
 }
 
 /// Time and bytes sent per rank of an all-reduce of `bytes` over `n` ranks on link `l`.
@@ -111,6 +131,7 @@ pub(crate) fn prepare(cfg: &SimConfig, cluster: &Cluster) -> Result<Prepared, Ba
     };
     let b = split_batch(per_micro, &speeds)?.batch;
 
+    let zero_scale = zero_state_scale(cfg);
     // Profiles, cached by (device name, micro-batch size).
     let mut cache: HashMap<(String, usize), CostProfile> = HashMap::new();
     let mut profile = |dev: &DeviceSpec, mb: usize| -> Result<CostProfile, BalanceError> {
@@ -144,6 +165,19 @@ pub(crate) fn prepare(cfg: &SimConfig, cluster: &Cluster) -> Result<Prepared, Ba
                 p
             }
         };
+        // ZeRO shards what each rank holds of its layers' state over the DP group;
+        // recomputation keeps fewer of a block's activations and runs part of its forward
+        // again in backward.
+        let mut p = p;
+        let (act_kept, rerun) = recompute_effect(cfg, tp as u32);
+        for l in &mut p.layers {
+            l.state_bytes = (l.state_bytes as f64 * zero_scale).ceil() as u64;
+            l.tied_copy_state_bytes = (l.tied_copy_state_bytes as f64 * zero_scale).ceil() as u64;
+            if matches!(l.kind, LayerKind::Block(_)) {
+                l.act_bytes = (l.act_bytes as f64 * act_kept).ceil() as u64;
+                l.bwd_s += l.fwd_s * rerun;
+            }
+        }
         cache.insert(key, p.clone());
         Ok(p)
     };

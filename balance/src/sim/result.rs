@@ -149,6 +149,10 @@ pub struct SimResult {
     pub bytes: CommBytes,
     /// Peak memory per global rank.
     pub peak_memory_bytes: Vec<u64>,
+    /// Of which weights, gradients and optimizer state (ZeRO-sharded where configured),
+    /// per global rank.
+    #[serde(default)]
+    pub state_bytes: Vec<u64>,
     /// Whether every device's peak memory fits its capacity.
     pub fits: bool,
     /// The partition used (over virtual stages).

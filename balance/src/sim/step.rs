@@ -5,14 +5,16 @@
 
 use meshrec_comm::cost as link;
 use meshrec_comm::cost::{LinkClass, LinkKind};
-use meshrec_pipeline::{Action, Axis, DpMode, Event, EventKind, Schedule, StageTimeline};
+use meshrec_pipeline::{
+    Action, Axis, DpMode, Event, EventKind, Recompute, Schedule, StageTimeline,
+};
 
 use crate::cluster::Cluster;
 use crate::device::DeviceSpec;
 use crate::error::BalanceError;
 use crate::sim::compression::Aggregation;
 use crate::sim::config::SimConfig;
-use crate::sim::prepare::{all_reduce_cost, Prepared};
+use crate::sim::prepare::{all_reduce_cost, zero_state_scale, Prepared};
 use crate::sim::result::{CommBytes, SimResult, StepBreakdown};
 
 /// Per (replica, stage) of the mesh: `grid[d][s]`.
@@ -340,6 +342,11 @@ fn gradient_collectives(
         for (k, first) in buckets[0][s].iter().enumerate() {
             let wire = first.bytes * comp.wire_ratio;
             let (t, sent) = match comp.aggregation {
+                // ZeRO-2: each rank receives only its shard of the bucket.
+                Aggregation::AllReduce if cfg.effective_zero().shards_gradients() => (
+                    link::reduce_scatter_time(dp, wire, &lc),
+                    link::ring_gather_scatter_bytes_per_rank(dp, wire),
+                ),
                 Aggregation::AllReduce => all_reduce_cost(dp, wire, &lc),
                 Aggregation::GatherThenSum => (
                     link::all_gather_time(dp, wire * dp as f64, &lc),
@@ -420,33 +427,66 @@ fn run_collectives(cfg: &SimConfig, colls: &[Collective], rec: &mut Recording) -
 
 /// The optimizer of each device: AdamW is memory-bound (~12 FLOPs per parameter, the
 /// resident state read and written once); it starts when the device's backward and its
-/// gradient synchronisation are done. Returns (end, optimizer seconds, state bytes).
+/// gradient synchronisation are done. Under ZeRO each DP rank updates its `1/dp` of the
+/// parameters, then the updated shards are all-gathered over the DP group (exposed: the
+/// executor does not overlap it with the next forward). Returns (end, optimizer seconds,
+/// state bytes).
+#[allow(clippy::too_many_arguments)]
 fn optimizer_phase(
     cfg: &SimConfig,
+    cluster: &Cluster,
     prep: &Prepared,
     pipe: &PipelineOutcome,
     stream: &Grid<f64>,
     slow: &[f64],
     rec: &mut Recording,
+    bytes: &mut CommBytes,
 ) -> (Grid<f64>, Grid<f64>, Grid<f64>) {
-    let (dp, pp) = (cfg.mesh.dp, cfg.mesh.pp);
+    let (dp, tp, pp) = (cfg.mesh.dp, cfg.mesh.tp, cfg.mesh.pp);
     let v = cfg.schedule.virtual_stages;
+    let zero = cfg.effective_zero();
+    let precision = &cfg.shape.precision;
+    // The prepared state bytes are already sharded; AdamW moves the unsharded state of
+    // the share of parameters it updates.
+    let state_scale = zero_state_scale(cfg);
+    let update_share = if zero.shards_optimizer() {
+        1.0 / dp as f64
+    } else {
+        1.0
+    };
+    let topo = &cluster.topology;
     let mut dev_end = grid(dp, pp, 0.0f64);
     let mut opt_s = grid(dp, pp, 0.0f64);
     let mut state = grid(dp, pp, 0.0f64);
-    for d in 0..dp {
-        for s in 0..pp {
+    for s in 0..pp {
+        let group: Vec<usize> = (0..dp).map(|d| cfg.rank(d, 0, s)).collect();
+        let lk = topo.group_link_kind(&group);
+        for d in 0..dp {
             let (params, st_bytes) = (0..v).fold((0.0, 0.0), |acc, c| {
                 let x = &prep.vst[d][c * pp + s];
                 (acc.0 + x.params, acc.1 + x.state_bytes)
             });
             state[d][s] = st_bytes;
             let unit = &prep.units[d][s];
-            let o = unit.dev.roofline_s(12.0 * params, 2.0 * st_bytes) * slow[unit.rank];
+            let o = unit.dev.roofline_s(
+                12.0 * params * update_share,
+                2.0 * st_bytes / state_scale * update_share,
+            ) * slow[unit.rank];
             let start = pipe.compute_end[d][s].max(stream[d][s]);
             opt_s[d][s] = o;
             dev_end[d][s] = start + o;
             rec.push(d, s, EventKind::Optimizer, None, (start, start + o));
+            if zero.shards_optimizer() {
+                let param_bytes = params * f64::from(precision.param_bytes);
+                let gather = link::all_gather_time(dp, param_bytes, &topo.link(lk));
+                if d == 0 {
+                    let sent = link::ring_gather_scatter_bytes_per_rank(dp, param_bytes);
+                    bytes.add(Axis::Dp, lk, sent * (dp * tp) as f64);
+                }
+                let end = dev_end[d][s];
+                rec.push(d, s, EventKind::DpAllReduce, None, (end, end + gather));
+                dev_end[d][s] = end + gather;
+            }
         }
     }
     (dev_end, opt_s, state)
@@ -519,7 +559,9 @@ pub(crate) fn run_step(
     let pipe = pipeline_phase(cfg, cluster, prep, &schedule, slow, &mut bytes, &mut rec)?;
     let colls = gradient_collectives(cfg, cluster, prep, &pipe, &mut bytes);
     let stream = run_collectives(cfg, &colls, &mut rec);
-    let (dev_end, opt_s, state) = optimizer_phase(cfg, prep, &pipe, &stream, slow, &mut rec);
+    let (dev_end, opt_s, state) = optimizer_phase(
+        cfg, cluster, prep, &pipe, &stream, slow, &mut rec, &mut bytes,
+    );
     let (replica_step_s, step_s, samples_per_s) =
         step_end(cfg, cluster, prep, &dev_end, &mut bytes);
 
@@ -527,6 +569,7 @@ pub(crate) fn run_step(
     let world = cfg.mesh.world_size();
     let mut utilization = vec![0.0; world];
     let mut peak_memory = vec![0u64; world];
+    let mut state_bytes = vec![0u64; world];
     let mut fits = true;
     let mut bubbles = Vec::with_capacity(dp * pp);
     let mut bubble_per_stage = Vec::with_capacity(pp);
@@ -552,11 +595,26 @@ pub(crate) fn run_step(
             } else {
                 0.0
             };
-            let mem = (state[d][s] + pipe.act_peak[d][s] + comm_buf).ceil() as u64;
+            // Recomputation's working set: one block's dropped activations of one
+            // micro-batch, alive while backward runs that block again.
+            let recompute_working = if cfg.recompute == Recompute::None {
+                0.0
+            } else {
+                let shape = &cfg.shape;
+                let dropped = shape
+                    .block_activation_elems_per_token_under(tp as u32, Recompute::None)
+                    - shape.block_activation_elems_per_token_under(tp as u32, cfg.recompute);
+                dropped
+                    * (prep.b[d] as u64 * shape.seq_len) as f64
+                    * f64::from(shape.precision.activation_bytes)
+            };
+            let mem =
+                (state[d][s] + pipe.act_peak[d][s] + comm_buf + recompute_working).ceil() as u64;
             for t in 0..tp {
                 let r = cfg.rank(d, t, s);
                 utilization[r] = u;
                 peak_memory[r] = mem;
+                state_bytes[r] = state[d][s].ceil() as u64;
                 fits &= mem <= cluster.devices[r].memory_bytes;
             }
             let bub = if span > 0.0 {
@@ -595,6 +653,7 @@ pub(crate) fn run_step(
         bubble_per_stage,
         bytes,
         peak_memory_bytes: peak_memory,
+        state_bytes,
         fits,
         partition: prep.partition.clone(),
         replica_micro_batch: prep.b.clone(),

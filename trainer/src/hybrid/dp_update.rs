@@ -93,6 +93,7 @@ pub fn dp_updater(
                 .compress
                 .memory_options(groups.mesh.dp, config.train.seed),
             threaded: concurrent_comm,
+            zero: config.dp.zero_stage()?,
         },
         None,
     )?;

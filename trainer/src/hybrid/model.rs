@@ -5,23 +5,32 @@
 
 use std::collections::BTreeMap;
 
+use burn::module::Module;
 use burn::tensor::Device;
 use meshrec_comm::ReduceOp;
-use meshrec_model::optim::{clip_by_global_norm, AdamW, AdamWConfig};
+use meshrec_model::optim::AdamWConfig;
 use meshrec_model::params::{param_paths, write_values, ParamInfo};
 use meshrec_model::{ModelConfig, Recommender};
-use meshrec_parallel::exec::{global_grad_norm, reduce_model_parallel_grads};
-use meshrec_parallel::layout::{
-    shard_chunk, shard_shape, unshard, FullState, Layout, ParamSpec, RankState,
-};
+use meshrec_parallel::exec::reduce_model_parallel_grads;
+use meshrec_parallel::layout::{shard_chunk, shard_shape, unshard, FullState, Layout, RankState};
 use meshrec_parallel::mesh::Groups;
+use meshrec_parallel::optim::RankOptimizer;
 use meshrec_parallel::rank::{all_rank_specs, build_segments, initial_state};
 use meshrec_parallel::segment::{DropoutKey, Segment};
 use meshrec_parallel::ParallelError;
 use meshrec_pipeline::timeline::{EventKind, Recorder};
+use meshrec_pipeline::{Recompute, ZeroStage};
 
 use crate::checkpoint::{StateKind, TrainState};
 use crate::error::RunError;
+use crate::stepper::HeldMemory;
+
+/// How a rank saves memory: ZeRO's sharding and activation recomputation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryPlan {
+    pub zero: ZeroStage,
+    pub recompute: Recompute,
+}
 
 /// This rank's chunks of the layout, their optimizer state, and what it takes to reassemble
 /// the whole model from every rank's slices.
@@ -29,8 +38,7 @@ pub struct RankModel {
     pub groups: Groups,
     pub layout: Layout,
     pub segments: Vec<Segment>,
-    optimizers: Vec<AdamW>,
-    decay: Vec<Vec<bool>>,
+    optimizer: RankOptimizer,
     /// Every rank's parameter specs (derived from the layout), to reassemble the model.
     all_specs: Vec<RankState>,
     full_infos: Vec<ParamInfo>,
@@ -38,6 +46,8 @@ pub struct RankModel {
     model_config: ModelConfig,
     genres: Option<Vec<Vec<u32>>>,
     adamw: AdamWConfig,
+    zero: ZeroStage,
+    recompute: Recompute,
     clip_norm: f64,
     device: Device,
     /// Updates applied so far: the parameter version (async DP measures staleness by it).
@@ -55,22 +65,25 @@ impl RankModel {
         genres: Option<Vec<Vec<u32>>>,
         seed: u64,
         adamw: AdamWConfig,
+        memory: MemoryPlan,
         clip_norm: f64,
         device: &Device,
     ) -> Result<Self, RunError> {
+        let MemoryPlan { zero, recompute } = memory;
         let (full_infos, initial) = initial_state(model_config, genres.as_deref(), seed, device);
         let mut model = Self {
+            optimizer: RankOptimizer::new(adamw, &[], &groups, zero),
             groups,
             layout,
             segments: Vec::new(),
-            optimizers: Vec::new(),
-            decay: Vec::new(),
             all_specs: Vec::new(),
             full_infos,
             full_shapes: initial.shapes.clone(),
             model_config: model_config.clone(),
             genres,
             adamw,
+            zero,
+            recompute,
             clip_norm,
             device: device.clone(),
             version: 0,
@@ -90,16 +103,10 @@ impl RankModel {
             values,
             &self.device,
         )?;
-        self.optimizers = self
-            .segments
-            .iter()
-            .map(|s| AdamW::new(self.adamw, s.infos.iter().map(ParamInfo::numel)))
-            .collect();
-        self.decay = self
-            .segments
-            .iter()
-            .map(|s| s.infos.iter().map(ParamSpec::decays).collect())
-            .collect();
+        for s in &mut self.segments {
+            s.set_recompute(self.recompute);
+        }
+        self.optimizer = RankOptimizer::new(self.adamw, &self.segments, &self.groups, self.zero);
         self.all_specs = all_rank_specs(&self.model_config, genres, &layout, &self.device)?;
         self.layout = layout;
         Ok(())
@@ -126,23 +133,33 @@ impl RankModel {
         recorder.record(EventKind::GradAllReduce, None, None, || {
             reduce_model_parallel_grads(segments, groups)
         })?;
-        let norm = global_grad_norm(&self.segments, &self.groups)?;
         self.version += 1;
-        if !norm.is_finite() {
-            return Ok(true);
-        }
-        let clip = self.clip_norm;
-        let (segments, optimizers, decay) = (&mut self.segments, &mut self.optimizers, &self.decay);
-        recorder.record(EventKind::Optimizer, None, None, || {
-            for ((s, opt), decay) in segments.iter_mut().zip(optimizers.iter_mut()).zip(decay) {
-                clip_by_global_norm(&mut s.grads, norm, clip);
-                let mut values = s.values();
-                opt.update(&mut values, &s.grads, lr, decay);
-                s.set_values(&values)?;
-            }
-            Ok::<_, ParallelError>(())
+        let (segments, optimizer, groups) = (&mut self.segments, &mut self.optimizer, &self.groups);
+        let (lr, clip) = (lr, self.clip_norm);
+        let step = recorder.record(EventKind::Optimizer, None, None, || {
+            optimizer.step(segments, groups, lr, clip)
         })?;
-        Ok(false)
+        Ok(step.skipped)
+    }
+
+    /// The bytes this rank holds now: its chunks' parameter tensors, gradient buffers and
+    /// AdamW moments (under ZeRO, the shards), counted from the buffers.
+    pub fn held_memory(&self) -> HeldMemory {
+        let f32_bytes = std::mem::size_of::<f32>() as u64;
+        HeldMemory {
+            param_bytes: self
+                .segments
+                .iter()
+                .map(|s| f32_bytes * s.chunk.num_params() as u64)
+                .sum(),
+            grad_bytes: self
+                .segments
+                .iter()
+                .flat_map(|s| &s.grads)
+                .map(|g| f32_bytes * g.capacity() as u64)
+                .sum(),
+            optimizer_bytes: self.optimizer.held_bytes(),
+        }
     }
 
     /// Every parameter replaced by its mean over the DP group (local SGD's
@@ -205,14 +222,15 @@ impl RankModel {
     /// memories). Collective; the caller settles updates in flight first.
     pub fn gather_state(&self) -> Result<TrainState, RunError> {
         let values = self.gather_full(|i| self.segments[i].values())?;
-        let m = self.gather_full(|i| self.optimizers[i].m.clone())?;
-        let v = self.gather_full(|i| self.optimizers[i].v.clone())?;
+        let (m, v) = self.optimizer.full_moments(&self.groups)?;
+        let m = self.gather_full(|i| m[i].clone())?;
+        let v = self.gather_full(|i| v[i].clone())?;
         Ok(TrainState {
             shapes: values.shapes,
             values: values.values,
             adam_m: m.values,
             adam_v: v.values,
-            optimizer_steps: self.optimizers.first().map_or(0, |o| o.step),
+            optimizer_steps: self.optimizer.steps(),
             partition: self.layout.partition.clone(),
             compressor: Vec::new(),
         })
@@ -233,12 +251,13 @@ impl RankModel {
     fn adopt_moments(&mut self, state: &TrainState) -> Result<(), RunError> {
         let (mesh, coord) = (self.layout.mesh, self.groups.coord);
         let (m, v) = (state.full(StateKind::AdamM), state.full(StateKind::AdamV));
-        for (s, opt) in self.segments.iter().zip(self.optimizers.iter_mut()) {
-            opt.m = shard_chunk(&m, &s.specs, &mesh, coord)?;
-            opt.v = shard_chunk(&v, &s.specs, &mesh, coord)?;
-            opt.step = state.optimizer_steps;
+        let mut ms = Vec::with_capacity(self.segments.len());
+        let mut vs = Vec::with_capacity(self.segments.len());
+        for s in &self.segments {
+            ms.push(shard_chunk(&m, &s.specs, &mesh, coord)?);
+            vs.push(shard_chunk(&v, &s.specs, &mesh, coord)?);
         }
-        Ok(())
+        Ok(self.optimizer.load_moments(ms, vs, state.optimizer_steps)?)
     }
 
     /// Moves blocks between pipeline stages: the state goes through its layout-free form

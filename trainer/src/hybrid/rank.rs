@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
-use meshrec_comm::{Communicator, ReduceOp};
+use meshrec_comm::{all_reduce_as, Communicator, ReduceOp};
 use meshrec_model::data::Batch;
 use meshrec_model::{ModelConfig, Recommender};
 use meshrec_parallel::dp::{DpEngine, DpTraffic};
@@ -26,9 +26,9 @@ use crate::faults::{poison_first, stretch, ConfigFaults, FaultHooks};
 use crate::hybrid::balancing::OnlineBalancer;
 use crate::hybrid::capture::TimelineCapture;
 use crate::hybrid::dp_update::{dp_updater, DpUpdater};
-use crate::hybrid::model::RankModel;
+use crate::hybrid::model::{MemoryPlan, RankModel};
 use crate::setup::{adamw_config, dropout_seed};
-use crate::stepper::{Migration, ParallelStepStats, StepResult, Stepper};
+use crate::stepper::{HeldMemory, Migration, ParallelStepStats, StepResult, Stepper};
 
 /// One rank of the mesh.
 pub struct MeshRank {
@@ -108,6 +108,10 @@ impl MeshRank {
             genres,
             config.train.seed,
             adamw_config(config),
+            MemoryPlan {
+                zero: config.dp.zero_stage()?,
+                recompute: config.train.recompute()?,
+            },
             config.train.clip_norm,
             device,
         )?;
@@ -168,6 +172,28 @@ impl MeshRank {
         }
         self.balancer.commit(proposal)?;
         Ok(Some(migration))
+    }
+
+    /// What every world rank holds now (collective: each rank's count gathered).
+    fn held_memory(&self) -> Result<Vec<HeldMemory>, RunError> {
+        let world = self.model.groups.world.as_ref();
+        let mine = self.model.held_memory();
+        let mut all = vec![0i64; 3 * world.size()];
+        let at = 3 * world.rank();
+        all[at..at + 3].copy_from_slice(&[
+            mine.param_bytes as i64,
+            mine.grad_bytes as i64,
+            mine.optimizer_bytes as i64,
+        ]);
+        all_reduce_as(world, &mut all, ReduceOp::Sum)?;
+        Ok(all
+            .chunks_exact(3)
+            .map(|c| HeldMemory {
+                param_bytes: c[0] as u64,
+                grad_bytes: c[1] as u64,
+                optimizer_bytes: c[2] as u64,
+            })
+            .collect())
     }
 
     /// Utilization and bubble agreed over the ranks that met this step (all of them, or
@@ -283,6 +309,7 @@ impl Stepper for MeshRank {
             }
         }
         let applied = self.dp.update(step, lr, &mut self.model, &mut recorder)?;
+        let memory = self.held_memory()?;
         // Loss over the global batch where replicas meet every step; this replica's rows
         // where they do not (a blocking DP reduction would make them meet).
         let (mut loss_sum, mut loss_targets) = (loss.loss_sum, local.num_targets());
@@ -317,6 +344,7 @@ impl Stepper for MeshRank {
             skipped: applied.skipped,
             parallel: Some(parallel),
             migration,
+            memory,
         })
     }
 
