@@ -45,7 +45,9 @@ pub use rebalance::{
     split_batch, Decision, DpBalancer, DpSplit, KeepReason, Proposal, RebalanceConfig, Rebalancer,
 };
 pub use report::{simulate_config, simulate_spec, SimReport, SimSpec};
-pub use shape::{LayerKind, MlpKind, ModelShape, Positions, Precision, StateBytes};
+pub use shape::{
+    ActivationPolicy, LayerKind, MlpKind, ModelShape, Positions, Precision, StateBytes,
+};
 pub use sim::{
     simulate, simulate_steps, Aggregation, CommBytes, Compression, MultiStepResult, SimConfig,
     SimResult, StepBreakdown, StepPart,

@@ -59,6 +59,10 @@ pub struct PlanRequest {
     /// that fits (recomputation only costs time).
     #[serde(default = "all_recompute")]
     pub recompute: Vec<Recompute>,
+    /// Sequence parallelism in every layout with `tp > 1` (it moves the bytes TP moves
+    /// anyway and splits the replicated activations).
+    #[serde(default = "yes")]
+    pub sequence_parallel: bool,
     /// Adaptive balancing in every simulated layout.
     pub balance: bool,
     /// How many of the best fitting layouts [`Plan::ranking`] keeps.
@@ -88,6 +92,7 @@ impl PlanRequest {
             allow_lossy: false,
             zero_stages: all_zero_stages(),
             recompute: all_recompute(),
+            sequence_parallel: true,
             balance: true,
             keep: 20,
         }
@@ -394,6 +399,10 @@ impl PaperRow {
     }
 }
 
+fn yes() -> bool {
+    true
+}
+
 fn all_recompute() -> Vec<Recompute> {
     vec![Recompute::None, Recompute::Selective, Recompute::Full]
 }
@@ -495,6 +504,7 @@ pub fn enumerate(req: &PlanRequest) -> Vec<SimConfig> {
                                     cfg.dp_mode = mode;
                                     cfg.compression = comp.clone();
                                     cfg.zero = zero;
+                                    cfg.sequence_parallel = req.sequence_parallel && tp > 1;
                                     cfg.balance = req.balance;
                                     cfg.record_timeline = false;
                                     cfg.reverse_stages = reverse_stages;

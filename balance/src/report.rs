@@ -12,11 +12,11 @@ use serde::{Deserialize, Serialize};
 use crate::cluster::Cluster;
 use crate::cost::{CostProfile, ProfileSource};
 use crate::error::BalanceError;
-use crate::shape::ModelShape;
+use crate::shape::{ActivationPolicy, ModelShape};
 use crate::sim::{simulate, Compression, SimConfig, SimResult};
 use meshrec_compress::MethodConfig;
 use meshrec_pipeline::timeline::write_svg;
-use meshrec_pipeline::{DpMode, Mesh, ScheduleSpec};
+use meshrec_pipeline::{DpMode, Mesh, ScheduleSpec, ZeroStage};
 
 /// One run to simulate, in the trainer's terms (its configuration converted field by
 /// field, typed). Build it with [`SimSpec::new`] and set what differs from the defaults.
@@ -48,6 +48,12 @@ pub struct SimSpec {
     pub blocks_per_stage: Option<Vec<usize>>,
     /// A measured `tp` 1 profile to use instead of the roofline model.
     pub profile: Option<CostProfile>,
+    /// ZeRO stage, recomputation and sequence parallelism (the trainer's `dp.zero`,
+    /// `train.recompute`, `parallel.sequence_parallel`).
+    #[serde(default)]
+    pub zero: ZeroStage,
+    #[serde(default)]
+    pub activations: ActivationPolicy,
 }
 
 impl SimSpec {
@@ -72,6 +78,8 @@ impl SimSpec {
             bucket_mb: 25.0,
             balance: true,
             blocks_per_stage: None,
+            zero: ZeroStage::Off,
+            activations: ActivationPolicy::default(),
             profile: None,
         }
     }
@@ -98,6 +106,9 @@ impl SimSpec {
         cfg.bucket_bytes = (self.bucket_mb * 1e6).round() as u64;
         cfg.balance = self.balance;
         cfg.profile = self.profile.clone();
+        cfg.zero = self.zero;
+        cfg.recompute = self.activations.recompute;
+        cfg.sequence_parallel = self.activations.sequence_parallel;
         if let Some(blocks) = &self.blocks_per_stage {
             cfg.partition = Some(crate::partition::Partition::from_blocks_per_stage(blocks)?);
         }

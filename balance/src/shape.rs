@@ -396,17 +396,24 @@ impl ModelShape {
     /// Activation elements stashed per token by one block when split over `tp` ranks
     /// (see the module docs): `4·d + (4·d + 2·a·s + mlp)/tp`.
     pub fn block_activation_elems_per_token(&self, tp: u32) -> f64 {
-        self.block_activation_elems_per_token_under(tp, Recompute::None)
+        self.block_activation_elems_per_token_under(tp, ActivationPolicy::default())
     }
 
-    /// Activation elements a block keeps per token for backward under `recompute`:
-    /// everything (`none`), all but the attention's `2·a·s` scores and probabilities
-    /// (`selective`), or its input `d` only (`full`).
-    pub fn block_activation_elems_per_token_under(&self, tp: u32, recompute: Recompute) -> f64 {
-        if recompute == Recompute::Full {
-            return self.d_model as f64;
-        }
+    /// Activation elements a block keeps per token for backward under `policy`: everything
+    /// (`none`), all but the attention's `2·a·s` scores and probabilities (`selective`), or
+    /// its input `d` only (`full`); with sequence parallelism the replicated part (`4·d`,
+    /// or the full recomputation's input) is split `tp` ways too (Korthikanti et al.).
+    pub fn block_activation_elems_per_token_under(&self, tp: u32, policy: ActivationPolicy) -> f64 {
         let d = self.d_model as f64;
+        let t = f64::from(tp.max(1));
+        let replicated = if policy.sequence_parallel {
+            1.0 / t
+        } else {
+            1.0
+        };
+        if policy.recompute == Recompute::Full {
+            return d * replicated;
+        }
         let f = self.d_ff as f64;
         let s = self.seq_len as f64;
         let a = f64::from(self.n_heads);
@@ -414,22 +421,25 @@ impl ModelShape {
             MlpKind::SwiGlu => 4.0 * f,
             MlpKind::Gelu => 2.0 * f,
         };
-        let t = f64::from(tp.max(1));
-        let scores = if recompute == Recompute::Selective {
+        let scores = if policy.recompute == Recompute::Selective {
             0.0
         } else {
             2.0 * a * s
         };
-        4.0 * d + (4.0 * d + scores + mlp) / t
+        4.0 * d * replicated + (4.0 * d + scores + mlp) / t
     }
 
     /// The activation bytes one micro-batch of `tokens` tokens keeps through the whole model
-    /// (one pipeline stage) under `recompute`, plus recomputation's working set: one block's
+    /// (one pipeline stage) under `policy`, plus recomputation's working set: one block's
     /// dropped activations, alive while backward runs that block again.
-    pub fn model_activation_bytes(&self, tp: u32, recompute: Recompute, tokens: f64) -> f64 {
+    pub fn model_activation_bytes(&self, tp: u32, policy: ActivationPolicy, tokens: f64) -> f64 {
         let ab = f64::from(self.precision.activation_bytes);
-        let block = self.block_activation_elems_per_token_under(tp, recompute);
-        let dropped = self.block_activation_elems_per_token_under(tp, Recompute::None) - block;
+        let block = self.block_activation_elems_per_token_under(tp, policy);
+        let kept_all = ActivationPolicy {
+            recompute: Recompute::None,
+            ..policy
+        };
+        let dropped = self.block_activation_elems_per_token_under(tp, kept_all) - block;
         let ends: f64 = [0, self.n_partition_layers() - 1]
             .iter()
             .filter_map(|&i| self.layer_activation_bytes_per_token(i, tp))
@@ -490,6 +500,23 @@ impl ModelShape {
     }
 }
 
+/// What blocks keep of their forward for backward: recomputation and sequence
+/// parallelism.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivationPolicy {
+    pub recompute: Recompute,
+    pub sequence_parallel: bool,
+}
+
+impl ActivationPolicy {
+    pub fn recompute(recompute: Recompute) -> Self {
+        Self {
+            recompute,
+            sequence_parallel: false,
+        }
+    }
+}
+
 /// A rank's training-state bytes by kind (see [`Precision::rank_state_bytes`]).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct StateBytes {
@@ -514,12 +541,21 @@ mod tests {
     #[test]
     fn recomputation_keeps_what_the_paper_says() {
         let shape = ModelShape::new("t", 100, 64, 2, 4, 256, 50).unwrap();
-        let none = shape.block_activation_elems_per_token_under(1, Recompute::None);
-        let sel = shape.block_activation_elems_per_token_under(1, Recompute::Selective);
+        let under = |tp, r| {
+            shape.block_activation_elems_per_token_under(tp, ActivationPolicy::recompute(r))
+        };
+        let none = under(1, Recompute::None);
+        let sel = under(1, Recompute::Selective);
         assert_eq!(none - sel, 2.0 * 4.0 * 50.0);
+        assert_eq!(under(2, Recompute::Full), 64.0);
+        // Sequence parallelism splits the replicated `4·d` (norm inputs, residuals) too.
+        let sp = ActivationPolicy {
+            recompute: Recompute::None,
+            sequence_parallel: true,
+        };
         assert_eq!(
-            shape.block_activation_elems_per_token_under(2, Recompute::Full),
-            64.0
+            under(2, Recompute::None) - shape.block_activation_elems_per_token_under(2, sp),
+            4.0 * 64.0 / 2.0
         );
         assert_eq!(shape.block_recompute_share(Recompute::None), 0.0);
         assert_eq!(shape.block_recompute_share(Recompute::Full), 1.0);

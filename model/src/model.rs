@@ -311,6 +311,12 @@ impl ItemEmbedding {
     /// Scales the looked-up embedding and adds positions (learned ones; RoPE acts inside
     /// attention): what comes between the (vocab-parallel) lookup and dropout.
     pub fn place(&self, x: Tensor<3>) -> Tensor<3> {
+        self.place_at(x, 0)
+    }
+
+    /// [`ItemEmbedding::place`] for rows that start at sequence position `offset` (a
+    /// sequence-parallel shard).
+    pub fn place_at(&self, x: Tensor<3>, offset: usize) -> Tensor<3> {
         let x = if self.input_scale == 1.0 {
             x
         } else {
@@ -319,7 +325,8 @@ impl ItemEmbedding {
         match &self.positions {
             Some(pos) => {
                 let [_, s, _] = x.dims();
-                let idx = Tensor::<1, Int>::arange(0..s as i64, &x.device()).unsqueeze::<2>();
+                let range = offset as i64..(offset + s) as i64;
+                let idx = Tensor::<1, Int>::arange(range, &x.device()).unsqueeze::<2>();
                 x + pos.forward(idx)
             }
             None => x,

@@ -144,7 +144,7 @@ pub fn run_schedule(
                 let input = if layout.is_first_chunk(k) {
                     ForwardInput::Ids(batch)
                 } else {
-                    let len = batch.batch_size * batch.seq_len * d_model;
+                    let len = batch.batch_size * layout.local_seq_len(batch.seq_len) * d_model;
                     let src = layout.device_of_chunk(k - 1);
                     let values = receive(
                         pp,
@@ -199,7 +199,7 @@ pub fn run_schedule(
                 let grad = if layout.is_last_chunk(k) {
                     None
                 } else {
-                    let len = batch.batch_size * batch.seq_len * d_model;
+                    let len = batch.batch_size * layout.local_seq_len(batch.seq_len) * d_model;
                     let src = layout.device_of_chunk(k + 1);
                     Some(receive(
                         pp,

@@ -22,6 +22,10 @@ pub struct Layout {
     pub mesh: Mesh,
     pub virtual_stages: usize,
     pub partition: Vec<usize>,
+    /// Megatron's sequence parallelism inside each TP group: the residual stream, norms and
+    /// dropout are split along the sequence, each TP all-reduce becomes a reduce-scatter
+    /// and an all-gather.
+    pub sequence_parallel: bool,
 }
 
 impl Layout {
@@ -57,6 +61,7 @@ impl Layout {
             mesh,
             virtual_stages,
             partition,
+            sequence_parallel: false,
         })
     }
 
@@ -65,6 +70,28 @@ impl Layout {
             mesh: Mesh::single(),
             virtual_stages: 1,
             partition: vec![n_layers],
+            sequence_parallel: false,
+        }
+    }
+
+    /// The same layout with sequence parallelism on or off.
+    pub fn with_sequence_parallel(mut self, on: bool) -> Self {
+        self.sequence_parallel = on;
+        self
+    }
+
+    /// Whether the residual stream is split along the sequence (sequence parallelism with
+    /// more than one TP rank).
+    pub fn splits_sequence(&self) -> bool {
+        self.sequence_parallel && self.mesh.tp > 1
+    }
+
+    /// Sequence positions of a `seq_len` micro-batch that one rank's residual stream holds.
+    pub fn local_seq_len(&self, seq_len: usize) -> usize {
+        if self.splits_sequence() {
+            seq_len / self.mesh.tp
+        } else {
+            seq_len
         }
     }
 
@@ -212,8 +239,14 @@ pub fn tp_style(full_path: &str) -> Option<TpStyle> {
 }
 
 /// Maps a chunk's parameter path to the full model (block indices shift by the chunk's
-/// first block, the head copy is the item table) and places it by [`TP_PLAN`].
-pub fn spec_for(local_path: &str, first_block: usize) -> Result<ParamSpec, ParallelError> {
+/// first block, the head copy is the item table) and places it by [`TP_PLAN`]. Under
+/// sequence parallelism the replicated parameters outside TP regions (positions, final
+/// norm) see only their rank's sequence rows, so their gradients are partial too.
+pub fn spec_for(
+    local_path: &str,
+    first_block: usize,
+    sequence_parallel: bool,
+) -> Result<ParamSpec, ParallelError> {
     let full_path = if local_path == HEAD_PATH {
         TABLE_PATH.to_string()
     } else if let Some(rest) = local_path.strip_prefix("blocks.") {
@@ -239,7 +272,8 @@ pub fn spec_for(local_path: &str, first_block: usize) -> Result<ParamSpec, Paral
         local_path: local_path.to_string(),
         full_path,
         split,
-        tp_partial_grad: style == TpStyle::ReplicatedInRegion,
+        tp_partial_grad: style == TpStyle::ReplicatedInRegion
+            || (sequence_parallel && style == TpStyle::Replicated),
         tied_copy: local_path == HEAD_PATH,
     })
 }
@@ -437,22 +471,25 @@ mod tests {
 
     #[test]
     fn specs_map_local_blocks_and_splits() {
-        let s = spec_for("blocks.1.attn.wq.weight", 3).unwrap();
+        let s = spec_for("blocks.1.attn.wq.weight", 3, false).unwrap();
         assert_eq!(s.full_path, "blocks.4.attn.wq.weight");
         assert_eq!(s.split, Split::Cols);
-        let s = spec_for("blocks.0.mlp.w2.weight", 0).unwrap();
+        let s = spec_for("blocks.0.mlp.w2.weight", 0, false).unwrap();
         assert_eq!(s.split, Split::Rows);
-        let s = spec_for("blocks.0.attn_norm.Rms.gamma", 0).unwrap();
+        let s = spec_for("blocks.0.attn_norm.Rms.gamma", 0, false).unwrap();
         assert!(s.tp_partial_grad && s.split == Split::Replicated);
-        let s = spec_for("final_norm.Rms.gamma", 0).unwrap();
+        let s = spec_for("final_norm.Rms.gamma", 0, false).unwrap();
         assert!(!s.tp_partial_grad && s.split == Split::Replicated);
-        let s = spec_for(HEAD_PATH, 0).unwrap();
+        // Sequence parallelism: the final norm sees only its rank's rows.
+        let s = spec_for("final_norm.Rms.gamma", 0, true).unwrap();
+        assert!(s.tp_partial_grad && s.split == Split::Replicated);
+        let s = spec_for(HEAD_PATH, 0, false).unwrap();
         assert!(s.tied_copy && s.full_path == TABLE_PATH && s.split == Split::Rows);
         // Module names must match whole path segments, and `*` only a block index.
         assert_eq!(tp_style("blocks.0.attn.wqx.weight"), None);
         assert_eq!(tp_style("blocks.x.attn.wq.weight"), None);
         assert_eq!(tp_style("embed.items"), None);
-        let err = spec_for("blocks.0.attn.gate.weight", 0)
+        let err = spec_for("blocks.0.attn.gate.weight", 0, false)
             .unwrap_err()
             .to_string();
         assert!(
@@ -487,7 +524,7 @@ mod tests {
                     })
                     .count();
                 assert_eq!(covering, 1, "{} is covered {covering} times", info.path);
-                spec_for(&info.path, 0).unwrap();
+                spec_for(&info.path, 0, false).unwrap();
             }
         }
     }

@@ -93,6 +93,24 @@ enum Piece {
         block: usize,
         mask: Option<Tensor<3>>,
     },
+    /// A branch under sequence parallelism: the norm on this rank's sequence rows (`leaf`
+    /// -> `normed`), all-gathered into `gathered` (a leaf), the rest of the branch over the
+    /// whole sequence (`gathered` -> `partial`, partial over TP), reduce-scattered back.
+    SeqBranch {
+        leaf: Tensor<3>,
+        normed: Tensor<3>,
+        gathered: Tensor<3>,
+        partial: Tensor<3>,
+        mask: Option<Tensor<3>>,
+    },
+    /// The head under sequence parallelism: the final norm on this rank's rows (`leaf` ->
+    /// `h`), all-gathered into `gathered` (a leaf) for the tied softmax.
+    SeqHead {
+        leaf: Tensor<3>,
+        h: Tensor<3>,
+        gathered: Tensor<3>,
+        surrogate: Option<Tensor<1>>,
+    },
     /// final-norm leaf -> tied softmax surrogate.
     Head {
         leaf: Tensor<3>,
@@ -129,6 +147,75 @@ fn tp_all_reduce(t: Tensor<3>, tp: &dyn Communicator) -> Result<Tensor<3>, Paral
     let mut values = host(t);
     tp.all_reduce(&mut values, ReduceOp::Sum)?;
     Ok(Tensor::from_data(TensorData::new(values, dims), &device))
+}
+
+/// This rank's share of the sequence under sequence parallelism.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SeqShard {
+    rank: usize,
+    size: usize,
+}
+
+impl SeqShard {
+    /// The first position of this rank's rows in a sequence of `seq` positions.
+    fn offset(&self, seq: usize) -> usize {
+        self.rank * seq / self.size
+    }
+
+    /// This rank's rows of a whole-sequence tensor (`[b, seq, d]`).
+    fn rows(&self, t: Tensor<3>) -> Tensor<3> {
+        let s = t.dims()[1];
+        t.narrow(1, self.offset(s), s / self.size)
+    }
+
+    /// Every rank's rows gathered into the whole sequence (`[b, s/tp, d]` -> `[b, s, d]`):
+    /// Megatron's `g` in forward, the backward of a reduce-scatter.
+    fn gather(&self, t: Tensor<3>, tp: &dyn Communicator) -> Result<Tensor<3>, ParallelError> {
+        let [b, rows, d] = t.dims();
+        let device = t.device();
+        let mine = host(t);
+        let mut all = vec![0.0f32; mine.len() * self.size];
+        tp.all_gather(&mine, &mut all)?;
+        // Rank-major [tp][b][rows][d] to [b][tp·rows][d].
+        let (row, block) = (rows * d, rows * d * b);
+        let mut out = vec![0.0f32; all.len()];
+        for r in 0..self.size {
+            for i in 0..b {
+                let src = r * block + i * row;
+                let dst = i * row * self.size + r * row;
+                out[dst..dst + row].copy_from_slice(&all[src..src + row]);
+            }
+        }
+        Ok(Tensor::from_data(
+            TensorData::new(out, [b, rows * self.size, d]),
+            &device,
+        ))
+    }
+
+    /// The sum over the TP group of a whole-sequence tensor, keeping this rank's rows
+    /// (`[b, s, d]` -> `[b, s/tp, d]`): the reduce-scatter that replaces an all-reduce.
+    fn scatter(&self, t: Tensor<3>, tp: &dyn Communicator) -> Result<Tensor<3>, ParallelError> {
+        let [b, s, d] = t.dims();
+        let device = t.device();
+        let whole = host(t);
+        let rows = s / self.size;
+        let (row, block) = (rows * d, rows * d * b);
+        // [b][tp·rows][d] to rank-major [tp][b][rows][d].
+        let mut ordered = vec![0.0f32; whole.len()];
+        for r in 0..self.size {
+            for i in 0..b {
+                let src = i * row * self.size + r * row;
+                let dst = r * block + i * row;
+                ordered[dst..dst + row].copy_from_slice(&whole[src..src + row]);
+            }
+        }
+        let mut mine = vec![0.0f32; block];
+        tp.reduce_scatter(&ordered, &mut mine, ReduceOp::Sum)?;
+        Ok(Tensor::from_data(
+            TensorData::new(mine, [b, rows, d]),
+            &device,
+        ))
+    }
 }
 
 /// Identifies one dropout site of one micro-batch of one step: the mask depends on nothing
@@ -219,6 +306,9 @@ pub struct Segment {
     stash: BTreeMap<usize, Vec<Piece>>,
     peak_in_flight: usize,
     recompute: Recompute,
+    /// Sequence parallelism: this rank's place in its TP group, whose ranks each hold a
+    /// contiguous `1/tp` of every micro-batch's sequence positions in the residual stream.
+    seq_shard: Option<SeqShard>,
     /// Per parameter, the forward index of the first piece that uses it: its gradient is
     /// complete once backward has passed that piece.
     release_piece: Vec<usize>,
@@ -287,7 +377,7 @@ impl Segment {
         let infos = param_paths(&chunk);
         let specs = infos
             .iter()
-            .map(|i| spec_for(&i.path, blocks.start))
+            .map(|i| spec_for(&i.path, blocks.start, layout.splits_sequence()))
             .collect::<Result<_, _>>()?;
         let grads = infos.iter().map(|i| vec![0.0; i.numel()]).collect();
         let release_piece = infos
@@ -312,6 +402,10 @@ impl Segment {
             stash: BTreeMap::new(),
             peak_in_flight: 0,
             recompute: Recompute::None,
+            seq_shard: layout.splits_sequence().then_some(SeqShard {
+                rank: coord.tp,
+                size: layout.mesh.tp,
+            }),
             release_piece,
         })
     }
@@ -401,6 +495,14 @@ impl Segment {
         tp: &dyn Communicator,
     ) -> Result<ForwardOutput, ParallelError> {
         let (b, s) = (batch.batch_size, batch.seq_len);
+        if let Some(shard) = self.seq_shard {
+            if !s.is_multiple_of(shard.size) {
+                return Err(ParallelError::Step(format!(
+                    "sequence parallelism splits {s} positions over tp {}: it must divide them",
+                    shard.size
+                )));
+            }
+        }
         let prob = self.prob();
         let mut pieces = Vec::with_capacity(2 * self.chunk.blocks.len() + 3);
         let mut x = match input {
@@ -413,17 +515,16 @@ impl Segment {
                 })?;
                 let ids = id_tensor(&batch.inputs, b, s, &self.device);
                 let partial = embed.lookup(ids);
-                let full = tp_all_reduce(partial.clone().detach(), tp)?;
+                let full = match self.seq_shard {
+                    Some(shard) => shard.scatter(partial.clone().detach(), tp)?,
+                    None => tp_all_reduce(partial.clone().detach(), tp)?,
+                };
                 pieces.push(Piece::EmbedLookup { partial });
                 let leaf = full.detach().require_grad();
-                let mut out = embed.place(leaf.clone());
+                let offset = self.seq_shard.map_or(0, |shard| shard.offset(s));
+                let mut out = embed.place_at(leaf.clone(), offset);
                 let d = out.dims()[2];
-                if let Some(mask) = keyed_mask(
-                    self.dropout_key.stream(mb, usize::MAX, 0),
-                    [b, s, d],
-                    prob,
-                    &self.device,
-                ) {
+                if let Some(mask) = self.keyed_rows_mask(mb, usize::MAX, 0, [b, s, d], prob) {
                     out = out * mask;
                 }
                 let next = out.clone().detach();
@@ -431,6 +532,7 @@ impl Segment {
                 next
             }
             ForwardInput::Activations(values) => {
+                let s = self.seq_shard.map_or(s, |shard| s / shard.size);
                 let d = values.len() / (b * s).max(1);
                 if values.len() != b * s * d || d == 0 {
                     return Err(ParallelError::Step(format!(
@@ -447,6 +549,35 @@ impl Segment {
             let global = self.first_block + i;
             for site in 0..2u64 {
                 self.dropout_key.seed_branch(mb, global, site, tp_rank);
+                if let Some(shard) = self.seq_shard {
+                    let leaf = x.clone().detach().require_grad();
+                    let normed = if site == 0 {
+                        block.attn_norm.forward(leaf.clone())
+                    } else {
+                        block.mlp_norm.forward(leaf.clone())
+                    };
+                    let gathered = shard.gather(normed.clone().detach(), tp)?.require_grad();
+                    let partial = if site == 0 {
+                        block.attn.forward(gathered.clone())
+                    } else {
+                        block.mlp.forward(gathered.clone())
+                    };
+                    let reduced = shard.scatter(partial.clone().detach(), tp)?;
+                    let [rb, _, rd] = reduced.dims();
+                    let mask = self.keyed_rows_mask(mb, global, site + 1, [rb, s, rd], prob);
+                    x = match &mask {
+                        Some(m) => x + reduced * m.clone(),
+                        None => x + reduced,
+                    };
+                    pieces.push(Piece::SeqBranch {
+                        leaf,
+                        normed,
+                        gathered,
+                        partial,
+                        mask,
+                    });
+                    continue;
+                }
                 let (partial, piece) = match (self.recompute, site) {
                     (Recompute::Full, _) => {
                         // On the plain device: autodiff would record a graph (freed only at
@@ -525,6 +656,11 @@ impl Segment {
             })?;
             let leaf = x.detach().require_grad();
             let h = norm.forward(leaf.clone());
+            // Under sequence parallelism the softmax takes the whole sequence's rows.
+            let gathered = match self.seq_shard {
+                Some(shard) => Some(shard.gather(h.clone().detach(), tp)?.require_grad()),
+                None => None,
+            };
             let table = match (&self.chunk.head, &self.chunk.embed) {
                 (Some(head), _) => head.val(),
                 (None, Some(embed)) => embed.items.weight.val(),
@@ -536,14 +672,22 @@ impl Segment {
                 }
             };
             let (loss_sum, targets, surrogate) = tied_softmax_surrogate(
-                h,
+                gathered.clone().unwrap_or_else(|| h.clone()),
                 &batch.targets,
                 table,
                 self.vocab_first,
                 grad_scale,
                 &mut TpReducer(tp),
             )?;
-            pieces.push(Piece::Head { leaf, surrogate });
+            pieces.push(match gathered {
+                Some(gathered) => Piece::SeqHead {
+                    leaf,
+                    h,
+                    gathered,
+                    surrogate,
+                },
+                None => Piece::Head { leaf, surrogate },
+            });
             ForwardOutput::Loss { loss_sum, targets }
         } else {
             ForwardOutput::Activations(host(x))
@@ -589,6 +733,7 @@ impl Segment {
         if let Some(values) = grad_output {
             let dims = match pieces.last() {
                 Some(Piece::Branch { leaf, .. })
+                | Some(Piece::SeqBranch { leaf, .. })
                 | Some(Piece::EmbedFinish { leaf, .. })
                 | Some(Piece::SelectiveAttention { leaf, .. })
                 | Some(Piece::Recomputed { input: leaf, .. }) => leaf.dims(),
@@ -630,6 +775,54 @@ impl Segment {
                     let g = upstream(g, self.model_chunk)?;
                     Some(self.branch_backward(&leaf, partial, g, mask, tp)?)
                 }
+                Piece::SeqBranch {
+                    leaf,
+                    normed,
+                    gathered,
+                    partial,
+                    mask,
+                } => {
+                    let g = upstream(g, self.model_chunk)?;
+                    let shard = self.seq_shard.ok_or_else(|| {
+                        ParallelError::Step("a sequence-parallel piece without a shard".into())
+                    })?;
+                    // The reduce-scatter's backward is an all-gather.
+                    let g_whole = shard.gather(masked(&g, mask), tp)?;
+                    let grads = (partial * g_whole).sum().backward();
+                    accumulate_grads(&self.chunk, &grads, &mut self.grads);
+                    // The all-gather's backward: this rank's rows of the TP sum.
+                    let d_normed = match gathered.grad(&grads) {
+                        Some(d) => shard.scatter(d, tp)?,
+                        None => normed.zeros_like(),
+                    };
+                    let grads = (normed * d_normed).sum().backward();
+                    accumulate_grads(&self.chunk, &grads, &mut self.grads);
+                    let dx = leaf.grad(&grads).unwrap_or_else(|| g.zeros_like());
+                    Some(g + dx)
+                }
+                Piece::SeqHead {
+                    leaf,
+                    h,
+                    gathered,
+                    surrogate,
+                } => match surrogate {
+                    Some(surrogate) => {
+                        let shard = self.seq_shard.ok_or_else(|| {
+                            ParallelError::Step("a sequence-parallel piece without a shard".into())
+                        })?;
+                        let grads = surrogate.backward();
+                        accumulate_grads(&self.chunk, &grads, &mut self.grads);
+                        // The softmax's `h` gradient is whole on every rank: keep our rows.
+                        let d_h = gathered
+                            .grad(&grads)
+                            .map(|d| shard.rows(d))
+                            .unwrap_or_else(|| h.zeros_like().without_autodiff());
+                        let grads = (h * d_h).sum().backward();
+                        accumulate_grads(&self.chunk, &grads, &mut self.grads);
+                        leaf.grad(&grads)
+                    }
+                    None => Some(leaf.zeros_like().without_autodiff()),
+                },
                 Piece::Recomputed {
                     input,
                     block,
@@ -698,7 +891,10 @@ impl Segment {
                     Some(leaf.grad(&grads).unwrap_or(g))
                 }
                 Piece::EmbedLookup { partial } => {
-                    let g = upstream(g, self.model_chunk)?;
+                    let mut g = upstream(g, self.model_chunk)?;
+                    if let Some(shard) = self.seq_shard {
+                        g = shard.gather(g, tp)?;
+                    }
                     let grads = (partial * g).sum().backward();
                     accumulate_grads(&self.chunk, &grads, &mut self.grads);
                     None
@@ -755,6 +951,28 @@ fn masked(g: &Tensor<3>, mask: Option<Tensor<3>>) -> Tensor<3> {
 }
 
 impl Segment {
+    /// The keyed dropout mask of a site for the whole sequence (`dims`), cut to this
+    /// rank's rows under sequence parallelism: the same mask as without it.
+    fn keyed_rows_mask(
+        &self,
+        mb: usize,
+        block: usize,
+        site: u64,
+        dims: [usize; 3],
+        prob: f64,
+    ) -> Option<Tensor<3>> {
+        let mask = keyed_mask(
+            self.dropout_key.stream(mb, block, site),
+            dims,
+            prob,
+            &self.device,
+        )?;
+        Some(match self.seq_shard {
+            Some(shard) => shard.rows(mask),
+            None => mask,
+        })
+    }
+
     /// Backward through a branch's graph (`leaf` -> `partial`) given the residual stream's
     /// gradient `g`: accumulates the parameter gradients and returns `g` plus the branch's
     /// input gradient, summed over the TP group.

@@ -310,3 +310,82 @@ fn recomputation_keeps_gradients_exact() {
         );
     }
 }
+
+/// Sequence parallelism (norms, dropout and the residual stream split along the sequence,
+/// reduce-scatter + all-gather instead of each TP all-reduce) gives one device's step on
+/// TP layouts with PP, DP and ZeRO, and with dropout on the very step TP gives without it.
+#[test]
+fn sequence_parallelism_matches_one_device() {
+    let config = config();
+    let want = reference(&config);
+    let sp = |mesh: Mesh, v: usize| {
+        Layout::uniform(mesh, v, config.n_layers)
+            .unwrap()
+            .with_sequence_parallel(true)
+    };
+    let settings = StepSettings::default();
+    check_layout_with(
+        &config,
+        &want,
+        &sp(Mesh::new(1, 2, 1).unwrap(), 1),
+        ScheduleKind::GPipe,
+        2,
+        settings.clone(),
+    );
+    check_layout_with(
+        &config,
+        &want,
+        &sp(Mesh::new(1, 4, 1).unwrap(), 1),
+        ScheduleKind::GPipe,
+        1,
+        settings.clone(),
+    );
+    check_layout_with(
+        &config,
+        &want,
+        &sp(Mesh::new(1, 2, 2).unwrap(), 1),
+        ScheduleKind::OneFOneB,
+        2,
+        settings.clone(),
+    );
+    let mut zero = settings;
+    zero.dp.zero = meshrec_pipeline::ZeroStage::Gradients;
+    check_layout_with(
+        &config,
+        &want,
+        &sp(Mesh::new(2, 2, 1).unwrap(), 1),
+        ScheduleKind::OneFOneB,
+        2,
+        zero,
+    );
+    // Dropout on: the masks of the sequence-parallel step are the TP step's rows.
+    let mut config = config;
+    config.dropout = 0.3;
+    let dropout = StepSettings {
+        dropout: true,
+        ..StepSettings::default()
+    };
+    let grads = |layout: &Layout| {
+        let outcomes = run_layout(
+            &config,
+            &want.initial,
+            layout,
+            ScheduleKind::OneFOneB,
+            2,
+            dropout.clone(),
+        );
+        let states: Vec<RankState> = outcomes.into_iter().map(|o| o.grads).collect();
+        unshard(&want.grads.shapes, &states, &layout.mesh).unwrap()
+    };
+    let tp = Layout::uniform(Mesh::new(1, 2, 2).unwrap(), 1, config.n_layers).unwrap();
+    let (path, err) = worst_deviation(
+        &grads(&tp),
+        &grads(&tp.clone().with_sequence_parallel(true)),
+        1e-6,
+    )
+    .unwrap();
+    assert!(
+        err < TOLERANCE,
+        "sequence parallelism with dropout: `{path}` off by {err:e}"
+    );
+}

@@ -25,7 +25,7 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
-fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+pub(crate) fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
         message: message.into(),
@@ -206,6 +206,10 @@ pub struct ParallelSection {
     /// `local` (one thread per device in this process) or `mpi` (one process per device,
     /// launched by `mpirun`).
     pub comm: String,
+    /// Megatron's sequence parallelism inside each TP group: norms, dropout and the
+    /// residual stream split along the sequence (which `tp` must divide), each TP
+    /// all-reduce a reduce-scatter plus an all-gather.
+    pub sequence_parallel: bool,
 }
 
 impl Default for ParallelSection {
@@ -218,6 +222,7 @@ impl Default for ParallelSection {
             schedule: "1f1b".into(),
             virtual_stages: 1,
             comm: "local".into(),
+            sequence_parallel: false,
         }
     }
 }
@@ -722,7 +727,13 @@ impl RunConfig {
                 ),
             ));
         }
-        t.recompute()?;
+        if p.sequence_parallel && p.tp > 1 && t.recompute()? != Recompute::None {
+            return Err(invalid(
+                "parallel.sequence_parallel",
+                "does not combine with train.recompute yet: the recomputed branches run on the \
+                 whole sequence; set train.recompute = \"none\" or turn sequence parallelism off",
+            ));
+        }
         let mode = self.dp.mode()?;
         let method = self.compress.method_config()?;
         self.compress.validate_dgc(&method, p.dp, t.beta1)?;

@@ -34,5 +34,10 @@ pub fn sim_spec(
     spec.blocks_per_stage = Some(layout.partition);
     spec.balance = false;
     spec.profile = profile;
+    spec.zero = config.dp.zero_stage()?;
+    spec.activations = meshrec_balance::ActivationPolicy {
+        recompute: config.train.recompute()?,
+        sequence_parallel: p.sequence_parallel,
+    };
     Ok(spec)
 }

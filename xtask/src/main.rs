@@ -574,6 +574,13 @@ fn ci() -> Result<()> {
         &["parallel.tp=2", "parallel.pp=2", "parallel.micro_batches=2"],
     ))?;
     summary_of("tp2pp2")?;
+    // Sequence parallelism: reduce-scatter and all-gather over MPI inside the TP group.
+    run(&mut mpi_train(
+        "2",
+        "tp2-sp",
+        &["parallel.tp=2", "parallel.sequence_parallel=true"],
+    ))?;
+    summary_of("tp2-sp")?;
     // A finished run's curves and summary, read back from its files.
     run(Command::new(&meshrec).arg("report").arg(out.join("tp2pp2")))?;
     for picture in ["curves.svg", "curves.png"] {

@@ -13,7 +13,7 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use meshrec_balance::ModelShape;
+use meshrec_balance::{ActivationPolicy, ModelShape};
 use meshrec_pipeline::{Recompute, ZeroStage};
 use serde_json::{json, Value};
 
@@ -193,7 +193,11 @@ pub fn bench() -> Result<()> {
             counted: counted(&summary, &name)?,
             formula: [state.param, state.grad, state.optimizer],
             heap_step_bytes: heap,
-            activation_formula_bytes: shape.model_activation_bytes(1, recompute, tokens),
+            activation_formula_bytes: shape.model_activation_bytes(
+                1,
+                ActivationPolicy::recompute(recompute),
+                tokens,
+            ),
             step_ms,
             max_param_rel_diff_vs_plain: diff,
         });

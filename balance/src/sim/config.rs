@@ -8,7 +8,7 @@ use crate::cluster::Cluster;
 use crate::cost::CostProfile;
 use crate::error::BalanceError;
 use crate::partition::Partition;
-use crate::shape::ModelShape;
+use crate::shape::{ActivationPolicy, ModelShape};
 use crate::sim::compression::Compression;
 
 /// What to simulate.
@@ -35,6 +35,9 @@ pub struct SimConfig {
     /// Activation recomputation in every block.
     #[serde(default)]
     pub recompute: Recompute,
+    /// Sequence parallelism inside each TP group (no effect with `tp == 1`).
+    #[serde(default)]
+    pub sequence_parallel: bool,
     /// DP bucket size in bytes (DDP: 25 MB).
     pub bucket_bytes: u64,
     /// Adaptive balancing: partition layers by the partitioner (device speeds, memory,
@@ -77,6 +80,7 @@ impl SimConfig {
             compression: Compression::none(),
             zero: ZeroStage::Off,
             recompute: Recompute::None,
+            sequence_parallel: false,
             bucket_bytes: 25_000_000,
             balance: true,
             partition: None,
@@ -106,7 +110,7 @@ impl SimConfig {
     /// stage where one is on).
     pub fn label(&self) -> String {
         format!(
-            "{}{} {} m{} {} {}{}{}",
+            "{}{} {} m{} {} {}{}{}{}",
             self.mesh,
             if self.reverse_stages { " rev" } else { "" },
             self.schedule,
@@ -122,8 +126,21 @@ impl SimConfig {
                 String::new()
             } else {
                 format!(" recompute-{}", self.recompute)
+            },
+            if self.activation_policy().sequence_parallel {
+                " sp"
+            } else {
+                ""
             }
         )
+    }
+
+    /// What blocks keep for backward under this configuration.
+    pub fn activation_policy(&self) -> ActivationPolicy {
+        ActivationPolicy {
+            recompute: self.recompute,
+            sequence_parallel: self.sequence_parallel && self.mesh.tp > 1,
+        }
     }
 
     /// The ZeRO stage in effect: none with one replica or outside sync DP.

@@ -6,7 +6,6 @@ use std::collections::HashMap;
 
 use meshrec_comm::cost as link;
 use meshrec_comm::cost::{LinkClass, LinkKind};
-use meshrec_pipeline::Recompute;
 
 use crate::cluster::Cluster;
 use crate::cost::CostProfile;
@@ -14,7 +13,7 @@ use crate::device::DeviceSpec;
 use crate::error::BalanceError;
 use crate::partition::{Partition, PartitionProblem, StageSpec};
 use crate::rebalance::split_batch;
-use crate::shape::LayerKind;
+use crate::shape::{ActivationPolicy, LayerKind};
 use crate::sim::config::SimConfig;
 
 /// Per-pipeline-device constants of a simulation.
@@ -60,12 +59,12 @@ pub(crate) fn zero_state_scale(cfg: &SimConfig) -> f64 {
         / precision.state_bytes_per_param() as f64
 }
 
-/// Under the configuration's recomputation: the fraction of a block's activations kept,
-/// and the fraction of its forward that backward runs again.
+/// Under the configuration's recomputation and sequence parallelism: the fraction of a
+/// block's activations kept, and the fraction of its forward that backward runs again.
 pub(crate) fn recompute_effect(cfg: &SimConfig, tp: u32) -> (f64, f64) {
     let shape = &cfg.shape;
-    let kept = shape.block_activation_elems_per_token_under(tp, cfg.recompute)
-        / shape.block_activation_elems_per_token_under(tp, Recompute::None);
+    let kept = shape.block_activation_elems_per_token_under(tp, cfg.activation_policy())
+        / shape.block_activation_elems_per_token_under(tp, ActivationPolicy::default());
     (kept, shape.block_recompute_share(cfg.recompute))
 }
 

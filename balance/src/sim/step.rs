@@ -12,6 +12,7 @@ use meshrec_pipeline::{
 use crate::cluster::Cluster;
 use crate::device::DeviceSpec;
 use crate::error::BalanceError;
+use crate::shape::ActivationPolicy;
 use crate::sim::compression::Aggregation;
 use crate::sim::config::SimConfig;
 use crate::sim::prepare::{all_reduce_cost, zero_state_scale, Prepared};
@@ -601,9 +602,13 @@ pub(crate) fn run_step(
                 0.0
             } else {
                 let shape = &cfg.shape;
-                let dropped = shape
-                    .block_activation_elems_per_token_under(tp as u32, Recompute::None)
-                    - shape.block_activation_elems_per_token_under(tp as u32, cfg.recompute);
+                let policy = cfg.activation_policy();
+                let kept_all = ActivationPolicy {
+                    recompute: Recompute::None,
+                    ..policy
+                };
+                let dropped = shape.block_activation_elems_per_token_under(tp as u32, kept_all)
+                    - shape.block_activation_elems_per_token_under(tp as u32, policy);
                 dropped
                     * (prep.b[d] as u64 * shape.seq_len) as f64
                     * f64::from(shape.precision.activation_bytes)

@@ -268,7 +268,8 @@ impl RankModel {
         let state = self.gather_state()?;
         let layout =
             Layout::with_partition(self.layout.mesh, 1, blocks, self.model_config.n_layers)
-                .map_err(ParallelError::from)?;
+                .map_err(ParallelError::from)?
+                .with_sequence_parallel(self.layout.sequence_parallel);
         self.build(layout, &state.full(StateKind::Values))?;
         self.adopt_moments(&state)
     }

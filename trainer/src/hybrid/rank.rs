@@ -93,7 +93,17 @@ impl MeshRank {
         let p = &config.parallel;
         let mesh = Mesh::new(p.dp, p.tp, p.pp)?;
         validate_layout(&mesh, world.size(), model_config, p.virtual_stages)?;
-        let layout = Layout::uniform(mesh, p.virtual_stages, model_config.n_layers)?;
+        let layout = Layout::uniform(mesh, p.virtual_stages, model_config.n_layers)?
+            .with_sequence_parallel(p.sequence_parallel);
+        if layout.splits_sequence() && !model_config.max_len.is_multiple_of(p.tp) {
+            return Err(RunError::Config(crate::config::invalid(
+                "parallel.sequence_parallel",
+                format!(
+                    "splits the {} sequence positions over tp {}: tp must divide them",
+                    model_config.max_len, p.tp
+                ),
+            )));
+        }
         let schedule = p.schedule_spec()?.build(p.pp, p.micro_batches)?;
         let groups = Groups::new(world, mesh)?;
         let faults = ConfigFaults::new(&config.fault, groups.world.rank(), p.comm == "mpi");
