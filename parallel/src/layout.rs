@@ -310,6 +310,76 @@ impl FullState {
     }
 }
 
+/// Where TP rank `tp` of `tp_size`'s slice of a parameter of full shape `shape` sits in the
+/// full parameter: element `k` of the slice is element [`SliceMap::full_index`]`(k)` of the
+/// full tensor (row-major), and a full element is in the slice at
+/// [`SliceMap::slice_index`]. What resharding a checkpoint one saved slice at a time needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceMap {
+    split: Split,
+    /// Rows (Rows split) or columns (Cols split) of the full parameter in the slice.
+    range: Range<usize>,
+    /// Elements per row of the full parameter (Rows, Cols); its length (Replicated).
+    width: usize,
+    len: usize,
+}
+
+impl SliceMap {
+    pub fn new(split: Split, shape: &[usize], tp_size: usize, tp: usize) -> Self {
+        let len: usize = shape.iter().product();
+        let width = match split {
+            Split::Replicated => len,
+            Split::Rows => shape[1..].iter().product(),
+            Split::Cols => shape.get(1).copied().unwrap_or(1),
+        };
+        let range = split_range(split, shape, tp_size, tp).unwrap_or(0..len);
+        Self {
+            split,
+            range,
+            width,
+            len,
+        }
+    }
+
+    /// Elements in the slice.
+    pub fn slice_len(&self) -> usize {
+        match self.split {
+            Split::Replicated => self.len,
+            Split::Rows => self.range.len() * self.width,
+            Split::Cols => self.len / self.width.max(1) * self.range.len(),
+        }
+    }
+
+    pub fn full_index(&self, k: usize) -> usize {
+        match self.split {
+            Split::Replicated => k,
+            Split::Rows => self.range.start * self.width + k,
+            Split::Cols => {
+                let cols = self.range.len().max(1);
+                (k / cols) * self.width + self.range.start + k % cols
+            }
+        }
+    }
+
+    pub fn slice_index(&self, full: usize) -> Option<usize> {
+        match self.split {
+            Split::Replicated => (full < self.len).then_some(full),
+            Split::Rows => {
+                let row = full / self.width.max(1);
+                self.range
+                    .contains(&row)
+                    .then(|| full - self.range.start * self.width)
+            }
+            Split::Cols => {
+                let (row, col) = (full / self.width.max(1), full % self.width.max(1));
+                self.range
+                    .contains(&col)
+                    .then(|| row * self.range.len() + col - self.range.start)
+            }
+        }
+    }
+}
+
 fn split_range(split: Split, shape: &[usize], parts: usize, part: usize) -> Option<Range<usize>> {
     match split {
         Split::Replicated => None,
@@ -468,6 +538,30 @@ pub fn unshard(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A slice map agrees with `shard_param`: every slice element comes from the full
+    /// index it names, and maps back.
+    #[test]
+    fn slice_maps_follow_shard_param() {
+        let shape = [5usize, 6];
+        let full: Vec<f32> = (0..30).map(|x| x as f32).collect();
+        for split in [Split::Replicated, Split::Rows, Split::Cols] {
+            for tp_size in 1..4 {
+                for tp in 0..tp_size {
+                    let slice = shard_param(split, &shape, &full, tp_size, tp);
+                    let map = SliceMap::new(split, &shape, tp_size, tp);
+                    assert_eq!(map.slice_len(), slice.len(), "{split:?} {tp}/{tp_size}");
+                    for (k, v) in slice.iter().enumerate() {
+                        let f = map.full_index(k);
+                        assert_eq!(full[f], *v);
+                        assert_eq!(map.slice_index(f), Some(k));
+                    }
+                    let inside = (0..30).filter(|&f| map.slice_index(f).is_some()).count();
+                    assert_eq!(inside, slice.len());
+                }
+            }
+        }
+    }
 
     #[test]
     fn specs_map_local_blocks_and_splits() {

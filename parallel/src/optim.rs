@@ -93,6 +93,23 @@ impl RankOptimizer {
         self.chunks.first().map_or(0, |o| o.step)
     }
 
+    /// The moments this rank holds of parameter `param` of local chunk `chunk`: the range
+    /// of the parameter's (TP/PP) slice they cover (all of it without ZeRO), `m` and `v`.
+    pub fn moments_of(
+        &self,
+        chunk: usize,
+        param: usize,
+    ) -> Option<(std::ops::Range<usize>, &[f32], &[f32])> {
+        let opt = self.chunks.get(chunk)?;
+        let len = *self.sizes.get(chunk)?.get(param)?;
+        let range = if self.shards.is_some() {
+            zero_shard(len, self.dp_size, self.dp_rank)
+        } else {
+            0..len
+        };
+        Some((range, opt.m.get(param)?, opt.v.get(param)?))
+    }
+
     /// Bytes of optimizer state this rank holds (the moments' buffers).
     pub fn held_bytes(&self) -> u64 {
         self.chunks.iter().map(AdamW::held_bytes).sum()

@@ -113,6 +113,23 @@ pub struct Manifest {
     pub files: Vec<FileEntry>,
     /// The run's configuration (TOML), to check that a resume trains the same model.
     pub config: String,
+    /// A sharded checkpoint: no state file, a shard per world rank instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sharded: Option<ShardIndex>,
+}
+
+/// What a sharded checkpoint holds: each world rank's shard file (parameters and AdamW
+/// moments of the slices it held, see `checkpoint_shard`), the full shapes they slice, and
+/// the optimizer step. Any layout loads it, each rank reading the shard files one at a
+/// time and keeping only what overlaps its own slices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardIndex {
+    pub shards: Vec<String>,
+    pub shapes: BTreeMap<String, Vec<usize>>,
+    pub optimizer_steps: u64,
+    /// Blocks per pipeline chunk when saved.
+    pub partition: Vec<usize>,
 }
 
 /// Parameters and AdamW state of the full model, keyed by parameter path.
@@ -171,7 +188,7 @@ pub enum StateKind {
     AdamV,
 }
 
-fn bad(path: &Path, message: impl Into<String>) -> RunError {
+pub(crate) fn bad(path: &Path, message: impl Into<String>) -> RunError {
     RunError::Checkpoint {
         path: path.to_path_buf(),
         message: message.into(),
@@ -206,31 +223,15 @@ fn sync_dir(path: &Path) -> Result<(), RunError> {
 /// disk, so a crash at any point leaves the previous checkpoint intact.
 pub fn save(
     root: &Path,
-    mut manifest: Manifest,
+    manifest: Manifest,
     state: &TrainState,
     keep: usize,
 ) -> Result<PathBuf, RunError> {
-    std::fs::create_dir_all(root).map_err(|e| io(root, e))?;
-    let name = format!("step-{:08}", manifest.progress.step);
-    let dir = root.join(&name);
-    let tmp = root.join(format!(".{name}.tmp"));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
-    }
-    std::fs::create_dir(&tmp).map_err(|e| io(&tmp, e))?;
+    let tmp = begin_save(root, manifest.progress.step)?;
     let mut files = Vec::new();
     let state_bytes = bincode::serde::encode_to_vec(state, bincode::config::standard())
         .map_err(|e| bad(&tmp.join(STATE), e.to_string()))?;
-    let mut write = |file: &str, bytes: &[u8]| -> Result<(), RunError> {
-        write_synced(&tmp.join(file), bytes)?;
-        files.push(FileEntry {
-            name: file.to_string(),
-            bytes: bytes.len() as u64,
-            sha256: sha256_hex(bytes),
-        });
-        Ok(())
-    };
-    write(STATE, &state_bytes)?;
+    files.push(write_entry(&tmp, STATE, &state_bytes)?);
     if let Some(c) = &manifest.compressor {
         if c.files.len() != state.compressor.len() {
             return Err(bad(
@@ -243,9 +244,54 @@ pub fn save(
             ));
         }
         for (file, bytes) in c.files.iter().zip(&state.compressor) {
-            write(file, bytes)?;
+            files.push(write_entry(&tmp, file, bytes)?);
         }
     }
+    finish_save(root, manifest, files, keep)
+}
+
+/// The temporary folder a checkpoint of `step` is written into (created empty; a stale one
+/// from a crash is removed).
+pub fn begin_save(root: &Path, step: u64) -> Result<PathBuf, RunError> {
+    std::fs::create_dir_all(root).map_err(|e| io(root, e))?;
+    let tmp = tmp_dir(root, step);
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
+    }
+    std::fs::create_dir(&tmp).map_err(|e| io(&tmp, e))?;
+    Ok(tmp)
+}
+
+/// Where the checkpoint of `step` is written before it is complete.
+pub fn tmp_dir(root: &Path, step: u64) -> PathBuf {
+    root.join(format!(".{}.tmp", step_name(step)))
+}
+
+fn step_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+/// Writes `bytes` as `dir/name`, synced, and describes it for the manifest.
+pub fn write_entry(dir: &Path, name: &str, bytes: &[u8]) -> Result<FileEntry, RunError> {
+    write_synced(&dir.join(name), bytes)?;
+    Ok(FileEntry {
+        name: name.to_string(),
+        bytes: bytes.len() as u64,
+        sha256: sha256_hex(bytes),
+    })
+}
+
+/// Completes the checkpoint whose files are in [`begin_save`]'s folder: the manifest, the
+/// rename to its final name, `latest`, and pruning to the newest `keep`.
+pub fn finish_save(
+    root: &Path,
+    mut manifest: Manifest,
+    files: Vec<FileEntry>,
+    keep: usize,
+) -> Result<PathBuf, RunError> {
+    let name = step_name(manifest.progress.step);
+    let dir = root.join(&name);
+    let tmp = tmp_dir(root, manifest.progress.step);
     manifest.files = files;
     let text = serde_json::to_string_pretty(&manifest).map_err(|e| bad(&tmp, e.to_string()))?;
     write_synced(&tmp.join(MANIFEST), text.as_bytes())?;
@@ -309,9 +355,20 @@ pub fn resolve(path: &Path) -> Result<PathBuf, RunError> {
 }
 
 /// Reads and verifies a checkpoint: manifest format and version, every listed file's size
-/// and SHA-256, then the state. A corrupted or truncated checkpoint is an error naming the
-/// file and what is wrong.
+/// and SHA-256, then the state (a sharded checkpoint's shards assembled into the whole
+/// state: for tools such as `meshrec diff`; a resume reads shards rank by rank). A
+/// corrupted or truncated checkpoint is an error naming the file and what is wrong.
 pub fn load(path: &Path) -> Result<(PathBuf, Manifest, TrainState), RunError> {
+    let (dir, manifest) = load_manifest(path)?;
+    let state = match &manifest.sharded {
+        Some(index) => crate::checkpoint_shard::assemble(&dir, &manifest, index)?,
+        None => load_state(&dir, &manifest)?,
+    };
+    Ok((dir, manifest, state))
+}
+
+/// The checkpoint folder `path` names and its manifest, format and version checked.
+pub fn load_manifest(path: &Path) -> Result<(PathBuf, Manifest), RunError> {
     let dir = resolve(path)?;
     let manifest_path = dir.join(MANIFEST);
     let text = std::fs::read_to_string(&manifest_path).map_err(|e| io(&manifest_path, e))?;
@@ -326,27 +383,47 @@ pub fn load(path: &Path) -> Result<(PathBuf, Manifest, TrainState), RunError> {
             ),
         ));
     }
+    Ok((dir, manifest))
+}
+
+/// Reads file `name` of the checkpoint in `dir`, checked against its manifest entry (size
+/// and SHA-256).
+pub fn read_verified(dir: &Path, manifest: &Manifest, name: &str) -> Result<Vec<u8>, RunError> {
+    let entry = manifest
+        .files
+        .iter()
+        .find(|f| f.name == name)
+        .ok_or_else(|| bad(&dir.join(MANIFEST), format!("lists no `{name}`")))?;
+    let file = dir.join(name);
+    let bytes = std::fs::read(&file).map_err(|e| io(&file, e))?;
+    if bytes.len() as u64 != entry.bytes {
+        return Err(bad(
+            &file,
+            format!(
+                "{} bytes where the manifest lists {} (truncated or overwritten)",
+                bytes.len(),
+                entry.bytes
+            ),
+        ));
+    }
+    if sha256_hex(&bytes) != entry.sha256 {
+        return Err(bad(
+            &file,
+            "SHA-256 differs from the manifest's: the file is corrupted",
+        ));
+    }
+    Ok(bytes)
+}
+
+/// The whole state of an unsharded checkpoint, every listed file verified.
+pub fn load_state(dir: &Path, manifest: &Manifest) -> Result<TrainState, RunError> {
+    let manifest_path = dir.join(MANIFEST);
     let mut contents = BTreeMap::new();
     for entry in &manifest.files {
-        let file = dir.join(&entry.name);
-        let bytes = std::fs::read(&file).map_err(|e| io(&file, e))?;
-        if bytes.len() as u64 != entry.bytes {
-            return Err(bad(
-                &file,
-                format!(
-                    "{} bytes where the manifest lists {} (truncated or overwritten)",
-                    bytes.len(),
-                    entry.bytes
-                ),
-            ));
-        }
-        if sha256_hex(&bytes) != entry.sha256 {
-            return Err(bad(
-                &file,
-                "SHA-256 differs from the manifest's: the file is corrupted",
-            ));
-        }
-        contents.insert(entry.name.clone(), bytes);
+        contents.insert(
+            entry.name.clone(),
+            read_verified(dir, manifest, &entry.name)?,
+        );
     }
     let state_path = dir.join(STATE);
     let state_bytes = contents
@@ -384,7 +461,7 @@ pub fn load(path: &Path) -> Result<(PathBuf, Manifest, TrainState), RunError> {
             state.compressor.push(bytes);
         }
     }
-    Ok((dir, manifest, state))
+    Ok(state)
 }
 
 /// The keys of `[model]`, `[data]` and the data-order and optimizer keys of `[train]` must
@@ -554,6 +631,7 @@ mod tests {
             }),
             files: Vec::new(),
             config: String::new(),
+            sharded: None,
         }
     }
 

@@ -19,6 +19,7 @@ pub struct CheckpointPolicy {
     rng: RngState,
     compressor: Option<SavedCompressor>,
     config_text: String,
+    sharded: bool,
 }
 
 /// The layout a run's checkpoints record.
@@ -55,6 +56,7 @@ impl CheckpointPolicy {
                     .collect(),
             }),
             config_text: toml::to_string(config).unwrap_or_default(),
+            sharded: config.checkpoint.sharded,
         })
     }
 
@@ -71,13 +73,11 @@ impl CheckpointPolicy {
             && progress.batch_in_epoch != batches_per_epoch
     }
 
-    /// Saves the training state at `progress`. Collective on a mesh: every rank calls it,
-    /// the leader writes.
+    /// Saves the training state at `progress`. Collective on a mesh: every rank calls it;
+    /// the leader writes the gathered state, or (sharded) every rank writes its own shard
+    /// and the leader the manifest.
     pub fn save(&self, stepper: &mut dyn Stepper, progress: &Progress) -> Result<(), RunError> {
-        let Some(state) = stepper.export_state()? else {
-            return Ok(());
-        };
-        let manifest = Manifest {
+        let mut manifest = Manifest {
             format: checkpoint::FORMAT.into(),
             version: checkpoint::VERSION,
             layout: self.layout.clone(),
@@ -86,8 +86,25 @@ impl CheckpointPolicy {
             compressor: self.compressor.clone(),
             files: Vec::new(),
             config: self.config_text.clone(),
+            sharded: None,
         };
-        let dir = checkpoint::save(&self.root, manifest, &state, self.keep)?;
+        let dir = if self.sharded {
+            let tmp = checkpoint::tmp_dir(&self.root, progress.step);
+            if stepper.is_leader() {
+                checkpoint::begin_save(&self.root, progress.step)?;
+            }
+            let Some((files, index)) = stepper.write_shards(&tmp, self.compressor.is_some())?
+            else {
+                return Ok(());
+            };
+            manifest.sharded = Some(index);
+            checkpoint::finish_save(&self.root, manifest, files, self.keep)?
+        } else {
+            let Some(state) = stepper.export_state()? else {
+                return Ok(());
+            };
+            checkpoint::save(&self.root, manifest, &state, self.keep)?
+        };
         tracing::debug!(dir = %dir.display(), "checkpoint saved");
         Ok(())
     }
@@ -101,7 +118,7 @@ impl CheckpointPolicy {
         config: &RunConfig,
         stepper: &mut dyn Stepper,
     ) -> Result<Progress, RunError> {
-        let (dir, manifest, state) = checkpoint::load(path)?;
+        let (dir, manifest) = checkpoint::load_manifest(path)?;
         checkpoint::check_compatible(&manifest.config, config).map_err(|key| {
             RunError::Checkpoint {
                 path: dir.clone(),
@@ -111,7 +128,13 @@ impl CheckpointPolicy {
             }
         })?;
         let same_layout = manifest.layout == self.layout;
-        stepper.import_state(&state, same_layout)?;
+        match &manifest.sharded {
+            Some(index) => stepper.import_shards(&dir, &manifest, index, same_layout)?,
+            None => {
+                let state = checkpoint::load_state(&dir, &manifest)?;
+                stepper.import_state(&state, same_layout)?;
+            }
+        }
         if stepper.is_leader() {
             let l = &manifest.layout;
             tracing::info!(

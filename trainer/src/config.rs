@@ -504,6 +504,10 @@ pub struct CheckpointSection {
     pub every_steps: u64,
     /// Checkpoints kept (the oldest are deleted once a newer one is complete).
     pub keep: usize,
+    /// Each rank writes its own shard (its slices of the parameters and the moments it
+    /// holds) instead of one rank writing the gathered state; any layout loads it, rank by
+    /// rank, without holding the whole model. Runs on the mesh executor.
+    pub sharded: bool,
 }
 
 impl Default for CheckpointSection {
@@ -511,6 +515,7 @@ impl Default for CheckpointSection {
         Self {
             every_steps: 0,
             keep: 2,
+            sharded: false,
         }
     }
 }
@@ -606,10 +611,10 @@ fn parse_value(text: &str) -> toml::Value {
 
 impl RunConfig {
     /// Whether the run needs the mesh executor (segments, graph cuts) rather than the plain
-    /// one-device step: several ranks, or recomputation, which the executor's graph cuts
-    /// carry out.
+    /// one-device step: several ranks, recomputation (which the executor's graph cuts
+    /// carry out), or sharded checkpoints (written per rank).
     pub fn uses_mesh_executor(&self) -> bool {
-        self.parallel.world_size() > 1 || self.train.recompute != "none"
+        self.parallel.world_size() > 1 || self.train.recompute != "none" || self.checkpoint.sharded
     }
 
     /// Reads `path` (if any), applies the overrides, and checks every value.

@@ -15,6 +15,7 @@
 
 pub mod checkpoint;
 pub mod checkpoint_policy;
+pub mod checkpoint_shard;
 pub mod config;
 pub mod early_stop;
 pub mod error;

@@ -6,7 +6,10 @@ use meshrec_model::Recommender;
 use meshrec_parallel::dp::DpTraffic;
 use serde::Serialize;
 
-use crate::checkpoint::TrainState;
+use std::path::Path;
+
+use crate::checkpoint::{write_entry, FileEntry, Manifest, ShardIndex, TrainState};
+use crate::checkpoint_shard::{assemble, shard_file, RankShard};
 use crate::error::RunError;
 
 /// What the training loop needs from whatever runs the steps: one device, or one rank of a
@@ -24,6 +27,46 @@ pub trait Stepper {
     fn export_state(&mut self) -> Result<Option<TrainState>, RunError>;
     /// Takes up a saved state; compressor memories only when `same_layout`.
     fn import_state(&mut self, state: &TrainState, same_layout: bool) -> Result<(), RunError>;
+
+    /// Writes this rank's shard of the training state (and, `with_compressor`, its
+    /// compressor memories) into the checkpoint folder `tmp` being written; the leader gets
+    /// every rank's files and the index. Collective. One device writes its whole state as
+    /// the one shard.
+    fn write_shards(
+        &mut self,
+        tmp: &Path,
+        with_compressor: bool,
+    ) -> Result<Option<(Vec<FileEntry>, ShardIndex)>, RunError> {
+        let _ = with_compressor;
+        let Some(state) = self.export_state()? else {
+            return Ok(None);
+        };
+        let shard = RankShard::whole(&state);
+        let bytes = shard
+            .to_bytes()
+            .map_err(|e| crate::checkpoint::bad(&tmp.join(shard_file(0)), e))?;
+        let files = vec![write_entry(tmp, &shard_file(0), &bytes)?];
+        let index = ShardIndex {
+            shards: vec![shard_file(0)],
+            shapes: state.shapes.clone(),
+            optimizer_steps: state.optimizer_steps,
+            partition: state.partition.clone(),
+        };
+        Ok(Some((files, index)))
+    }
+
+    /// Takes up a sharded checkpoint's state. One device assembles the whole state (it
+    /// holds all of it anyway); a mesh rank reads only what overlaps its slices.
+    fn import_shards(
+        &mut self,
+        dir: &Path,
+        manifest: &Manifest,
+        index: &ShardIndex,
+        same_layout: bool,
+    ) -> Result<(), RunError> {
+        let state = assemble(dir, manifest, index)?;
+        self.import_state(&state, same_layout)
+    }
 }
 
 /// One optimizer step's outcome.

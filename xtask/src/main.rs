@@ -603,14 +603,16 @@ fn ci() -> Result<()> {
     ))?;
     summary_of("dp2")?;
     // The memory savers across processes: ZeRO-2 (gradients reduce-scattered, AdamW
-    // sharded, parameters all-gathered over MPI) with selective recomputation on dp2·pp2,
-    // equal to the same run on the local engine, each rank holding half the gradients.
+    // sharded, parameters all-gathered over MPI) with selective recomputation and sharded
+    // checkpoints (each process writes its own shard) on dp2·pp2, equal to the same run on
+    // the local engine, each rank holding half the gradients.
     let savers = [
         "parallel.dp=2",
         "parallel.pp=2",
         "parallel.micro_batches=2",
         "dp.zero=2",
         "train.recompute=\"selective\"",
+        "checkpoint.sharded=true",
     ];
     run(&mut mpi_train("4", "zero2-mpi", &savers))?;
     summary_of("zero2-mpi")?;

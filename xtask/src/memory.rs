@@ -30,12 +30,11 @@ const KINDS: [&str; 3] = ["param_bytes", "grad_bytes", "optimizer_bytes"];
 
 /// One run of the bench.
 struct Row {
-    dp: usize,
-    zero: ZeroStage,
-    recompute: Recompute,
+    case: Case,
     /// Per kind, the most any rank held after an update (counted).
     counted: [f64; 3],
-    formula: [f64; 3],
+    /// `None` where `balance::shape` has no per-rank formula (TP shares).
+    formula: Option<[f64; 3]>,
     /// The most the process's heap grew within a step (measured), and the activations the
     /// formula says one micro-batch keeps.
     heap_step_bytes: f64,
@@ -45,9 +44,55 @@ struct Row {
     max_param_rel_diff_vs_plain: f64,
 }
 
-impl Row {
+/// One configuration of the bench.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Case {
+    dp: usize,
+    tp: usize,
+    zero: ZeroStage,
+    activations: ActivationPolicy,
+}
+
+impl Case {
     fn layout(&self) -> String {
-        format!("dp{}", self.dp)
+        format!("dp{}·tp{}", self.dp, self.tp)
+    }
+
+    fn name(&self) -> String {
+        format!(
+            "dp{}-tp{}-{}-recompute-{}{}",
+            self.dp,
+            self.tp,
+            self.zero,
+            self.activations.recompute,
+            if self.activations.sequence_parallel {
+                "-sp"
+            } else {
+                ""
+            }
+        )
+    }
+
+    /// The same layout with nothing saved: what this case is measured against.
+    fn plain(&self) -> Self {
+        Self {
+            zero: ZeroStage::Off,
+            activations: ActivationPolicy::default(),
+            ..*self
+        }
+    }
+
+    fn sets(&self) -> Vec<String> {
+        vec![
+            format!("parallel.dp={}", self.dp),
+            format!("parallel.tp={}", self.tp),
+            format!("dp.zero={}", self.zero.number()),
+            format!("train.recompute=\"{}\"", self.activations.recompute),
+            format!(
+                "parallel.sequence_parallel={}",
+                self.activations.sequence_parallel
+            ),
+        ]
     }
 }
 
@@ -137,35 +182,41 @@ fn train(runs: &Path, name: &str, sets: &[String]) -> Result<(Value, Vec<Value>)
 
 pub fn bench() -> Result<()> {
     let runs = bench_dir().join("memory-runs");
-    let mut cases: Vec<(usize, ZeroStage, Recompute)> = Vec::new();
+    let case = |dp, tp, zero, recompute, sequence_parallel| Case {
+        dp,
+        tp,
+        zero,
+        activations: ActivationPolicy {
+            recompute,
+            sequence_parallel,
+        },
+    };
+    let mut cases = Vec::new();
     for dp in [2usize, 4] {
         for zero in [ZeroStage::Off, ZeroStage::Optimizer, ZeroStage::Gradients] {
-            cases.push((dp, zero, Recompute::None));
+            cases.push(case(dp, 1, zero, Recompute::None, false));
         }
     }
     // Recomputation against the dp 2 row that keeps everything (the mesh executor, as
-    // recomputation needs).
+    // recomputation needs); sequence parallelism against tp 2 without it.
     for recompute in [Recompute::Selective, Recompute::Full] {
-        cases.push((2, ZeroStage::Off, recompute));
+        cases.push(case(2, 1, ZeroStage::Off, recompute, false));
     }
+    cases.push(case(1, 2, ZeroStage::Off, Recompute::None, false));
+    cases.push(case(1, 2, ZeroStage::Off, Recompute::None, true));
     let mut rows: Vec<Row> = Vec::new();
-    for (dp, zero, recompute) in cases {
-        let name = format!("dp{dp}-{zero}-recompute-{recompute}");
-        let (summary, lines) = train(
-            &runs,
-            &name,
-            &[
-                format!("parallel.dp={dp}"),
-                format!("dp.zero={}", zero.number()),
-                format!("train.recompute=\"{recompute}\""),
-            ],
-        )?;
+    for case in cases {
+        let name = case.name();
+        let (summary, lines) = train(&runs, &name, &case.sets())?;
         let shape: ModelShape = serde_json::from_value(summary["shape"].clone())
             .with_context(|| format!("{name}: summary.json has no model shape"))?;
         let params = summary["params"]
             .as_u64()
             .with_context(|| format!("{name}: summary.json has no params"))?;
-        let state = shape.precision.rank_state_bytes(params, dp, zero);
+        // The formulas hold a DP rank's whole replica; a TP rank holds a share that
+        // `balance::shape` does not split per parameter, so TP rows report counts only.
+        let state = shape.precision.rank_state_bytes(params, case.dp, case.zero);
+        let formula = (case.tp == 1).then_some([state.param, state.grad, state.optimizer]);
         let config_batch = batch_size(&runs.join(&name))?;
         let step_ms = median_after_warmup(&lines, "samples_per_s", |l| {
             l["samples_per_s"]
@@ -175,29 +226,23 @@ pub fn bench() -> Result<()> {
         let heap = median_after_warmup(&lines, "heap_step_peak_bytes", |l| {
             l["heap_step_peak_bytes"].as_f64()
         })?;
-        let tokens = config_batch / dp as f64 * shape.seq_len as f64;
-        let plain = rows
-            .iter()
-            .find(|r| r.dp == dp && r.zero == ZeroStage::Off && r.recompute == Recompute::None);
-        let diff = match plain {
-            Some(p) if p.zero != zero || p.recompute != recompute => diff(
-                &runs.join(format!("dp{}-{}-recompute-{}", p.dp, p.zero, p.recompute)),
-                &runs.join(&name),
-            )?,
-            _ => 0.0,
+        let tokens = config_batch / case.dp as f64 * shape.seq_len as f64;
+        let plain = case.plain();
+        let diff = if plain == case {
+            0.0
+        } else {
+            diff(&runs.join(plain.name()), &runs.join(&name))?
         };
         rows.push(Row {
-            dp,
-            zero,
-            recompute,
+            case,
             counted: counted(&summary, &name)?,
-            formula: [state.param, state.grad, state.optimizer],
+            formula,
             heap_step_bytes: heap,
             activation_formula_bytes: shape.model_activation_bytes(
-                1,
-                ActivationPolicy::recompute(recompute),
+                case.tp as u32,
+                case.activations,
                 tokens,
-            ),
+            ) * (case.dp * case.tp) as f64,
             step_ms,
             max_param_rel_diff_vs_plain: diff,
         });
@@ -231,28 +276,29 @@ fn report(rows: &[Row]) -> Result<()> {
          rank in the process), median over the steps after 3 warm-up steps; the activation formula counts \
          only the stash the paper counts. Step time: median after the warm-up. All rows come from one \
          invocation.\n\n\
-         | layout | zero | recompute | params MB (counted / formula) | grads MB | AdamW MB | heap per step MB | activation formula MB | step ms | step cost | max param rel diff vs plain | targets |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         | layout | zero | recompute | sequence parallel | params MB (counted / formula) | grads MB | AdamW MB | heap per step MB | activation formula MB (all ranks) | step ms | step cost | max param rel diff vs plain | targets |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut json_rows = Vec::new();
     for r in rows {
-        let plain = rows
-            .iter()
-            .find(|p| p.dp == r.dp && p.zero == ZeroStage::Off && p.recompute == Recompute::None);
+        let c = &r.case;
+        let plain = rows.iter().find(|p| p.case == c.plain());
         let cost = plain.map_or(f64::NAN, |p| r.step_ms / p.step_ms - 1.0);
         let heap_saved = plain.map_or(f64::NAN, |p| 1.0 - r.heap_step_bytes / p.heap_step_bytes);
-        let within = r
-            .counted
-            .iter()
-            .zip(&r.formula)
-            .all(|(c, f)| (c - f).abs() / f <= 0.01);
+        let within = r.formula.map(|f| {
+            r.counted
+                .iter()
+                .zip(&f)
+                .all(|(c, f)| (c - f).abs() / f <= 0.01)
+        });
         let exact = r.max_param_rel_diff_vs_plain <= 1e-6;
         let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
-        let mut targets = vec![
-            format!("bytes within 1%: {}", verdict(within)),
-            format!("params within 1e-6: {}", verdict(exact)),
-        ];
-        let bar = match (r.zero, r.recompute) {
+        let mut targets = Vec::new();
+        if let Some(within) = within {
+            targets.push(format!("bytes within 1%: {}", verdict(within)));
+        }
+        targets.push(format!("params within 1e-6: {}", verdict(exact)));
+        let bar = match (c.zero, c.activations.recompute) {
             (ZeroStage::Off, Recompute::None) => None,
             (_, Recompute::None) => Some(0.05),
             (_, Recompute::Selective) => Some(0.10),
@@ -265,18 +311,22 @@ fn report(rows: &[Row]) -> Result<()> {
                 verdict(cost <= bar)
             ));
         }
-        if r.recompute != Recompute::None {
+        if c.activations != ActivationPolicy::default() {
             targets.push(format!(
-                "heap per step {:.0}% below none",
+                "heap per step {:.0}% below the plain row",
                 100.0 * heap_saved
             ));
         }
-        let mb = |i: usize| format!("{:.3} / {:.3}", r.counted[i] / 1e6, r.formula[i] / 1e6);
+        let mb = |i: usize| match r.formula {
+            Some(f) => format!("{:.3} / {:.3}", r.counted[i] / 1e6, f[i] / 1e6),
+            None => format!("{:.3} / n/a", r.counted[i] / 1e6),
+        };
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:+.1}% | {:.1e} | {} |\n",
-            r.layout(),
-            r.zero.number(),
-            r.recompute,
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1} | {:.1} | {:.1} | {:+.1}% | {:.1e} | {} |\n",
+            c.layout(),
+            c.zero.number(),
+            c.activations.recompute,
+            if c.activations.sequence_parallel { "on" } else { "off" },
             mb(0),
             mb(1),
             mb(2),
@@ -295,12 +345,12 @@ fn report(rows: &[Row]) -> Result<()> {
                 .collect::<serde_json::Map<_, _>>()
         };
         json_rows.push(json!({
-            "layout": r.layout(),
-            "zero": r.zero.number(),
-            "recompute": r.recompute.name(),
-            "sequence_parallel": false,
+            "layout": c.layout(),
+            "zero": c.zero.number(),
+            "recompute": c.activations.recompute.name(),
+            "sequence_parallel": c.activations.sequence_parallel,
             "counted_bytes": by_kind(&r.counted),
-            "formula_bytes": by_kind(&r.formula),
+            "formula_bytes": r.formula.as_ref().map(by_kind),
             "heap_step_peak_bytes": r.heap_step_bytes,
             "activation_formula_bytes": r.activation_formula_bytes,
             "step_ms": r.step_ms,
@@ -310,8 +360,9 @@ fn report(rows: &[Row]) -> Result<()> {
         }));
     }
     md.push_str(
-        "\nNot built yet (issue 17): sequence parallelism and sharded checkpoints; their rows are \
-         absent rather than estimated.\n",
+        "\nA row is measured against the same layout without memory savers (`step cost`, `vs \
+         plain`). The activation formula is one micro-batch's stash per rank times the ranks in the \
+         process (the heap counts them all).\n",
     );
     std::fs::write(dir.join("memory.md"), &md)?;
     std::fs::write(

@@ -4,6 +4,7 @@
 //! shards (checkpoints, block migration, evaluation).
 
 use std::collections::BTreeMap;
+use std::path::Path;
 
 use burn::module::Module;
 use burn::tensor::Device;
@@ -12,7 +13,9 @@ use meshrec_model::optim::AdamWConfig;
 use meshrec_model::params::{param_paths, write_values, ParamInfo};
 use meshrec_model::{ModelConfig, Recommender};
 use meshrec_parallel::exec::reduce_model_parallel_grads;
-use meshrec_parallel::layout::{shard_chunk, shard_shape, unshard, FullState, Layout, RankState};
+use meshrec_parallel::layout::{
+    shard_chunk, shard_shape, unshard, FullState, Layout, RankState, SliceMap, Split,
+};
 use meshrec_parallel::mesh::Groups;
 use meshrec_parallel::optim::RankOptimizer;
 use meshrec_parallel::rank::{all_rank_specs, build_segments, initial_state};
@@ -21,7 +24,8 @@ use meshrec_parallel::ParallelError;
 use meshrec_pipeline::timeline::{EventKind, Recorder};
 use meshrec_pipeline::{Recompute, ZeroStage};
 
-use crate::checkpoint::{StateKind, TrainState};
+use crate::checkpoint::{self, Manifest, ShardIndex, StateKind, TrainState};
+use crate::checkpoint_shard::{self, shard_file, RankShard, ShardEntry, Wanted};
 use crate::error::RunError;
 use crate::stepper::HeldMemory;
 
@@ -234,6 +238,111 @@ impl RankModel {
             partition: self.layout.partition.clone(),
             compressor: Vec::new(),
         })
+    }
+
+    /// What this rank saves of the training state in a sharded checkpoint: its slices of
+    /// the parameters where it is the one copy that saves them (DP rank 0, TP rank 0 for
+    /// replicated parameters, never the head's tied copy of the table) and the moments it
+    /// holds (its ZeRO shard of every slice; without ZeRO, DP rank 0's).
+    pub fn shard(&self) -> RankShard {
+        let (mesh, coord) = (self.layout.mesh, self.groups.coord);
+        let zero_sharded = self.zero.shards_optimizer();
+        let mut entries = Vec::new();
+        for (c, seg) in self.segments.iter().enumerate() {
+            let values = seg.values();
+            for (p, spec) in seg.specs.iter().enumerate() {
+                if spec.tied_copy || (spec.split == Split::Replicated && coord.tp != 0) {
+                    continue;
+                }
+                let save_values = coord.dp == 0;
+                let save_moments = zero_sharded || coord.dp == 0;
+                let moments = self.optimizer.moments_of(c, p).filter(|_| save_moments);
+                if !save_values && moments.is_none() {
+                    continue;
+                }
+                let (moments_from, m, v) = match moments {
+                    Some((range, m, v)) => (range.start, m.to_vec(), v.to_vec()),
+                    None => (0, Vec::new(), Vec::new()),
+                };
+                entries.push(ShardEntry {
+                    path: spec.full_path.clone(),
+                    split: spec.split,
+                    tp: coord.tp,
+                    tp_size: mesh.tp,
+                    values: save_values.then(|| values[p].clone()),
+                    moments_from,
+                    m,
+                    v,
+                });
+            }
+        }
+        RankShard {
+            rank: self.groups.world.rank(),
+            entries,
+        }
+    }
+
+    /// The index of a sharded checkpoint of this model (shard files of every world rank).
+    pub fn shard_index(&self) -> ShardIndex {
+        ShardIndex {
+            shards: (0..self.groups.world.size()).map(shard_file).collect(),
+            shapes: self.full_shapes.clone(),
+            optimizer_steps: self.optimizer.steps(),
+            partition: self.layout.partition.clone(),
+        }
+    }
+
+    /// Takes this rank's slices of a sharded checkpoint saved by any layout, reading the
+    /// shard files one at a time (never the whole model at once).
+    pub fn adopt_shards(
+        &mut self,
+        dir: &Path,
+        manifest: &Manifest,
+        index: &ShardIndex,
+    ) -> Result<(), RunError> {
+        let (mesh, coord) = (self.layout.mesh, self.groups.coord);
+        let sizes: Vec<Vec<usize>> = self
+            .segments
+            .iter()
+            .map(|s| s.infos.iter().map(ParamInfo::numel).collect())
+            .collect();
+        let zeros = || -> Vec<Vec<Vec<f32>>> {
+            sizes
+                .iter()
+                .map(|c| c.iter().map(|&n| vec![0.0f32; n]).collect())
+                .collect()
+        };
+        let (mut values, mut m, mut v) = (zeros(), zeros(), zeros());
+        {
+            let mut wanted = Vec::new();
+            for (seg, (vc, (mc, vvc))) in self
+                .segments
+                .iter()
+                .zip(values.iter_mut().zip(m.iter_mut().zip(v.iter_mut())))
+            {
+                for (spec, (vp, (mp, vvp))) in seg
+                    .specs
+                    .iter()
+                    .zip(vc.iter_mut().zip(mc.iter_mut().zip(vvc.iter_mut())))
+                {
+                    let shape = index.shapes.get(&spec.full_path).ok_or_else(|| {
+                        checkpoint::bad(
+                            &dir.join("manifest.json"),
+                            format!("has no shape for `{}`", spec.full_path),
+                        )
+                    })?;
+                    let map = SliceMap::new(spec.split, shape, mesh.tp, coord.tp);
+                    wanted.push(Wanted::new(&spec.full_path, map, vp, mp, vvp));
+                }
+            }
+            checkpoint_shard::fill(dir, manifest, index, &mut wanted)?;
+        }
+        for (s, vals) in self.segments.iter_mut().zip(&values) {
+            s.set_values(vals)?;
+        }
+        self.optimizer.load_moments(m, v, index.optimizer_steps)?;
+        self.version = index.optimizer_steps;
+        Ok(())
     }
 
     /// Takes this rank's slices of a layout-free state: parameters, AdamW moments and step.

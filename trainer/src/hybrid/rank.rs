@@ -5,6 +5,7 @@
 //! schedule with the data-parallel reduction fed as backward releases gradients, then lets
 //! the DP policy apply what it applies.
 
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use burn::tensor::Device;
@@ -19,7 +20,8 @@ use meshrec_parallel::ParallelError;
 use meshrec_pipeline::timeline::{busy_s, EventKind, Recorder};
 use meshrec_pipeline::{Action, Mesh, Schedule};
 
-use crate::checkpoint::TrainState;
+use crate::checkpoint::{read_verified, write_entry, FileEntry, Manifest, ShardIndex, TrainState};
+use crate::checkpoint_shard::shard_file;
 use crate::config::RunConfig;
 use crate::error::RunError;
 use crate::faults::{poison_first, stretch, ConfigFaults, FaultHooks};
@@ -388,6 +390,65 @@ impl Stepper for MeshRank {
             state.compressor = compressor;
         }
         Ok(Some(state))
+    }
+
+    fn write_shards(
+        &mut self,
+        tmp: &Path,
+        with_compressor: bool,
+    ) -> Result<Option<(Vec<FileEntry>, ShardIndex)>, RunError> {
+        self.dp.settle(&mut self.model)?;
+        let world = self.model.groups.world.as_ref();
+        // The leader has created `tmp`.
+        world.barrier()?;
+        let rank = world.rank();
+        let name = shard_file(rank);
+        let bytes = self
+            .model
+            .shard()
+            .to_bytes()
+            .map_err(|e| crate::checkpoint::bad(&tmp.join(&name), e))?;
+        let mut mine = vec![write_entry(tmp, &name, &bytes)?];
+        if let Some(engine) = self.dp.engine().filter(|_| with_compressor) {
+            let memory = engine.memory_bytes()?;
+            mine.push(write_entry(
+                tmp,
+                &format!("compress-rank{rank}.bin"),
+                &memory,
+            )?);
+        }
+        let encoded = serde_json::to_vec(&mine).map_err(|e| RunError::io(tmp, e))?;
+        let world = self.model.groups.world.as_ref();
+        let all = world.all_gatherv_bytes(&encoded)?;
+        if !self.is_leader() {
+            return Ok(None);
+        }
+        let mut files = Vec::new();
+        for (r, part) in all.iter().enumerate() {
+            let entries: Vec<FileEntry> = serde_json::from_slice(part).map_err(|e| {
+                RunError::Parallel(format!("rank {r} described its shard files wrongly: {e}"))
+            })?;
+            files.extend(entries);
+        }
+        Ok(Some((files, self.model.shard_index())))
+    }
+
+    fn import_shards(
+        &mut self,
+        dir: &Path,
+        manifest: &Manifest,
+        index: &ShardIndex,
+        same_layout: bool,
+    ) -> Result<(), RunError> {
+        self.model.adopt_shards(dir, manifest, index)?;
+        let same_buckets = same_layout && index.partition == self.model.layout.partition;
+        let name = format!("compress-rank{}.bin", self.model.groups.world.rank());
+        if same_buckets && manifest.compressor.is_some() {
+            if let Some(engine) = self.dp.engine() {
+                engine.restore_memory(&read_verified(dir, manifest, &name)?)?;
+            }
+        }
+        Ok(())
     }
 
     fn import_state(&mut self, state: &TrainState, same_layout: bool) -> Result<(), RunError> {
