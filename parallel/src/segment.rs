@@ -854,34 +854,16 @@ impl Segment {
                             self.model_chunk
                         ))
                     })?;
-                    // The core again, with the same dropout masks, from the kept q, k, v.
+                    // The core again, with the same dropout masks, on the kept q, k, v —
+                    // still nodes of the projections' graph, so one backward runs through
+                    // the recomputed core and the projections to the branch input.
                     let global = self.first_block + block;
                     self.dropout_key.seed_branch(mb, global, 0, tp.rank());
-                    let leaves = qkv.clone().map(|t| t.detach().require_grad());
-                    let [q, k, v] = leaves.clone();
-                    let attn = &self.chunk.blocks[block].attn;
-                    let core = attn.core(q, k, v);
-                    let core_grads = (core * d_context).sum().backward();
-                    // Then the projections, driven by the gradients of q, k and v.
-                    let mut surrogate: Option<Tensor<1>> = None;
-                    for (kept, l) in qkv.into_iter().zip(&leaves) {
-                        let Some(dl) = l.grad(&core_grads) else {
-                            continue;
-                        };
-                        let term = (kept * dl).sum();
-                        surrogate = Some(match surrogate {
-                            Some(s) => s + term,
-                            None => term,
-                        });
-                    }
-                    let partial_dx = match surrogate {
-                        Some(s) => {
-                            let grads = s.backward();
-                            accumulate_grads(&self.chunk, &grads, &mut self.grads);
-                            leaf.grad(&grads).unwrap_or_else(|| g.zeros_like())
-                        }
-                        None => g.zeros_like(),
-                    };
+                    let [q, k, v] = qkv;
+                    let core = self.chunk.blocks[block].attn.core(q, k, v);
+                    let grads = (core * d_context).sum().backward();
+                    accumulate_grads(&self.chunk, &grads, &mut self.grads);
+                    let partial_dx = leaf.grad(&grads).unwrap_or_else(|| g.zeros_like());
                     Some(g + tp_all_reduce(partial_dx, tp)?)
                 }
                 Piece::EmbedFinish { leaf, out } => {

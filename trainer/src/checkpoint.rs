@@ -354,19 +354,6 @@ pub fn resolve(path: &Path) -> Result<PathBuf, RunError> {
     ))
 }
 
-/// Reads and verifies a checkpoint: manifest format and version, every listed file's size
-/// and SHA-256, then the state (a sharded checkpoint's shards assembled into the whole
-/// state: for tools such as `meshrec diff`; a resume reads shards rank by rank). A
-/// corrupted or truncated checkpoint is an error naming the file and what is wrong.
-pub fn load(path: &Path) -> Result<(PathBuf, Manifest, TrainState), RunError> {
-    let (dir, manifest) = load_manifest(path)?;
-    let state = match &manifest.sharded {
-        Some(index) => crate::checkpoint_shard::assemble(&dir, &manifest, index)?,
-        None => load_state(&dir, &manifest)?,
-    };
-    Ok((dir, manifest, state))
-}
-
 /// The checkpoint folder `path` names and its manifest, format and version checked.
 pub fn load_manifest(path: &Path) -> Result<(PathBuf, Manifest), RunError> {
     let dir = resolve(path)?;
@@ -586,6 +573,13 @@ pub fn param_diff(a: &TrainState, b: &TrainState, b_path: &Path) -> Result<Param
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An unsharded checkpoint read whole.
+    fn load(path: &Path) -> Result<(PathBuf, Manifest, TrainState), RunError> {
+        let (dir, manifest) = load_manifest(path)?;
+        let state = load_state(&dir, &manifest)?;
+        Ok((dir, manifest, state))
+    }
 
     fn state() -> TrainState {
         let mut s = TrainState {

@@ -6,13 +6,28 @@
 //! fall in its own slices, then checks that every element arrived exactly once.
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use meshrec_parallel::layout::{SliceMap, Split};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::{bad, read_verified, Manifest, ShardIndex, TrainState};
+use crate::checkpoint::{
+    bad, load_manifest, load_state, read_verified, Manifest, ShardIndex, TrainState,
+};
 use crate::error::RunError;
+
+/// Reads and verifies any checkpoint whole: manifest format and version, every file's size
+/// and SHA-256, then the state — a sharded checkpoint's shards assembled into it (on this
+/// one process: for tools such as `meshrec diff` and tests; a resume reads shards rank by
+/// rank). A corrupted or truncated checkpoint is an error naming the file and what is wrong.
+pub fn load(path: &Path) -> Result<(PathBuf, Manifest, TrainState), RunError> {
+    let (dir, manifest) = load_manifest(path)?;
+    let state = match &manifest.sharded {
+        Some(index) => assemble(&dir, &manifest, index)?,
+        None => load_state(&dir, &manifest)?,
+    };
+    Ok((dir, manifest, state))
+}
 
 /// The shard file of world rank `rank`.
 pub fn shard_file(rank: usize) -> String {

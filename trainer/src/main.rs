@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 use meshrec_model::data::{EvalSet, EvalSplit};
 use meshrec_model::device::parse_device;
 use meshrec_trainer::checkpoint;
+use meshrec_trainer::checkpoint_shard;
 use meshrec_trainer::config::RunConfig;
 use meshrec_trainer::error::RunError;
 use meshrec_trainer::model_io::{evaluate, load_checkpoint};
@@ -396,8 +397,8 @@ fn run() -> anyhow::Result<()> {
             print!("{}", meshrec_balance::plan::render_report(&plan, top));
         }
         Command::Diff { a, b } => {
-            let (_, _, sa) = checkpoint::load(&a)?;
-            let (b_dir, _, sb) = checkpoint::load(&b)?;
+            let (_, _, sa) = checkpoint_shard::load(&a)?;
+            let (b_dir, _, sb) = checkpoint_shard::load(&b)?;
             let diff = checkpoint::param_diff(&sa, &sb, &b_dir)?;
             println!("{}", serde_json::to_string(&diff)?);
         }

@@ -4,7 +4,7 @@
 
 use meshrec_model::device::test_device;
 use meshrec_trainer::config::RunConfig;
-use meshrec_trainer::{checkpoint, hybrid, train};
+use meshrec_trainer::{checkpoint_shard, hybrid, train};
 
 mod common;
 
@@ -54,7 +54,7 @@ fn a_rank_dying_mid_step_stops_the_run_naming_it() {
     assert!(start.elapsed().as_secs() < 60, "took {:?}", start.elapsed());
     // The last good checkpoint (step 4, or 5 where an epoch ended there) is intact and
     // resumes to the end.
-    let (dir_found, manifest, _) = checkpoint::load(&dir.path().join("crash")).unwrap();
+    let (dir_found, manifest, _) = checkpoint_shard::load(&dir.path().join("crash")).unwrap();
     assert!(
         (4..=5).contains(&manifest.progress.step),
         "{}",

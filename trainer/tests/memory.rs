@@ -7,6 +7,7 @@
 use meshrec_model::device::test_device;
 use meshrec_pipeline::ZeroStage;
 use meshrec_trainer::checkpoint;
+use meshrec_trainer::checkpoint_shard;
 use meshrec_trainer::config::RunConfig;
 use meshrec_trainer::hybrid;
 
@@ -27,7 +28,7 @@ fn train(cfg: &RunConfig, resume: Option<&std::path::Path>) {
 
 /// The parameters of a run's last checkpoint.
 fn final_values(dir: &std::path::Path, name: &str) -> checkpoint::TrainState {
-    checkpoint::load(&dir.join(name)).unwrap().2
+    checkpoint_shard::load(&dir.join(name)).unwrap().2
 }
 
 fn max_rel_diff(a: &checkpoint::TrainState, b: &checkpoint::TrainState) -> f64 {

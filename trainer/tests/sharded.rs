@@ -5,6 +5,7 @@
 
 use meshrec_model::device::test_device;
 use meshrec_trainer::checkpoint;
+use meshrec_trainer::checkpoint_shard;
 use meshrec_trainer::config::RunConfig;
 use meshrec_trainer::{hybrid, train};
 
@@ -54,9 +55,9 @@ fn shards_hold_the_gathered_state() {
         );
     }
     assert!(!ckpt.join("state.bin").exists());
-    let (_, manifest, from_shards) = checkpoint::load(&ckpt).unwrap();
+    let (_, manifest, from_shards) = checkpoint_shard::load(&ckpt).unwrap();
     assert!(manifest.sharded.is_some());
-    let (_, _, gathered) = checkpoint::load(&dir.path().join("gathered")).unwrap();
+    let (_, _, gathered) = checkpoint_shard::load(&dir.path().join("gathered")).unwrap();
     assert_eq!(from_shards.values, gathered.values);
     assert_eq!(from_shards.adam_m, gathered.adam_m);
     assert_eq!(from_shards.adam_v, gathered.adam_v);

@@ -1,12 +1,12 @@
 //! `cargo xtask bench memory`: the memory savers measured on the shipped ml-100k recipe
-//! (20 steps of `meshrec train` each, all in one invocation):
+//! (20 steps of `meshrec train` each, every case in each of 3 rounds, one invocation):
 //!
 //! * ZeRO 0, 1, 2 at dp 2 and 4: the bytes every rank counted from its buffers against
 //!   `balance::shape`'s formulas, the step time, and the parameters after the 20 steps
 //!   against plain DP's (`meshrec diff`);
-//! * recomputation selective and full at dp 2, against none: the step time and the heap
-//!   the step allocates above its start (measured by the binary's counting allocator)
-//!   against the activation formula.
+//! * recomputation selective and full at dp 2, and sequence parallelism at tp 2, against
+//!   neither: the step time and the heap the step allocates above its start (measured by
+//!   the binary's counting allocator) against the activation formula.
 //!
 //! Writes `target/bench/memory.{json,md}`.
 
@@ -22,6 +22,8 @@ use crate::recipe::train_ml100k;
 use crate::workspace::root;
 
 const STEPS: u64 = 20;
+/// Times every case is run (alternating); step times are medians over them.
+const ROUNDS: usize = 3;
 /// `configs/ml100k.toml`'s seed.
 const SEED: u64 = 42;
 /// Steps left out of the step time (allocation, first touch, thread start).
@@ -204,10 +206,30 @@ pub fn bench() -> Result<()> {
     }
     cases.push(case(1, 2, ZeroStage::Off, Recompute::None, false));
     cases.push(case(1, 2, ZeroStage::Off, Recompute::None, true));
+    // Every case once per round, rounds one after the other, so that a slow stretch of
+    // this shared machine falls on all cases alike; the step time is the median over the
+    // rounds of each run's median.
+    let mut step_ms: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    let mut heap: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
+    let mut first: Vec<Option<Value>> = vec![None; cases.len()];
+    for round in 0..ROUNDS {
+        for (i, case) in cases.iter().enumerate() {
+            let name = run_name(case, round);
+            let (summary, lines) = train(&runs, &name, &case.sets())?;
+            let batch = batch_size(&runs.join(&name))?;
+            step_ms[i].push(median_after_warmup(&lines, "samples_per_s", |l| {
+                l["samples_per_s"].as_f64().map(|sps| 1000.0 * batch / sps)
+            })?);
+            heap[i].push(median_after_warmup(&lines, "heap_step_peak_bytes", |l| {
+                l["heap_step_peak_bytes"].as_f64()
+            })?);
+            first[i].get_or_insert(summary);
+        }
+    }
     let mut rows: Vec<Row> = Vec::new();
-    for case in cases {
-        let name = case.name();
-        let (summary, lines) = train(&runs, &name, &case.sets())?;
+    for (i, case) in cases.into_iter().enumerate() {
+        let name = run_name(&case, 0);
+        let summary = first[i].take().context("no run of a case")?;
         let shape: ModelShape = serde_json::from_value(summary["shape"].clone())
             .with_context(|| format!("{name}: summary.json has no model shape"))?;
         let params = summary["params"]
@@ -217,37 +239,33 @@ pub fn bench() -> Result<()> {
         // `balance::shape` does not split per parameter, so TP rows report counts only.
         let state = shape.precision.rank_state_bytes(params, case.dp, case.zero);
         let formula = (case.tp == 1).then_some([state.param, state.grad, state.optimizer]);
-        let config_batch = batch_size(&runs.join(&name))?;
-        let step_ms = median_after_warmup(&lines, "samples_per_s", |l| {
-            l["samples_per_s"]
-                .as_f64()
-                .map(|sps| 1000.0 * config_batch / sps)
-        })?;
-        let heap = median_after_warmup(&lines, "heap_step_peak_bytes", |l| {
-            l["heap_step_peak_bytes"].as_f64()
-        })?;
-        let tokens = config_batch / case.dp as f64 * shape.seq_len as f64;
+        let batch = batch_size(&runs.join(&name))?;
+        let tokens = batch / case.dp as f64 * shape.seq_len as f64;
         let plain = case.plain();
         let diff = if plain == case {
             0.0
         } else {
-            diff(&runs.join(plain.name()), &runs.join(&name))?
+            diff(&runs.join(run_name(&plain, 0)), &runs.join(&name))?
         };
         rows.push(Row {
             case,
             counted: counted(&summary, &name)?,
             formula,
-            heap_step_bytes: heap,
+            heap_step_bytes: median(heap[i].clone()),
             activation_formula_bytes: shape.model_activation_bytes(
                 case.tp as u32,
                 case.activations,
                 tokens,
             ) * (case.dp * case.tp) as f64,
-            step_ms,
+            step_ms: median(step_ms[i].clone()),
             max_param_rel_diff_vs_plain: diff,
         });
     }
     report(&rows)
+}
+
+fn run_name(case: &Case, round: usize) -> String {
+    format!("{}-round{round}", case.name())
 }
 
 /// `train.batch_size` of a run (its `config.toml`).
@@ -274,8 +292,8 @@ fn report(rows: &[Row]) -> Result<()> {
          the gradient's 4 too). Heap per step is measured by the binary's counting allocator: the most the \
          process allocated above the step's start (activations, autodiff graphs, loss chunks, buffers of every \
          rank in the process), median over the steps after 3 warm-up steps; the activation formula counts \
-         only the stash the paper counts. Step time: median after the warm-up. All rows come from one \
-         invocation.\n\n\
+         only the stash the paper counts. Step time: each run's median after the warm-up, then the \
+         median over 3 rounds that run every case in turn. All rows come from one invocation.\n\n\
          | layout | zero | recompute | sequence parallel | params MB (counted / formula) | grads MB | AdamW MB | heap per step MB | activation formula MB (all ranks) | step ms | step cost | max param rel diff vs plain | targets |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
