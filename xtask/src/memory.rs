@@ -1,5 +1,6 @@
 //! `cargo xtask bench memory`: the memory savers measured on the shipped ml-100k recipe
-//! (20 steps of `meshrec train` each, every case in each of 3 rounds, one invocation):
+//! (20 steps of `meshrec train` each for bytes and parameters, `meshrec bench` in 3
+//! alternating rounds for step time, one invocation):
 //!
 //! * ZeRO 0, 1, 2 at dp 2 and 4: the bytes every rank counted from its buffers against
 //!   `balance::shape`'s formulas, the step time, and the parameters after the 20 steps
@@ -22,8 +23,10 @@ use crate::recipe::train_ml100k;
 use crate::workspace::root;
 
 const STEPS: u64 = 20;
-/// Times every case is run (alternating); step times are medians over them.
+/// Times every case is benchmarked (alternating); step times are medians over them.
 const ROUNDS: usize = 3;
+/// Steps each `meshrec bench` times.
+const BENCH_STEPS: u64 = 30;
 /// `configs/ml100k.toml`'s seed.
 const SEED: u64 = 42;
 /// Steps left out of the step time (allocation, first touch, thread start).
@@ -206,30 +209,30 @@ pub fn bench() -> Result<()> {
     }
     cases.push(case(1, 2, ZeroStage::Off, Recompute::None, false));
     cases.push(case(1, 2, ZeroStage::Off, Recompute::None, true));
-    // Every case once per round, rounds one after the other, so that a slow stretch of
-    // this shared machine falls on all cases alike; the step time is the median over the
-    // rounds of each run's median.
+    // Bytes, heap and parameters from one 20-step training run per case.
+    let mut first: Vec<Value> = Vec::with_capacity(cases.len());
+    let mut heap: Vec<f64> = Vec::with_capacity(cases.len());
+    for case in &cases {
+        let name = case.name();
+        let (summary, lines) = train(&runs, &name, &case.sets())?;
+        heap.push(median_after_warmup(&lines, "heap_step_peak_bytes", |l| {
+            l["heap_step_peak_bytes"].as_f64()
+        })?);
+        first.push(summary);
+    }
+    // Step time from `meshrec bench` (steady-state steps after a warm-up), every case once
+    // per round, rounds one after the other, so that a slow stretch of this shared machine
+    // falls on all cases alike; the median over the rounds.
     let mut step_ms: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
-    let mut heap: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
-    let mut first: Vec<Option<Value>> = vec![None; cases.len()];
     for round in 0..ROUNDS {
         for (i, case) in cases.iter().enumerate() {
-            let name = run_name(case, round);
-            let (summary, lines) = train(&runs, &name, &case.sets())?;
-            let batch = batch_size(&runs.join(&name))?;
-            step_ms[i].push(median_after_warmup(&lines, "samples_per_s", |l| {
-                l["samples_per_s"].as_f64().map(|sps| 1000.0 * batch / sps)
-            })?);
-            heap[i].push(median_after_warmup(&lines, "heap_step_peak_bytes", |l| {
-                l["heap_step_peak_bytes"].as_f64()
-            })?);
-            first[i].get_or_insert(summary);
+            step_ms[i].push(bench_step_ms(&runs, case, round)?);
         }
     }
     let mut rows: Vec<Row> = Vec::new();
     for (i, case) in cases.into_iter().enumerate() {
-        let name = run_name(&case, 0);
-        let summary = first[i].take().context("no run of a case")?;
+        let name = case.name();
+        let summary = std::mem::take(&mut first[i]);
         let shape: ModelShape = serde_json::from_value(summary["shape"].clone())
             .with_context(|| format!("{name}: summary.json has no model shape"))?;
         let params = summary["params"]
@@ -245,13 +248,13 @@ pub fn bench() -> Result<()> {
         let diff = if plain == case {
             0.0
         } else {
-            diff(&runs.join(run_name(&plain, 0)), &runs.join(&name))?
+            diff(&runs.join(plain.name()), &runs.join(&name))?
         };
         rows.push(Row {
             case,
             counted: counted(&summary, &name)?,
             formula,
-            heap_step_bytes: median(heap[i].clone()),
+            heap_step_bytes: heap[i],
             activation_formula_bytes: shape.model_activation_bytes(
                 case.tp as u32,
                 case.activations,
@@ -264,8 +267,38 @@ pub fn bench() -> Result<()> {
     report(&rows)
 }
 
-fn run_name(case: &Case, round: usize) -> String {
-    format!("{}-round{round}", case.name())
+/// One `meshrec bench` of `case`: milliseconds per step of the shipped batch.
+fn bench_step_ms(runs: &Path, case: &Case, round: usize) -> Result<f64> {
+    let json = runs.join(format!("{}-bench{round}.json", case.name()));
+    let mut cmd = meshrec_release();
+    cmd.args([
+        "bench",
+        "--config",
+        "configs/ml100k.toml",
+        "--device",
+        "cpu",
+    ])
+    .args([
+        "--warmup",
+        "3",
+        "--steps",
+        &BENCH_STEPS.to_string(),
+        "--json",
+    ])
+    .arg(&json);
+    for set in case.sets() {
+        cmd.args(["--set", &set]);
+    }
+    crate::cmd::run(&mut cmd)?;
+    let text =
+        std::fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?;
+    let v: Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", json.display()))?;
+    let (batch, sps) = (v["batch"].as_f64(), v["samples_per_s"].as_f64());
+    match (batch, sps) {
+        (Some(b), Some(s)) if s > 0.0 => Ok(1000.0 * b / s),
+        _ => bail!("{}: no batch or samples_per_s", json.display()),
+    }
 }
 
 /// `train.batch_size` of a run (its `config.toml`).
@@ -292,8 +325,9 @@ fn report(rows: &[Row]) -> Result<()> {
          the gradient's 4 too). Heap per step is measured by the binary's counting allocator: the most the \
          process allocated above the step's start (activations, autodiff graphs, loss chunks, buffers of every \
          rank in the process), median over the steps after 3 warm-up steps; the activation formula counts \
-         only the stash the paper counts. Step time: each run's median after the warm-up, then the \
-         median over 3 rounds that run every case in turn. All rows come from one invocation.\n\n\
+         only the stash the paper counts. Step time: `meshrec bench` (30 steps after 3 warm-up \
+         steps), the median over 3 rounds that bench every case in turn. All rows come from one \
+         invocation.\n\n\
          | layout | zero | recompute | sequence parallel | params MB (counted / formula) | grads MB | AdamW MB | heap per step MB | activation formula MB (all ranks) | step ms | step cost | max param rel diff vs plain | targets |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
@@ -315,7 +349,11 @@ fn report(rows: &[Row]) -> Result<()> {
         if let Some(within) = within {
             targets.push(format!("bytes within 1%: {}", verdict(within)));
         }
-        targets.push(format!("params within 1e-6: {}", verdict(exact)));
+        // The issue's bar for ZeRO; recomputation and sequence parallelism reorder float
+        // sums (their gradients match to rounding, which AdamW's first step can amplify).
+        if c.zero != ZeroStage::Off {
+            targets.push(format!("params within 1e-6: {}", verdict(exact)));
+        }
         let bar = match (c.zero, c.activations.recompute) {
             (ZeroStage::Off, Recompute::None) => None,
             (_, Recompute::None) => Some(0.05),
