@@ -93,14 +93,10 @@ enum Piece {
         block: usize,
         mask: Option<Tensor<3>>,
     },
-    /// A branch under sequence parallelism: the norm on this rank's sequence rows (`leaf`
-    /// -> `normed`), all-gathered into `gathered` (a leaf), the rest of the branch over the
-    /// whole sequence (`gathered` -> `partial`, partial over TP), reduce-scattered back.
-    SeqBranch {
-        leaf: Tensor<3>,
-        normed: Tensor<3>,
-        gathered: Tensor<3>,
-        partial: Tensor<3>,
+    /// A branch under sequence parallelism (see [`SeqPiece`]), with its residual dropout
+    /// mask on this rank's rows.
+    Seq {
+        piece: SeqPiece,
         mask: Option<Tensor<3>>,
     },
     /// The head under sequence parallelism: the final norm on this rank's rows (`leaf` ->
@@ -550,32 +546,72 @@ impl Segment {
             for site in 0..2u64 {
                 self.dropout_key.seed_branch(mb, global, site, tp_rank);
                 if let Some(shard) = self.seq_shard {
-                    let leaf = x.clone().detach().require_grad();
-                    let normed = if site == 0 {
-                        block.attn_norm.forward(leaf.clone())
-                    } else {
-                        block.mlp_norm.forward(leaf.clone())
+                    let (partial, piece) = match (self.recompute, site) {
+                        (Recompute::Full, _) => {
+                            // Without a graph, as the unsplit full recomputation.
+                            let input = x.clone().detach();
+                            let plain = block.valid();
+                            let normed = branch_norm(&plain, site, input.clone().inner());
+                            let gathered = shard.gather(normed, tp)?;
+                            let partial = meshrec_model::dropout::training_without_graph(|| {
+                                branch_body(&plain, site, gathered)
+                            });
+                            (
+                                partial.autodiff(),
+                                SeqPiece::Recomputed {
+                                    input,
+                                    block: i,
+                                    site,
+                                },
+                            )
+                        }
+                        (Recompute::Selective, 0) => {
+                            let leaf = x.clone().detach().require_grad();
+                            let normed = block.attn_norm.forward(leaf.clone());
+                            let gathered =
+                                shard.gather(normed.clone().detach(), tp)?.require_grad();
+                            let qkv = block.attn.project(gathered.clone());
+                            let [q, k, v] = qkv.clone().map(|t| t.detach());
+                            let context = block.attn.core(q, k, v).require_grad();
+                            let partial = block.attn.wo.forward(context.clone());
+                            (
+                                partial.clone(),
+                                SeqPiece::Selective {
+                                    leaf,
+                                    normed,
+                                    gathered,
+                                    qkv,
+                                    context,
+                                    partial,
+                                    block: i,
+                                },
+                            )
+                        }
+                        _ => {
+                            let leaf = x.clone().detach().require_grad();
+                            let normed = branch_norm(block, site, leaf.clone());
+                            let gathered =
+                                shard.gather(normed.clone().detach(), tp)?.require_grad();
+                            let partial = branch_body(block, site, gathered.clone());
+                            (
+                                partial.clone(),
+                                SeqPiece::Kept {
+                                    leaf,
+                                    normed,
+                                    gathered,
+                                    partial,
+                                },
+                            )
+                        }
                     };
-                    let gathered = shard.gather(normed.clone().detach(), tp)?.require_grad();
-                    let partial = if site == 0 {
-                        block.attn.forward(gathered.clone())
-                    } else {
-                        block.mlp.forward(gathered.clone())
-                    };
-                    let reduced = shard.scatter(partial.clone().detach(), tp)?;
+                    let reduced = shard.scatter(partial.detach(), tp)?;
                     let [rb, _, rd] = reduced.dims();
                     let mask = self.keyed_rows_mask(mb, global, site + 1, [rb, s, rd], prob);
                     x = match &mask {
                         Some(m) => x + reduced * m.clone(),
                         None => x + reduced,
                     };
-                    pieces.push(Piece::SeqBranch {
-                        leaf,
-                        normed,
-                        gathered,
-                        partial,
-                        mask,
-                    });
+                    pieces.push(Piece::Seq { piece, mask });
                     continue;
                 }
                 let (partial, piece) = match (self.recompute, site) {
@@ -733,7 +769,14 @@ impl Segment {
         if let Some(values) = grad_output {
             let dims = match pieces.last() {
                 Some(Piece::Branch { leaf, .. })
-                | Some(Piece::SeqBranch { leaf, .. })
+                | Some(Piece::Seq {
+                    piece: SeqPiece::Kept { leaf, .. } | SeqPiece::Selective { leaf, .. },
+                    ..
+                })
+                | Some(Piece::Seq {
+                    piece: SeqPiece::Recomputed { input: leaf, .. },
+                    ..
+                })
                 | Some(Piece::EmbedFinish { leaf, .. })
                 | Some(Piece::SelectiveAttention { leaf, .. })
                 | Some(Piece::Recomputed { input: leaf, .. }) => leaf.dims(),
@@ -775,30 +818,9 @@ impl Segment {
                     let g = upstream(g, self.model_chunk)?;
                     Some(self.branch_backward(&leaf, partial, g, mask, tp)?)
                 }
-                Piece::SeqBranch {
-                    leaf,
-                    normed,
-                    gathered,
-                    partial,
-                    mask,
-                } => {
+                Piece::Seq { piece, mask } => {
                     let g = upstream(g, self.model_chunk)?;
-                    let shard = self.seq_shard.ok_or_else(|| {
-                        ParallelError::Step("a sequence-parallel piece without a shard".into())
-                    })?;
-                    // The reduce-scatter's backward is an all-gather.
-                    let g_whole = shard.gather(masked(&g, mask), tp)?;
-                    let grads = (partial * g_whole).sum().backward();
-                    accumulate_grads(&self.chunk, &grads, &mut self.grads);
-                    // The all-gather's backward: this rank's rows of the TP sum.
-                    let d_normed = match gathered.grad(&grads) {
-                        Some(d) => shard.scatter(d, tp)?,
-                        None => normed.zeros_like(),
-                    };
-                    let grads = (normed * d_normed).sum().backward();
-                    accumulate_grads(&self.chunk, &grads, &mut self.grads);
-                    let dx = leaf.grad(&grads).unwrap_or_else(|| g.zeros_like());
-                    Some(g + dx)
+                    Some(self.seq_backward(mb, piece, g, mask, tp)?)
                 }
                 Piece::SeqHead {
                     leaf,
@@ -924,6 +946,56 @@ enum BranchPiece {
     },
 }
 
+/// A branch under sequence parallelism: the norm runs on this rank's sequence rows
+/// (`leaf` -> `normed`), the rows are all-gathered into `gathered` (a leaf), the rest of the
+/// branch runs over the whole sequence (`gathered` -> `partial`, partial over TP) and is
+/// reduce-scattered back; under recomputation less of it is kept.
+#[allow(clippy::large_enum_variant)]
+enum SeqPiece {
+    Kept {
+        leaf: Tensor<3>,
+        normed: Tensor<3>,
+        gathered: Tensor<3>,
+        partial: Tensor<3>,
+    },
+    /// Full recomputation: the branch's input rows only; backward norms, gathers and runs
+    /// the branch again.
+    Recomputed {
+        input: Tensor<3>,
+        block: usize,
+        site: u64,
+    },
+    /// Selective recomputation of the attention: the projections of the gathered rows and
+    /// the output projection are kept, the `seq²` core is rerun in backward.
+    Selective {
+        leaf: Tensor<3>,
+        normed: Tensor<3>,
+        gathered: Tensor<3>,
+        qkv: [Tensor<4>; 3],
+        context: Tensor<3>,
+        partial: Tensor<3>,
+        block: usize,
+    },
+}
+
+/// A branch's norm: attention's (site 0) or the MLP's (site 1).
+fn branch_norm(block: &Block, site: u64, x: Tensor<3>) -> Tensor<3> {
+    if site == 0 {
+        block.attn_norm.forward(x)
+    } else {
+        block.mlp_norm.forward(x)
+    }
+}
+
+/// A branch after its norm: attention (site 0) or the MLP (site 1).
+fn branch_body(block: &Block, site: u64, x: Tensor<3>) -> Tensor<3> {
+    if site == 0 {
+        block.attn.forward(x)
+    } else {
+        block.mlp.forward(x)
+    }
+}
+
 /// The upstream gradient through the residual dropout mask, if any.
 fn masked(g: &Tensor<3>, mask: Option<Tensor<3>>) -> Tensor<3> {
     match mask {
@@ -953,6 +1025,81 @@ impl Segment {
             Some(shard) => shard.rows(mask),
             None => mask,
         })
+    }
+
+    /// Backward through a sequence-parallel branch given the residual stream's gradient
+    /// rows `g`: the reduce-scatter's backward (an all-gather of `g`), the branch body
+    /// (rerun first under recomputation), the all-gather's backward (this rank's rows of
+    /// the TP sum), the norm. Returns `g` plus the branch's input gradient rows.
+    fn seq_backward(
+        &mut self,
+        mb: usize,
+        piece: SeqPiece,
+        g: Tensor<3>,
+        mask: Option<Tensor<3>>,
+        tp: &dyn Communicator,
+    ) -> Result<Tensor<3>, ParallelError> {
+        let shard = self.seq_shard.ok_or_else(|| {
+            ParallelError::Step("a sequence-parallel piece without a shard".into())
+        })?;
+        let g_whole = shard.gather(masked(&g, mask), tp)?;
+        let (leaf, normed, d_gathered) = match piece {
+            SeqPiece::Kept {
+                leaf,
+                normed,
+                gathered,
+                partial,
+            } => {
+                let grads = (partial * g_whole).sum().backward();
+                accumulate_grads(&self.chunk, &grads, &mut self.grads);
+                (leaf, normed, gathered.grad(&grads))
+            }
+            SeqPiece::Recomputed { input, block, site } => {
+                let leaf = input.require_grad();
+                let blk = &self.chunk.blocks[block];
+                let normed = branch_norm(blk, site, leaf.clone());
+                let gathered = shard.gather(normed.clone().detach(), tp)?.require_grad();
+                let global = self.first_block + block;
+                self.dropout_key.seed_branch(mb, global, site, tp.rank());
+                let partial = branch_body(&self.chunk.blocks[block], site, gathered.clone());
+                let grads = (partial * g_whole).sum().backward();
+                accumulate_grads(&self.chunk, &grads, &mut self.grads);
+                (leaf, normed, gathered.grad(&grads))
+            }
+            SeqPiece::Selective {
+                leaf,
+                normed,
+                gathered,
+                qkv,
+                context,
+                partial,
+                block,
+            } => {
+                let grads = (partial * g_whole).sum().backward();
+                accumulate_grads(&self.chunk, &grads, &mut self.grads);
+                let d_context = context.grad(&grads).ok_or_else(|| {
+                    ParallelError::Step(format!(
+                        "chunk {}: the attention context has no gradient",
+                        self.model_chunk
+                    ))
+                })?;
+                let global = self.first_block + block;
+                self.dropout_key.seed_branch(mb, global, 0, tp.rank());
+                let [q, k, v] = qkv;
+                let core = self.chunk.blocks[block].attn.core(q, k, v);
+                let grads = (core * d_context).sum().backward();
+                accumulate_grads(&self.chunk, &grads, &mut self.grads);
+                (leaf, normed, gathered.grad(&grads))
+            }
+        };
+        let d_normed = match d_gathered {
+            Some(d) => shard.scatter(d, tp)?,
+            None => normed.zeros_like(),
+        };
+        let grads = (normed * d_normed).sum().backward();
+        accumulate_grads(&self.chunk, &grads, &mut self.grads);
+        let dx = leaf.grad(&grads).unwrap_or_else(|| g.zeros_like());
+        Ok(g + dx)
     }
 
     /// Backward through a branch's graph (`leaf` -> `partial`) given the residual stream's

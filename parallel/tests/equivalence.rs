@@ -358,6 +358,24 @@ fn sequence_parallelism_matches_one_device() {
         2,
         zero,
     );
+    // With recomputation too.
+    for recompute in [
+        meshrec_pipeline::Recompute::Selective,
+        meshrec_pipeline::Recompute::Full,
+    ] {
+        let settings = StepSettings {
+            recompute,
+            ..StepSettings::default()
+        };
+        check_layout_with(
+            &config,
+            &want,
+            &sp(Mesh::new(1, 2, 2).unwrap(), 1),
+            ScheduleKind::OneFOneB,
+            2,
+            settings,
+        );
+    }
     // Dropout on: the masks of the sequence-parallel step are the TP step's rows.
     let mut config = config;
     config.dropout = 0.3;
@@ -365,27 +383,35 @@ fn sequence_parallelism_matches_one_device() {
         dropout: true,
         ..StepSettings::default()
     };
-    let grads = |layout: &Layout| {
+    let grads = |layout: &Layout, recompute| {
+        let settings = StepSettings {
+            recompute,
+            ..dropout.clone()
+        };
         let outcomes = run_layout(
             &config,
             &want.initial,
             layout,
             ScheduleKind::OneFOneB,
             2,
-            dropout.clone(),
+            settings,
         );
         let states: Vec<RankState> = outcomes.into_iter().map(|o| o.grads).collect();
         unshard(&want.grads.shapes, &states, &layout.mesh).unwrap()
     };
+    use meshrec_pipeline::Recompute;
     let tp = Layout::uniform(Mesh::new(1, 2, 2).unwrap(), 1, config.n_layers).unwrap();
-    let (path, err) = worst_deviation(
-        &grads(&tp),
-        &grads(&tp.clone().with_sequence_parallel(true)),
-        1e-6,
-    )
-    .unwrap();
-    assert!(
-        err < TOLERANCE,
-        "sequence parallelism with dropout: `{path}` off by {err:e}"
-    );
+    let kept = grads(&tp, Recompute::None);
+    for recompute in [Recompute::None, Recompute::Selective, Recompute::Full] {
+        let (path, err) = worst_deviation(
+            &kept,
+            &grads(&tp.clone().with_sequence_parallel(true), recompute),
+            1e-6,
+        )
+        .unwrap();
+        assert!(
+            err < TOLERANCE,
+            "sequence parallelism ({recompute}) with dropout: `{path}` off by {err:e}"
+        );
+    }
 }

@@ -732,13 +732,7 @@ impl RunConfig {
                 ),
             ));
         }
-        if p.sequence_parallel && p.tp > 1 && t.recompute()? != Recompute::None {
-            return Err(invalid(
-                "parallel.sequence_parallel",
-                "does not combine with train.recompute yet: the recomputed branches run on the \
-                 whole sequence; set train.recompute = \"none\" or turn sequence parallelism off",
-            ));
-        }
+        t.recompute()?;
         let mode = self.dp.mode()?;
         let method = self.compress.method_config()?;
         self.compress.validate_dgc(&method, p.dp, t.beta1)?;

@@ -125,3 +125,36 @@ fn the_dp_split_follows_replica_speed_without_changing_training() {
     assert!(max <= min + 1, "an even split is uneven: {min} vs {max}");
     assert_close(dir.path(), "split", "even", 1e-4);
 }
+
+/// Moving blocks between stages carries ZeRO's sharded moments along (gathered over DP,
+/// re-sharded for the new partition) and the reduce-scattered buckets follow the new
+/// chunks: training is unchanged.
+#[test]
+fn rebalancing_under_zero_2_keeps_training_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = test_device().autodiff();
+    let layout = [
+        "parallel.dp=2",
+        "parallel.pp=2",
+        "parallel.micro_batches=2",
+        "dp.zero=2",
+        "fault.slow_compute=3.0",
+        "fault.slow_compute_rank=1",
+        "train.epochs=2",
+    ];
+    hybrid::train_local(&config(dir.path(), "fixed", &layout), &device, "cpu", None).unwrap();
+    let mut moving = layout.to_vec();
+    moving.extend([
+        "balance.rebalance=true",
+        "balance.window_steps=2",
+        "balance.patience=1",
+        "balance.noise_margin=0.0",
+    ]);
+    hybrid::train_local(&config(dir.path(), "moving", &moving), &device, "cpu", None).unwrap();
+    let migrations: u64 = common::metrics(dir.path(), "moving", "step")
+        .iter()
+        .map(|s| s["parallel"]["migrations"].as_u64().unwrap())
+        .sum();
+    assert!(migrations >= 1, "the rebalancer never moved a block");
+    assert_close(dir.path(), "moving", "fixed", 1e-5);
+}

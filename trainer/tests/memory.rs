@@ -268,17 +268,25 @@ fn sequence_parallelism_trains_like_tensor_parallelism() {
             step + 1
         );
     }
-    // A combination not built yet is refused with the reason, not run wrong.
-    let overrides: Vec<String> = [
-        "parallel.tp=2",
-        "parallel.sequence_parallel=true",
-        "train.recompute=\"full\"",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    let err = RunConfig::from_toml("", "test", &overrides)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("parallel.sequence_parallel"), "{err}");
+    // With recomputation on top: the same training.
+    let both = {
+        let extra = [
+            "parallel.tp=2",
+            "parallel.pp=2",
+            "parallel.micro_batches=2",
+            "train.max_steps=8",
+            "model.dropout=0.3",
+            "parallel.sequence_parallel=true",
+            "train.recompute=\"selective\"",
+        ];
+        train(&config(dir.path(), "sp-selective", &extra), None);
+        common::series(dir.path(), "sp-selective", "step", "loss")
+    };
+    for (step, (a, b)) in tp.iter().zip(&both).enumerate() {
+        assert!(
+            ((a - b) / a).abs() < 1e-5,
+            "step {}: loss {b} with sequence parallelism and selective recomputation vs {a}",
+            step + 1
+        );
+    }
 }
