@@ -17,8 +17,10 @@
 //! * [`eval`] — full-ranking evaluation on vocabulary shards.
 //! * [`check`] — the layout-equivalence check against one device.
 
+mod branch;
 pub mod check;
 pub mod dp;
+mod dropout_key;
 mod error;
 pub mod eval;
 pub mod exec;
@@ -27,6 +29,7 @@ pub mod mesh;
 pub mod optim;
 pub mod rank;
 pub mod segment;
+mod seq_shard;
 pub mod zero;
 
 pub use error::{MeshError, ParallelError};

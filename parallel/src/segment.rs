@@ -26,12 +26,14 @@ use meshrec_model::params::{
 use meshrec_model::step::{id_tensor, tied_softmax_surrogate};
 use meshrec_model::{ModelConfig, Recommender};
 use meshrec_pipeline::Recompute;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
+use crate::branch::{branch, branch_body, branch_norm, masked, BranchPiece, SeqPiece};
+use crate::dropout_key::keyed_mask;
+pub use crate::dropout_key::DropoutKey;
 use crate::error::ParallelError;
 use crate::layout::{spec_for, Layout, ParamSpec};
 use crate::mesh::Coord;
+use crate::seq_shard::SeqShard;
 
 /// The burn module of one model chunk.
 #[derive(Module, Debug)]
@@ -143,141 +145,6 @@ fn tp_all_reduce(t: Tensor<3>, tp: &dyn Communicator) -> Result<Tensor<3>, Paral
     let mut values = host(t);
     tp.all_reduce(&mut values, ReduceOp::Sum)?;
     Ok(Tensor::from_data(TensorData::new(values, dims), &device))
-}
-
-/// This rank's share of the sequence under sequence parallelism.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct SeqShard {
-    rank: usize,
-    size: usize,
-}
-
-impl SeqShard {
-    /// The first position of this rank's rows in a sequence of `seq` positions.
-    fn offset(&self, seq: usize) -> usize {
-        self.rank * seq / self.size
-    }
-
-    /// This rank's rows of a whole-sequence tensor (`[b, seq, d]`).
-    fn rows(&self, t: Tensor<3>) -> Tensor<3> {
-        let s = t.dims()[1];
-        t.narrow(1, self.offset(s), s / self.size)
-    }
-
-    /// Every rank's rows gathered into the whole sequence (`[b, s/tp, d]` -> `[b, s, d]`):
-    /// Megatron's `g` in forward, the backward of a reduce-scatter.
-    fn gather(&self, t: Tensor<3>, tp: &dyn Communicator) -> Result<Tensor<3>, ParallelError> {
-        let [b, rows, d] = t.dims();
-        let device = t.device();
-        let mine = host(t);
-        let mut all = vec![0.0f32; mine.len() * self.size];
-        tp.all_gather(&mine, &mut all)?;
-        // Rank-major [tp][b][rows][d] to [b][tp·rows][d].
-        let (row, block) = (rows * d, rows * d * b);
-        let mut out = vec![0.0f32; all.len()];
-        for r in 0..self.size {
-            for i in 0..b {
-                let src = r * block + i * row;
-                let dst = i * row * self.size + r * row;
-                out[dst..dst + row].copy_from_slice(&all[src..src + row]);
-            }
-        }
-        Ok(Tensor::from_data(
-            TensorData::new(out, [b, rows * self.size, d]),
-            &device,
-        ))
-    }
-
-    /// The sum over the TP group of a whole-sequence tensor, keeping this rank's rows
-    /// (`[b, s, d]` -> `[b, s/tp, d]`): the reduce-scatter that replaces an all-reduce.
-    fn scatter(&self, t: Tensor<3>, tp: &dyn Communicator) -> Result<Tensor<3>, ParallelError> {
-        let [b, s, d] = t.dims();
-        let device = t.device();
-        let whole = host(t);
-        let rows = s / self.size;
-        let (row, block) = (rows * d, rows * d * b);
-        // [b][tp·rows][d] to rank-major [tp][b][rows][d].
-        let mut ordered = vec![0.0f32; whole.len()];
-        for r in 0..self.size {
-            for i in 0..b {
-                let src = i * row * self.size + r * row;
-                let dst = r * block + i * row;
-                ordered[dst..dst + row].copy_from_slice(&whole[src..src + row]);
-            }
-        }
-        let mut mine = vec![0.0f32; block];
-        tp.reduce_scatter(&ordered, &mut mine, ReduceOp::Sum)?;
-        Ok(Tensor::from_data(
-            TensorData::new(mine, [b, rows, d]),
-            &device,
-        ))
-    }
-}
-
-/// Identifies one dropout site of one micro-batch of one step: the mask depends on nothing
-/// else, so TP replicas agree and a resumed run draws the same masks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct DropoutKey {
-    pub seed: u64,
-    pub step: u64,
-    /// The data-parallel rank: replicas see different samples.
-    pub dp_rank: u64,
-}
-
-impl DropoutKey {
-    fn stream(&self, micro_batch: usize, block: usize, site: u64) -> ChaCha8Rng {
-        ChaCha8Rng::seed_from_u64(self.key(micro_batch, block, site))
-    }
-
-    /// Seeds this thread's dropout stream (the attention's own dropout, inside a branch)
-    /// for one branch of one micro-batch on TP rank `tp_rank` (heads differ by rank): a
-    /// branch run again for recomputation draws the same masks.
-    fn seed_branch(&self, micro_batch: usize, block: usize, site: u64, tp_rank: usize) {
-        let key = self.key(micro_batch, block, site | BRANCH_SITE);
-        meshrec_model::dropout::seed_dropout(key ^ (tp_rank as u64).wrapping_mul(0x9e37_79b9));
-    }
-
-    fn key(&self, micro_batch: usize, block: usize, site: u64) -> u64 {
-        let mut key = self.seed ^ 0x9e37_79b9_7f4a_7c15;
-        for part in [
-            self.step,
-            self.dp_rank,
-            micro_batch as u64,
-            block as u64,
-            site,
-        ] {
-            key = (key ^ part).wrapping_mul(0x0100_0000_01b3).rotate_left(17);
-        }
-        key
-    }
-}
-
-/// Marks the sites of branch-internal dropout streams apart from the residual masks'.
-const BRANCH_SITE: u64 = 1 << 32;
-
-/// An inverted-dropout mask (`0` or `1 / (1 - p)`), `None` when `p == 0`.
-fn keyed_mask(
-    mut rng: ChaCha8Rng,
-    dims: [usize; 3],
-    prob: f64,
-    device: &Device,
-) -> Option<Tensor<3>> {
-    if prob <= 0.0 {
-        return None;
-    }
-    let keep = 1.0 - prob;
-    let scale = (1.0 / keep) as f32;
-    let n = dims.iter().product();
-    let values: Vec<f32> = (0..n)
-        .map(|_| {
-            if rng.random::<f64>() < keep {
-                scale
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    Some(Tensor::from_data(TensorData::new(values, dims), device))
 }
 
 /// One model chunk on one rank, with its stashed micro-batches and gradient accumulators.
@@ -916,91 +783,6 @@ impl Segment {
             }
         }
         Ok(if self.is_first { None } else { g.map(host) })
-    }
-}
-
-/// A branch's forward as the model defines it: attention (site 0) or MLP (site 1).
-fn branch(block: &Block, site: u64, x: Tensor<3>) -> Tensor<3> {
-    if site == 0 {
-        block.attention_branch(x)
-    } else {
-        block.mlp_branch(x)
-    }
-}
-
-/// What a branch's forward produced before the residual dropout mask.
-#[allow(clippy::large_enum_variant)]
-enum BranchPiece {
-    Kept {
-        leaf: Tensor<3>,
-        partial: Tensor<3>,
-    },
-    Recomputed {
-        input: Tensor<3>,
-    },
-    Selective {
-        leaf: Tensor<3>,
-        qkv: [Tensor<4>; 3],
-        context: Tensor<3>,
-        partial: Tensor<3>,
-    },
-}
-
-/// A branch under sequence parallelism: the norm runs on this rank's sequence rows
-/// (`leaf` -> `normed`), the rows are all-gathered into `gathered` (a leaf), the rest of the
-/// branch runs over the whole sequence (`gathered` -> `partial`, partial over TP) and is
-/// reduce-scattered back; under recomputation less of it is kept.
-#[allow(clippy::large_enum_variant)]
-enum SeqPiece {
-    Kept {
-        leaf: Tensor<3>,
-        normed: Tensor<3>,
-        gathered: Tensor<3>,
-        partial: Tensor<3>,
-    },
-    /// Full recomputation: the branch's input rows only; backward norms, gathers and runs
-    /// the branch again.
-    Recomputed {
-        input: Tensor<3>,
-        block: usize,
-        site: u64,
-    },
-    /// Selective recomputation of the attention: the projections of the gathered rows and
-    /// the output projection are kept, the `seq²` core is rerun in backward.
-    Selective {
-        leaf: Tensor<3>,
-        normed: Tensor<3>,
-        gathered: Tensor<3>,
-        qkv: [Tensor<4>; 3],
-        context: Tensor<3>,
-        partial: Tensor<3>,
-        block: usize,
-    },
-}
-
-/// A branch's norm: attention's (site 0) or the MLP's (site 1).
-fn branch_norm(block: &Block, site: u64, x: Tensor<3>) -> Tensor<3> {
-    if site == 0 {
-        block.attn_norm.forward(x)
-    } else {
-        block.mlp_norm.forward(x)
-    }
-}
-
-/// A branch after its norm: attention (site 0) or the MLP (site 1).
-fn branch_body(block: &Block, site: u64, x: Tensor<3>) -> Tensor<3> {
-    if site == 0 {
-        block.attn.forward(x)
-    } else {
-        block.mlp.forward(x)
-    }
-}
-
-/// The upstream gradient through the residual dropout mask, if any.
-fn masked(g: &Tensor<3>, mask: Option<Tensor<3>>) -> Tensor<3> {
-    match mask {
-        Some(m) => g.clone() * m,
-        None => g.clone(),
     }
 }
 
