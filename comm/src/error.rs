@@ -97,4 +97,25 @@ pub enum CommError {
     /// The MPI library reported an error, or MPI could not be used as asked.
     #[error("MPI: {0}")]
     Mpi(String),
+    /// An error of a group that knows who its ranks are elsewhere (a mesh axis): `group`
+    /// names the group ranks the error mentions as world ranks and mesh coordinates.
+    #[error("{source} ({group})")]
+    InGroup {
+        group: String,
+        source: Box<CommError>,
+    },
+}
+
+impl CommError {
+    /// The ranks of the reporting communicator the error names as peers (the one lost or
+    /// waited for, the two that disagreed); none for the others.
+    pub fn peer_ranks(&self) -> Vec<usize> {
+        match self {
+            Self::PeerLost { rank, .. } | Self::Timeout { rank, .. } => vec![*rank],
+            Self::SizeMismatch { rank, peer, .. } | Self::CollectiveMismatch { rank, peer, .. } => {
+                vec![*rank, *peer]
+            }
+            _ => Vec::new(),
+        }
+    }
 }

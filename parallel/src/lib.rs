@@ -26,6 +26,7 @@ pub mod eval;
 pub mod exec;
 pub mod layout;
 pub mod mesh;
+mod named;
 pub mod optim;
 pub mod rank;
 pub mod segment;

@@ -7,6 +7,7 @@ use meshrec_model::ModelConfig;
 pub use meshrec_pipeline::mesh::{Axis, Coord, Mesh, MeshError, ModelDims};
 
 use crate::error::ParallelError;
+use crate::named::NamedGroup;
 
 /// Checks `mesh` against a world size and a model (see [`Mesh::check_model`]).
 pub fn validate_layout(
@@ -62,9 +63,29 @@ impl Groups {
             c.set(axis, 0);
             mesh.rank(c) as u32
         };
-        let dp = world.split(color_without(Axis::Dp), coord.dp as u32)?;
-        let tp = world.split(color_without(Axis::Tp), coord.tp as u32)?;
-        let pp = world.split(color_without(Axis::Pp), coord.pp as u32)?;
+        // Each group names its peers by world rank and coordinates in its errors.
+        let along = |axis: Axis, at: &[usize]| -> Vec<usize> {
+            at.iter()
+                .map(|&i| {
+                    let mut c = coord;
+                    c.set(axis, i);
+                    mesh.rank(c)
+                })
+                .collect()
+        };
+        let axis_group = |axis: Axis| -> Result<Box<dyn Communicator>, ParallelError> {
+            let inner = world.split(color_without(axis), coord.get(axis) as u32)?;
+            let members = along(axis, &(0..mesh.size(axis)).collect::<Vec<_>>());
+            Ok(Box::new(NamedGroup::new(
+                inner,
+                axis.to_string(),
+                mesh,
+                members,
+            )))
+        };
+        let dp = axis_group(Axis::Dp)?;
+        let tp = axis_group(Axis::Tp)?;
+        let pp = axis_group(Axis::Pp)?;
         let embed = if mesh.pp > 1 {
             let ends = coord.pp == 0 || coord.pp == mesh.pp - 1;
             let color = if ends {
@@ -74,7 +95,11 @@ impl Groups {
                 (mesh.world_size() + world.rank()) as u32
             };
             let group = world.split(color, coord.pp as u32)?;
-            ends.then_some(group)
+            let members = along(Axis::Pp, &[0, mesh.pp - 1]);
+            ends.then(|| {
+                Box::new(NamedGroup::new(group, "embedding-group", mesh, members))
+                    as Box<dyn Communicator>
+            })
         } else {
             None
         };

@@ -49,8 +49,14 @@ fn a_rank_dying_mid_step_stops_the_run_naming_it() {
         err.contains("crash of world rank 3 at step 5"),
         "the dead rank is not named: {err}"
     );
-    // The survivors saw their peer go, rather than hanging until a timeout.
+    // The survivors saw their peer go, rather than hanging until a timeout, and name it by
+    // world rank and mesh coordinates, not by its number in their group.
     assert!(err.contains("rank 0:"), "{err}");
+    let coord = meshrec_pipeline::Mesh::new(2, 1, 2).unwrap().coord(3);
+    assert!(
+        err.contains(&format!("is world rank 3 ({coord})")),
+        "the lost peer is not named by world rank: {err}"
+    );
     assert!(start.elapsed().as_secs() < 60, "took {:?}", start.elapsed());
     // The last good checkpoint (step 4, or 5 where an epoch ended there) is intact and
     // resumes to the end.

@@ -190,6 +190,13 @@ pub struct ModelDims {
     pub n_layers: usize,
 }
 
+impl fmt::Display for Coord {
+    /// `dp1·tp0·pp1`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "dp{}·tp{}·pp{}", self.dp, self.tp, self.pp)
+    }
+}
+
 impl fmt::Display for Mesh {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "dp{}·tp{}·pp{}", self.dp, self.tp, self.pp)
