@@ -18,7 +18,7 @@ pub enum RunError {
     #[error("parallel run: {0}")]
     Parallel(String),
     /// A failure every rank of an MPI job meets alike (an invalid layout, say): world rank 0
-    /// reports it, the others stop with this, which the binary does not print again.
+    /// has printed it, and every rank stops with this, which the binary does not print again.
     #[error("stopped: world rank 0 reports why")]
     ReportedByLeader,
 }

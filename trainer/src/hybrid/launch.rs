@@ -131,12 +131,15 @@ pub fn train_mpi(
     let runtime = MpiRuntime::init().map_err(|e| RunError::Parallel(format!("MPI init: {e}")))?;
     let world = runtime.world(MpiConfig::default());
     let leader = world.rank() == 0;
+    // Every rank meets these errors alike. World rank 0 prints the report, then all meet
+    // at a barrier before any exits: a rank leaving first would have mpirun abort the job
+    // before the report is out.
     let reported = |e: RunError| {
         if leader {
-            e
-        } else {
-            RunError::ReportedByLeader
+            eprintln!("Error: {e}");
         }
+        let _ = meshrec_comm::Communicator::barrier(&world);
+        RunError::ReportedByLeader
     };
     if world.size() != config.parallel.world_size() {
         return Err(reported(RunError::Parallel(format!(
