@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 
 use burn::module::{Module, Param};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::tensor::{Device, Gradients, Tensor, TensorData};
 use meshrec_comm::{CommError, Communicator, ReduceOp};
 use meshrec_model::data::Batch;
 use meshrec_model::loss::VocabReducer;
@@ -734,24 +734,15 @@ impl Segment {
                     mask,
                 } => {
                     let g = upstream(g, self.model_chunk)?;
-                    // The output projection, from the kept context.
-                    let grads = (partial * masked(&g, mask)).sum().backward();
-                    accumulate_grads(&self.chunk, &grads, &mut self.grads);
-                    let d_context = context.grad(&grads).ok_or_else(|| {
-                        ParallelError::Step(format!(
-                            "chunk {}: the attention context has no gradient",
-                            self.model_chunk
-                        ))
-                    })?;
-                    // The core again, with the same dropout masks, on the kept q, k, v —
-                    // still nodes of the projections' graph, so one backward runs through
-                    // the recomputed core and the projections to the branch input.
-                    let global = self.first_block + block;
-                    self.dropout_key.seed_branch(mb, global, 0, tp.rank());
-                    let [q, k, v] = qkv;
-                    let core = self.chunk.blocks[block].attn.core(q, k, v);
-                    let grads = (core * d_context).sum().backward();
-                    accumulate_grads(&self.chunk, &grads, &mut self.grads);
+                    let grads = self.selective_backward(
+                        mb,
+                        block,
+                        qkv,
+                        context,
+                        partial,
+                        masked(&g, mask),
+                        tp,
+                    )?;
                     let partial_dx = leaf.grad(&grads).unwrap_or_else(|| g.zeros_like());
                     Some(g + tp_all_reduce(partial_dx, tp)?)
                 }
@@ -809,6 +800,39 @@ impl Segment {
         })
     }
 
+    /// Selective recomputation's backward of attention branch `block` from its output
+    /// gradient `g_out` (after the residual mask): the output projection from the kept
+    /// context, then the core rerun with the forward's dropout masks on the kept q, k, v —
+    /// still nodes of the projections' graph, so one backward runs through the recomputed
+    /// core and the projections to the branch input. Returns that backward's gradients.
+    #[allow(clippy::too_many_arguments)]
+    fn selective_backward(
+        &mut self,
+        mb: usize,
+        block: usize,
+        qkv: [Tensor<4>; 3],
+        context: Tensor<3>,
+        partial: Tensor<3>,
+        g_out: Tensor<3>,
+        tp: &dyn Communicator,
+    ) -> Result<Gradients, ParallelError> {
+        let grads = (partial * g_out).sum().backward();
+        accumulate_grads(&self.chunk, &grads, &mut self.grads);
+        let d_context = context.grad(&grads).ok_or_else(|| {
+            ParallelError::Step(format!(
+                "chunk {}: the attention context has no gradient",
+                self.model_chunk
+            ))
+        })?;
+        let global = self.first_block + block;
+        self.dropout_key.seed_branch(mb, global, 0, tp.rank());
+        let [q, k, v] = qkv;
+        let core = self.chunk.blocks[block].attn.core(q, k, v);
+        let grads = (core * d_context).sum().backward();
+        accumulate_grads(&self.chunk, &grads, &mut self.grads);
+        Ok(grads)
+    }
+
     /// Backward through a sequence-parallel branch given the residual stream's gradient
     /// rows `g`: the reduce-scatter's backward (an all-gather of `g`), the branch body
     /// (rerun first under recomputation), the all-gather's backward (this rank's rows of
@@ -857,20 +881,8 @@ impl Segment {
                 partial,
                 block,
             } => {
-                let grads = (partial * g_whole).sum().backward();
-                accumulate_grads(&self.chunk, &grads, &mut self.grads);
-                let d_context = context.grad(&grads).ok_or_else(|| {
-                    ParallelError::Step(format!(
-                        "chunk {}: the attention context has no gradient",
-                        self.model_chunk
-                    ))
-                })?;
-                let global = self.first_block + block;
-                self.dropout_key.seed_branch(mb, global, 0, tp.rank());
-                let [q, k, v] = qkv;
-                let core = self.chunk.blocks[block].attn.core(q, k, v);
-                let grads = (core * d_context).sum().backward();
-                accumulate_grads(&self.chunk, &grads, &mut self.grads);
+                let grads =
+                    self.selective_backward(mb, block, qkv, context, partial, g_whole, tp)?;
                 (leaf, normed, gathered.grad(&grads))
             }
         };

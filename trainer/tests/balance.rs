@@ -14,6 +14,30 @@ fn config(dir: &std::path::Path, name: &str, extra: &[&str]) -> RunConfig {
     common::synthetic_config(dir, name, &all)
 }
 
+/// Trains `layout` as is (`fixed`) and with the online rebalancer acting on its first
+/// paying proposal (`moving`); returns the blocks moved.
+fn fixed_and_moving(dir: &std::path::Path, layout: &[&str]) -> u64 {
+    let device = test_device().autodiff();
+    hybrid::train_local(&config(dir, "fixed", layout), &device, "cpu", None).unwrap();
+    let mut moving = layout.to_vec();
+    moving.extend([
+        "balance.rebalance=true",
+        "balance.window_steps=2",
+        "balance.patience=1",
+        // Act on the first paying proposal: these tests are about the move, not hysteresis.
+        "balance.noise_margin=0.0",
+    ]);
+    let summary =
+        hybrid::train_local(&config(dir, "moving", &moving), &device, "cpu", None).unwrap();
+    let migrations: u64 = common::metrics(dir, "moving", "step")
+        .iter()
+        .map(|s| s["parallel"]["migrations"].as_u64().unwrap())
+        .sum();
+    assert!(migrations >= 1, "the rebalancer never moved a block");
+    assert_eq!(summary.parallel.unwrap().migrations, migrations);
+    migrations
+}
+
 fn assert_close(dir: &std::path::Path, a: &str, b: &str, tolerance: f64) {
     let (x, y) = (
         common::series(dir, a, "step", "loss"),
@@ -32,7 +56,6 @@ fn assert_close(dir: &std::path::Path, a: &str, b: &str, tolerance: f64) {
 #[test]
 fn rebalancing_moves_blocks_off_a_slow_stage_without_changing_training() {
     let dir = tempfile::tempdir().unwrap();
-    let device = test_device().autodiff();
     // Stage 1 (world rank 1) runs on a device three times slower: with the even [2, 2]
     // partition it is the bottleneck, and moving a block to stage 0 pays.
     let pipeline = [
@@ -41,29 +64,7 @@ fn rebalancing_moves_blocks_off_a_slow_stage_without_changing_training() {
         "fault.slow_compute=3.0",
         "fault.slow_compute_rank=1",
     ];
-    hybrid::train_local(
-        &config(dir.path(), "fixed", &pipeline),
-        &device,
-        "cpu",
-        None,
-    )
-    .unwrap();
-    let mut moving = pipeline.to_vec();
-    moving.extend([
-        "balance.rebalance=true",
-        "balance.window_steps=2",
-        "balance.patience=1",
-        // Act on the first paying proposal: this test is about the move, not hysteresis.
-        "balance.noise_margin=0.0",
-    ]);
-    let summary =
-        hybrid::train_local(&config(dir.path(), "moving", &moving), &device, "cpu", None).unwrap();
-    let migrations: u64 = common::metrics(dir.path(), "moving", "step")
-        .iter()
-        .map(|s| s["parallel"]["migrations"].as_u64().unwrap())
-        .sum();
-    assert!(migrations >= 1, "the rebalancer never moved a block");
-    assert_eq!(summary.parallel.unwrap().migrations, migrations);
+    fixed_and_moving(dir.path(), &pipeline);
     // The first move takes a block off the slow stage 1, and the rebalancer's model of the
     // slowest stage (from measured stage times) gets cheaper by it.
     let steps = common::metrics(dir.path(), "moving", "step");
@@ -132,7 +133,6 @@ fn the_dp_split_follows_replica_speed_without_changing_training() {
 #[test]
 fn rebalancing_under_zero_2_keeps_training_unchanged() {
     let dir = tempfile::tempdir().unwrap();
-    let device = test_device().autodiff();
     let layout = [
         "parallel.dp=2",
         "parallel.pp=2",
@@ -142,19 +142,6 @@ fn rebalancing_under_zero_2_keeps_training_unchanged() {
         "fault.slow_compute_rank=1",
         "train.epochs=2",
     ];
-    hybrid::train_local(&config(dir.path(), "fixed", &layout), &device, "cpu", None).unwrap();
-    let mut moving = layout.to_vec();
-    moving.extend([
-        "balance.rebalance=true",
-        "balance.window_steps=2",
-        "balance.patience=1",
-        "balance.noise_margin=0.0",
-    ]);
-    hybrid::train_local(&config(dir.path(), "moving", &moving), &device, "cpu", None).unwrap();
-    let migrations: u64 = common::metrics(dir.path(), "moving", "step")
-        .iter()
-        .map(|s| s["parallel"]["migrations"].as_u64().unwrap())
-        .sum();
-    assert!(migrations >= 1, "the rebalancer never moved a block");
+    fixed_and_moving(dir.path(), &layout);
     assert_close(dir.path(), "moving", "fixed", 1e-5);
 }
