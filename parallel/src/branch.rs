@@ -82,6 +82,21 @@ pub(crate) fn branch_body(block: &Block, site: u64, x: Tensor<3>) -> Tensor<3> {
     }
 }
 
+/// Selective recomputation's forward of an attention branch from its normalised input:
+/// the q, k, v projections (kept, graph and all), the `seq²` core on detached copies of
+/// them (nothing of it kept), and the output projection from the core's output as a fresh
+/// leaf. Returns `(qkv, context, partial)`.
+pub(crate) fn selective_attention(
+    block: &Block,
+    normed: Tensor<3>,
+) -> ([Tensor<4>; 3], Tensor<3>, Tensor<3>) {
+    let qkv = block.attn.project(normed);
+    let [q, k, v] = qkv.clone().map(|t| t.detach());
+    let context = block.attn.core(q, k, v).require_grad();
+    let partial = block.attn.wo.forward(context.clone());
+    (qkv, context, partial)
+}
+
 /// The upstream gradient through the residual dropout mask, if any.
 pub(crate) fn masked(g: &Tensor<3>, mask: Option<Tensor<3>>) -> Tensor<3> {
     match mask {

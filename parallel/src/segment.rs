@@ -27,7 +27,9 @@ use meshrec_model::step::{id_tensor, tied_softmax_surrogate};
 use meshrec_model::{ModelConfig, Recommender};
 use meshrec_pipeline::Recompute;
 
-use crate::branch::{branch, branch_body, branch_norm, masked, BranchPiece, SeqPiece};
+use crate::branch::{
+    branch, branch_body, branch_norm, masked, selective_attention, BranchPiece, SeqPiece,
+};
 use crate::dropout_key::keyed_mask;
 pub use crate::dropout_key::DropoutKey;
 use crate::error::ParallelError;
@@ -437,10 +439,8 @@ impl Segment {
                             let normed = block.attn_norm.forward(leaf.clone());
                             let gathered =
                                 shard.gather(normed.clone().detach(), tp)?.require_grad();
-                            let qkv = block.attn.project(gathered.clone());
-                            let [q, k, v] = qkv.clone().map(|t| t.detach());
-                            let context = block.attn.core(q, k, v).require_grad();
-                            let partial = block.attn.wo.forward(context.clone());
+                            let (qkv, context, partial) =
+                                selective_attention(block, gathered.clone());
                             (
                                 partial.clone(),
                                 SeqPiece::Selective {
@@ -494,10 +494,8 @@ impl Segment {
                     }
                     (Recompute::Selective, 0) => {
                         let leaf = x.clone().detach().require_grad();
-                        let qkv = block.attn.project(block.attn_norm.forward(leaf.clone()));
-                        let [q, k, v] = qkv.clone().map(|t| t.detach());
-                        let context = block.attn.core(q, k, v).require_grad();
-                        let partial = block.attn.wo.forward(context.clone());
+                        let normed = block.attn_norm.forward(leaf.clone());
+                        let (qkv, context, partial) = selective_attention(block, normed);
                         (
                             partial.clone(),
                             BranchPiece::Selective {

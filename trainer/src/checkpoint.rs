@@ -262,6 +262,11 @@ pub fn begin_save(root: &Path, step: u64) -> Result<PathBuf, RunError> {
     Ok(tmp)
 }
 
+/// The compressor-memory file of world rank `rank`.
+pub fn compressor_file(rank: usize) -> String {
+    format!("compress-rank{rank}.bin")
+}
+
 /// Where the checkpoint of `step` is written before it is complete.
 pub fn tmp_dir(root: &Path, step: u64) -> PathBuf {
     root.join(format!(".{}.tmp", step_name(step)))

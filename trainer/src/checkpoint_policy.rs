@@ -51,9 +51,7 @@ impl CheckpointPolicy {
             compressor: compressed.then(|| SavedCompressor {
                 method: config.compress.method.clone(),
                 error_feedback: config.compress.error_feedback,
-                files: (0..world)
-                    .map(|r| format!("compress-rank{r}.bin"))
-                    .collect(),
+                files: (0..world).map(checkpoint::compressor_file).collect(),
             }),
             config_text: toml::to_string(config).unwrap_or_default(),
             sharded: config.checkpoint.sharded,

@@ -20,7 +20,9 @@ use meshrec_parallel::ParallelError;
 use meshrec_pipeline::timeline::{busy_s, EventKind, Recorder};
 use meshrec_pipeline::{Action, Mesh, Schedule};
 
-use crate::checkpoint::{read_verified, write_entry, FileEntry, Manifest, ShardIndex, TrainState};
+use crate::checkpoint::{
+    compressor_file, read_verified, write_entry, FileEntry, Manifest, ShardIndex, TrainState,
+};
 use crate::checkpoint_shard::shard_file;
 use crate::config::RunConfig;
 use crate::error::RunError;
@@ -411,11 +413,7 @@ impl Stepper for MeshRank {
         let mut mine = vec![write_entry(tmp, &name, &bytes)?];
         if let Some(engine) = self.dp.engine().filter(|_| with_compressor) {
             let memory = engine.memory_bytes()?;
-            mine.push(write_entry(
-                tmp,
-                &format!("compress-rank{rank}.bin"),
-                &memory,
-            )?);
+            mine.push(write_entry(tmp, &compressor_file(rank), &memory)?);
         }
         let encoded = serde_json::to_vec(&mine).map_err(|e| RunError::io(tmp, e))?;
         let world = self.model.groups.world.as_ref();
@@ -442,7 +440,7 @@ impl Stepper for MeshRank {
     ) -> Result<(), RunError> {
         self.model.adopt_shards(dir, manifest, index)?;
         let same_buckets = same_layout && index.partition == self.model.layout.partition;
-        let name = format!("compress-rank{}.bin", self.model.groups.world.rank());
+        let name = compressor_file(self.model.groups.world.rank());
         if same_buckets && manifest.compressor.is_some() {
             if let Some(engine) = self.dp.engine() {
                 engine.restore_memory(&read_verified(dir, manifest, &name)?)?;
