@@ -57,13 +57,14 @@ pub enum CommError {
         /// What the other rank called.
         peer_op: OpKind,
     },
-    /// A rank of the local cluster panicked; the whole group (and every group split from it)
-    /// is poisoned and every later call fails with this.
-    #[error("group poisoned: world rank {world_rank} panicked: {message}")]
+    /// A rank of the local cluster panicked, or the cluster was aborted on a rank's
+    /// account (an elastic run evicting it); the whole group (and every group split from
+    /// it) is poisoned and every later call fails with this.
+    #[error("group poisoned by world rank {world_rank}: {message}")]
     Poisoned {
-        /// Rank in the cluster (the world) that panicked.
+        /// Rank in the cluster (the world) that panicked or was evicted.
         world_rank: usize,
-        /// The panic message.
+        /// What happened to it (the panic message, or why it was evicted).
         message: String,
     },
     /// A rank argument (root, destination, source) is outside `0..size`.

@@ -31,6 +31,7 @@ mod error;
 pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod observed;
 mod op;
 mod reduce;
 mod request;
@@ -45,7 +46,8 @@ pub use bucket::{BucketHandle, GradBucketer, ReducedBucket};
 pub use communicator::{chunk_len, chunk_range, Communicator};
 pub use dtype::{DType, Element};
 pub use error::{CommError, Result};
-pub use local::{ClusterError, LocalCluster, LocalCommunicator, LocalConfig};
+pub use local::{AbortHandle, ClusterError, LocalCluster, LocalCommunicator, LocalConfig};
+pub use observed::{Observed, WaitProbe};
 pub use op::ReduceOp;
 pub use request::{Completion, Request};
 pub use sim::{SimClock, SimCommunicator};

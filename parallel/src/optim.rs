@@ -26,6 +26,7 @@ pub struct OptimizerStep {
 }
 
 /// The AdamW state of one rank's segments (see the module docs).
+#[derive(Clone)]
 pub struct RankOptimizer {
     zero: ZeroStage,
     dp_rank: usize,
@@ -81,6 +82,35 @@ impl RankOptimizer {
             decay,
             sizes,
             shards,
+        }
+    }
+
+    /// Moves unsharded state to a new DP group (an elastic run's membership change): the
+    /// moments are whole, so only the group's numbering changes. ZeRO's shards would have
+    /// to be re-split over the new group, with a lost replica's shards gone: refused.
+    pub fn regroup(&mut self, groups: &Groups) -> Result<(), ParallelError> {
+        if self.shards.is_some() {
+            return Err(ParallelError::State(format!(
+                "ZeRO stage {:?} shards the optimizer over the DP group: it cannot change membership in memory",
+                self.zero
+            )));
+        }
+        self.dp_rank = groups.coord.dp;
+        self.dp_size = groups.mesh.dp;
+        Ok(())
+    }
+
+    /// Every moment buffer of this rank in order, for broadcasting to a replica that joins.
+    pub fn moments_mut(&mut self) -> impl Iterator<Item = &mut Vec<f32>> {
+        self.chunks
+            .iter_mut()
+            .flat_map(|o| o.m.iter_mut().chain(o.v.iter_mut()))
+    }
+
+    /// Sets the step count (a joining replica takes its donor's).
+    pub fn set_steps(&mut self, steps: u64) {
+        for o in &mut self.chunks {
+            o.step = steps;
         }
     }
 

@@ -316,6 +316,15 @@ impl Segment {
         }
     }
 
+    /// Drops what a step that failed part-way left: its stashed forwards (their graphs go
+    /// with them) and its gradients, so the step can run again (an elastic membership
+    /// change redoes it).
+    pub fn abandon_step(&mut self) {
+        self.stash.clear();
+        self.peak_in_flight = 0;
+        self.zero_grads();
+    }
+
     /// What backward recomputes instead of keeping (see [`Recompute`]).
     pub fn set_recompute(&mut self, recompute: Recompute) {
         self.recompute = recompute;

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::checkpoint::{self, Manifest, Progress, RngState, SavedCompressor, SavedLayout};
 use crate::config::RunConfig;
 use crate::error::RunError;
+use crate::faults::FaultPoint;
 use crate::stepper::Stepper;
 
 /// A run's checkpointing, built once from its config.
@@ -91,14 +92,19 @@ impl CheckpointPolicy {
             if stepper.is_leader() {
                 checkpoint::begin_save(&self.root, progress.step)?;
             }
-            let Some((files, index)) = stepper.write_shards(&tmp, self.compressor.is_some())?
-            else {
+            let written = stepper.write_shards(&tmp, self.compressor.is_some())?;
+            // Every shard is written, the manifest and the rename are not yet.
+            stepper.fault_point(FaultPoint::Checkpoint, progress.step)?;
+            let Some((files, index)) = written else {
                 return Ok(());
             };
             manifest.sharded = Some(index);
             checkpoint::finish_save(&self.root, manifest, files, self.keep)?
         } else {
-            let Some(state) = stepper.export_state()? else {
+            let state = stepper.export_state()?;
+            // The state is gathered, the leader has not written it yet.
+            stepper.fault_point(FaultPoint::Checkpoint, progress.step)?;
+            let Some(state) = state else {
                 return Ok(());
             };
             checkpoint::save(&self.root, manifest, &state, self.keep)?

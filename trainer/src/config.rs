@@ -1,6 +1,10 @@
 //! The run configuration: one TOML file, every field defaulted, unknown keys rejected,
 //! `--set section.key=value` overrides, and validation that names the offending key.
 
+use crate::elastic::ElasticNeeds;
+pub use crate::elastic::ElasticSection;
+use crate::fault_section::FaultKind;
+pub use crate::fault_section::FaultSection;
 use std::path::{Path, PathBuf};
 
 use meshrec_model::config::{MlpKind, Positions};
@@ -552,39 +556,6 @@ impl Default for BalanceSection {
     }
 }
 
-impl Default for FaultSection {
-    fn default() -> Self {
-        Self {
-            nan_step: None,
-            nan_rank: 0,
-            crash_step: None,
-            crash_rank: 0,
-            slow_ms: 0,
-            slow_rank: 0,
-            slow_compute: 1.0,
-            slow_compute_rank: 0,
-        }
-    }
-}
-
-/// `[fault]`: failure injection, for the tests that prove a run survives it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FaultSection {
-    /// Poison this world rank's gradient with NaN at this step.
-    pub nan_step: Option<u64>,
-    pub nan_rank: usize,
-    /// Make this world rank die at this step (an error on the local engine, abort under MPI).
-    pub crash_step: Option<u64>,
-    pub crash_rank: usize,
-    /// Make this world rank a straggler: it sleeps this long in every step (0: off).
-    pub slow_ms: u64,
-    pub slow_rank: usize,
-    /// Make this world rank a slower device: its forward and backward take this many
-    /// times as long (1: off).
-    pub slow_compute: f64,
-    pub slow_compute_rank: usize,
-}
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RunConfig {
@@ -599,6 +570,7 @@ pub struct RunConfig {
     pub checkpoint: CheckpointSection,
     pub balance: BalanceSection,
     pub fault: FaultSection,
+    pub elastic: ElasticSection,
 }
 
 /// Parses a `--set` value as a TOML value, falling back to a plain string.
@@ -614,7 +586,10 @@ impl RunConfig {
     /// one-device step: several ranks, recomputation (which the executor's graph cuts
     /// carry out), or sharded checkpoints (written per rank).
     pub fn uses_mesh_executor(&self) -> bool {
-        self.parallel.world_size() > 1 || self.train.recompute != "none" || self.checkpoint.sharded
+        self.parallel.world_size() > 1
+            || self.train.recompute != "none"
+            || self.checkpoint.sharded
+            || self.elastic.enabled
     }
 
     /// Reads `path` (if any), applies the overrides, and checks every value.
@@ -737,6 +712,19 @@ impl RunConfig {
         let method = self.compress.method_config()?;
         self.compress.validate_dgc(&method, p.dp, t.beta1)?;
         self.dp.validate_zero(mode, &method)?;
+        self.elastic
+            .check(&ElasticNeeds {
+                dp: self.parallel.dp,
+                sync_dp: mode == DpMode::Sync,
+                zero: self.dp.zero_stage()? != ZeroStage::Off,
+            })
+            .map_err(|(key, message)| invalid(key, message))?;
+        if self.fault.crash_kind == FaultKind::Hang && !self.elastic.enabled {
+            return Err(invalid(
+                "fault.crash_kind",
+                "\"hang\" needs elastic.enabled = true: only an elastic run's watchdog ends a hang",
+            ));
+        }
         if matches!(mode, DpMode::LocalSgd { .. })
             && method != meshrec_compress::MethodConfig::Identity
         {

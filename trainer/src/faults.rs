@@ -1,12 +1,15 @@
 //! Fault injection behind one trait: what a rank's step lets a fault do (stall before the
-//! step, compute slower, poison a gradient, die mid-step). `[fault]` is the config-driven
-//! implementation the tests and mpirun processes use; a run without `[fault]` entries gets
-//! hooks that do nothing.
+//! step, compute slower, poison a gradient, die — by an error, a panic or a hang — at a
+//! named point of the run). `[fault]` is the config-driven implementation the tests, the
+//! soak and mpirun processes use; a run without `[fault]` entries gets hooks that do
+//! nothing.
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::config::FaultSection;
 use crate::error::RunError;
+pub use crate::fault_section::{FaultKind, FaultPoint, FaultSection};
 
 /// What a rank lets faults do to its step. Every method has a do-nothing default.
 pub trait FaultHooks: Send {
@@ -26,11 +29,26 @@ pub trait FaultHooks: Send {
         false
     }
 
-    /// Mid-step, after backward, with the peers waiting in the step's reductions: an
-    /// injected crash fails here (or ends the process, as a real crash would under MPI).
-    fn mid_step(&mut self, step: u64) -> Result<(), RunError> {
-        let _ = step;
+    /// At `point` of `step`: an injected crash fails here (or ends the process, as a real
+    /// crash would under MPI), panics, or hangs.
+    fn at(&mut self, point: FaultPoint, step: u64) -> Result<(), RunError> {
+        let _ = (point, step);
         Ok(())
+    }
+}
+
+/// What an elastic run lends a rank's fault hooks: when the fault struck (for the time to
+/// detection), and the flag that releases a hung rank once it has been evicted.
+#[derive(Debug, Clone, Default)]
+pub struct FaultWitness {
+    pub struck: Arc<std::sync::Mutex<Option<Instant>>>,
+    pub released: Arc<AtomicBool>,
+}
+
+impl FaultWitness {
+    fn strike(&self) {
+        let mut at = self.struck.lock().unwrap_or_else(|e| e.into_inner());
+        at.get_or_insert_with(Instant::now);
     }
 }
 
@@ -46,6 +64,7 @@ pub struct ConfigFaults {
     /// Under MPI a crash kills the process (abort), as a real one would; on the local
     /// engine it is an error of this rank's thread.
     abort_process: bool,
+    witness: FaultWitness,
 }
 
 impl ConfigFaults {
@@ -54,7 +73,14 @@ impl ConfigFaults {
             fault: fault.clone(),
             world_rank,
             abort_process,
+            witness: FaultWitness::default(),
         }
+    }
+
+    /// The same faults reporting to an elastic run's witness.
+    pub fn witnessed(mut self, witness: FaultWitness) -> Self {
+        self.witness = witness;
+        self
     }
 }
 
@@ -77,18 +103,35 @@ impl FaultHooks for ConfigFaults {
         self.fault.nan_step == Some(step) && self.fault.nan_rank == self.world_rank
     }
 
-    fn mid_step(&mut self, step: u64) -> Result<(), RunError> {
-        if self.fault.crash_step != Some(step) || self.fault.crash_rank != self.world_rank {
+    fn at(&mut self, point: FaultPoint, step: u64) -> Result<(), RunError> {
+        let f = &self.fault;
+        if f.crash_step != Some(step) || f.crash_rank != self.world_rank || f.crash_at != point {
             return Ok(());
         }
+        self.witness.strike();
         let rank = self.world_rank;
-        if self.abort_process {
-            eprintln!("meshrec: [fault] crash of world rank {rank} at step {step}");
-            std::process::abort();
+        let what = format!(
+            "[fault] injected crash ({}) of world rank {rank} at step {step} ({point})",
+            f.crash_kind
+        );
+        match f.crash_kind {
+            FaultKind::Hang => {
+                eprintln!("meshrec: {what}: hanging");
+                while !self.witness.released.load(Ordering::Acquire) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                return Err(RunError::Parallel(format!(
+                    "{what}: released after eviction"
+                )));
+            }
+            _ if self.abort_process => {
+                eprintln!("meshrec: {what}");
+                std::process::abort();
+            }
+            FaultKind::Panic => panic!("{what}"),
+            FaultKind::Error => {}
         }
-        Err(RunError::Parallel(format!(
-            "[fault] injected crash of world rank {rank} at step {step}"
-        )))
+        Err(RunError::Parallel(what))
     }
 }
 
@@ -127,8 +170,9 @@ mod tests {
         assert!(one.poisons(3) && !one.poisons(4) && !two.poisons(3));
         assert_eq!(one.compute_stretch(), 2.5);
         assert_eq!(two.compute_stretch(), 1.0);
-        assert!(one.mid_step(5).is_ok() && two.mid_step(4).is_ok());
-        let err = two.mid_step(5).unwrap_err().to_string();
+        assert!(one.at(FaultPoint::MidStep, 5).is_ok() && two.at(FaultPoint::MidStep, 4).is_ok());
+        assert!(two.at(FaultPoint::Checkpoint, 5).is_ok(), "another point");
+        let err = two.at(FaultPoint::MidStep, 5).unwrap_err().to_string();
         assert!(
             err.contains("world rank 2") && err.contains("step 5"),
             "{err}"

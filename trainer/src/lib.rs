@@ -9,6 +9,8 @@
 //!   and [`progress`].
 //! * [`checkpoint`] — the layout-free training state on disk; [`model_io`] — the best model.
 //! * [`faults`] — fault injection behind one trait (`[fault]`).
+//! * [`elastic`] — training through the loss and the arrival of replicas (`[elastic]`),
+//!   liveness and progress kept apart, the local rendezvous and `meshrec launch`.
 //! * [`serving`] — the reductions serving uses: pruning with a fine-tune, distillation.
 //! * [`measure`], [`profile`], [`simulate`], [`report`] — measurements, per-layer profiles,
 //!   the simulator's view of a run, and a finished run's curves.
@@ -18,7 +20,9 @@ pub mod checkpoint_policy;
 pub mod checkpoint_shard;
 pub mod config;
 pub mod early_stop;
+pub mod elastic;
 pub mod error;
+pub mod fault_section;
 pub mod faults;
 pub mod heap;
 pub mod hybrid;

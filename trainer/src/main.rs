@@ -20,7 +20,7 @@ use meshrec_trainer::config::RunConfig;
 use meshrec_trainer::error::RunError;
 use meshrec_trainer::model_io::{evaluate, load_checkpoint};
 use meshrec_trainer::setup::{build_model, dataset_model_config, load_dataset};
-use meshrec_trainer::{hybrid, measure, profile, report, simulate, train};
+use meshrec_trainer::{elastic, hybrid, measure, profile, report, simulate, train};
 
 #[derive(Parser)]
 #[command(
@@ -66,6 +66,20 @@ struct TrainArgs {
 enum Command {
     /// Train to convergence and report test metrics.
     Train(TrainArgs),
+    /// Run `meshrec train` under `mpirun` with a supervisor that restarts the job from its
+    /// newest checkpoint with the surviving world when a process dies or hangs
+    /// (`[elastic]`: min_dp, timeout_s, max_restarts), torchrun-style.
+    Launch {
+        /// Ignored (the processes are `parallel.dp × tp × pp`); accepted for mpirun habits.
+        #[arg(long = "np", short = 'n')]
+        np: Option<usize>,
+        /// The mpirun command and its options before `-np`.
+        #[arg(long, default_value = "mpirun --allow-run-as-root --oversubscribe")]
+        mpirun: String,
+        /// `train` and its arguments.
+        #[arg(last = true, required = true)]
+        train: Vec<String>,
+    },
     /// Evaluate a saved checkpoint on the valid and test splits.
     Eval {
         #[command(flatten)]
@@ -250,6 +264,47 @@ fn print_table(
     }
 }
 
+/// `meshrec launch`: the train arguments parsed as `meshrec train` would, then the job run
+/// under the supervisor.
+fn launch(np: Option<usize>, mpirun: &str, train: Vec<String>) -> anyhow::Result<()> {
+    let args = std::iter::once("meshrec".to_string()).chain(train.iter().cloned());
+    let Command::Train(TrainArgs { common, resume }) = Cli::try_parse_from(args)?.command else {
+        anyhow::bail!("launch: the arguments after `--` must be `train ...`");
+    };
+    anyhow::ensure!(
+        resume.is_none(),
+        "launch: --resume is the supervisor's to give (it resumes from the newest checkpoint)"
+    );
+    if common.comm.as_deref().is_some_and(|c| c != "mpi") {
+        anyhow::bail!("launch: runs the job on MPI; drop --comm");
+    }
+    let (config, _, _) = setup(&common)?;
+    if !config.elastic.enabled {
+        anyhow::bail!("launch: needs elastic.enabled = true in the config or --set");
+    }
+    let world = config.parallel.world_size();
+    if let Some(n) = np.filter(|n| *n != world) {
+        anyhow::bail!(
+            "launch: -np {n} but [parallel] dp {} × tp {} × pp {} is {world} processes",
+            config.parallel.dp,
+            config.parallel.tp,
+            config.parallel.pp
+        );
+    }
+    let options = elastic::LaunchOptions {
+        exe: std::env::current_exe()?,
+        mpirun: mpirun.split_whitespace().map(str::to_string).collect(),
+        train_args: train.into_iter().skip(1).collect(),
+    };
+    let report = elastic::launch(&options, &config)?;
+    println!(
+        "launch: finished after {} attempt(s); report in {}",
+        report.attempts.len(),
+        config.run_dir().join("launch.json").display()
+    );
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -281,6 +336,9 @@ fn run() -> anyhow::Result<()> {
             let resume = resume.as_deref();
             let summary = match (config.parallel.comm.as_str(), config.uses_mesh_executor()) {
                 ("local", false) => train::train(&config, &device, &name, resume)?,
+                ("local", true) if config.elastic.enabled => {
+                    elastic::train_elastic_local(&config, &device, &name, resume)?
+                }
                 ("local", true) => hybrid::train_local(&config, &device, &name, resume)?,
                 _ => match hybrid::train_mpi(&config, &device, &name, resume)? {
                     Some(summary) => summary,
@@ -302,6 +360,7 @@ fn run() -> anyhow::Result<()> {
             );
             println!("run files: {}", config.run_dir().display());
         }
+        Command::Launch { np, mpirun, train } => launch(np, &mpirun, train)?,
         Command::Eval { common, checkpoint } => {
             let (config, device, _) = setup(&common)?;
             let dataset = load_dataset(&config)?;

@@ -42,6 +42,28 @@ pub struct StepRecord {
     pub heap_step_peak_bytes: Option<u64>,
 }
 
+/// One membership change of an elastic run, with its timings (measured).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MembershipEvent {
+    /// `loss` or `join`.
+    pub kind: String,
+    /// The step training continued from (the partial step dropped).
+    pub step: u64,
+    pub dp_before: usize,
+    pub dp_after: usize,
+    /// Who failed and why, by world rank and mesh coordinates (empty for a join).
+    pub causes: Vec<String>,
+    /// From the fault striking (where known: injected faults) to the survivors being told.
+    pub detect_s: Option<f64>,
+    /// From the survivors being told to the new membership agreed.
+    pub agree_s: f64,
+    /// From the survivors being told to training resumed (groups rebuilt, state rolled
+    /// back or shared).
+    pub recovery_s: Option<f64>,
+    /// Updates one or more survivors had applied and rolled back (the partial step).
+    pub rolled_back: bool,
+}
+
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize)]
 pub struct EpochRecord {
@@ -89,6 +111,9 @@ pub struct Summary {
     /// The largest `heap_step_peak_bytes` of any step (measured; see `metrics.jsonl`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heap_step_peak_bytes: Option<u64>,
+    /// An elastic run's membership changes (replicas lost or joined), in order.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub membership: Vec<MembershipEvent>,
 }
 
 /// `metrics.jsonl` of a run, written by the leader (the other ranks hold a writer that

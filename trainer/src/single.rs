@@ -8,7 +8,7 @@ use meshrec_model::params::{param_paths, read_values, write_values, ParamInfo};
 use meshrec_model::step::{forward_backward, StepOutput};
 use meshrec_model::Recommender;
 
-use crate::checkpoint::{StateKind, TrainState};
+use crate::checkpoint::{Progress, StateKind, TrainState};
 use crate::config::RunConfig;
 use crate::error::RunError;
 use crate::faults::{poison_first, ConfigFaults, FaultHooks};
@@ -108,7 +108,7 @@ impl Stepper for SingleDevice {
         true
     }
 
-    fn leader_decides_stop(&mut self, stop: bool) -> Result<bool, RunError> {
+    fn leader_decides_stop(&mut self, stop: bool, _: &mut Progress) -> Result<bool, RunError> {
         Ok(stop)
     }
 

@@ -8,9 +8,10 @@ use serde::Serialize;
 
 use std::path::Path;
 
-use crate::checkpoint::{write_entry, FileEntry, Manifest, ShardIndex, TrainState};
+use crate::checkpoint::{write_entry, FileEntry, Manifest, Progress, ShardIndex, TrainState};
 use crate::checkpoint_shard::{assemble, shard_file, RankShard};
 use crate::error::RunError;
+use crate::faults::FaultPoint;
 
 /// What the training loop needs from whatever runs the steps: one device, or one rank of a
 /// device mesh. Calls are collective on a mesh: every rank makes them in the same order.
@@ -21,8 +22,18 @@ pub trait Stepper {
     fn full_model(&mut self) -> Result<Recommender, RunError>;
     /// Whether this rank evaluates, writes the run's files and logs.
     fn is_leader(&self) -> bool;
-    /// The leader's early-stopping decision, on every rank.
-    fn leader_decides_stop(&mut self, stop: bool) -> Result<bool, RunError>;
+    /// The leader's early-stopping decision, on every rank, with the leader's progress
+    /// (early stopping's state included), so that any rank can take over as leader.
+    fn leader_decides_stop(
+        &mut self,
+        stop: bool,
+        progress: &mut Progress,
+    ) -> Result<bool, RunError>;
+    /// A point of the run where an injected fault may strike (a checkpoint being written).
+    fn fault_point(&mut self, point: FaultPoint, step: u64) -> Result<(), RunError> {
+        let _ = (point, step);
+        Ok(())
+    }
     /// The full training state (gathered from the shards; the leader gets it).
     fn export_state(&mut self) -> Result<Option<TrainState>, RunError>;
     /// Takes up a saved state; compressor memories only when `same_layout`.

@@ -16,6 +16,7 @@ use crate::checkpoint::Progress;
 use crate::checkpoint_policy::CheckpointPolicy;
 use crate::config::RunConfig;
 use crate::early_stop::{EarlyStopping, Verdict, METRIC};
+use crate::elastic::Phase;
 use crate::error::RunError;
 use crate::heap;
 use crate::metrics::{
@@ -110,11 +111,81 @@ fn start_epoch(progress: &mut Progress, epoch: u64) {
     progress.epoch_skipped = 0;
 }
 
+/// Saves the training state, telling the hooks (a checkpoint is its own phase for a
+/// watchdog: it may take longer than a step without anything being wrong).
+fn save(
+    checkpoints: &CheckpointPolicy,
+    stepper: &mut dyn Stepper,
+    progress: &Progress,
+    hooks: &mut dyn LoopHooks,
+) -> Result<(), RunError> {
+    hooks.phase(Phase::Checkpoint, progress.step);
+    checkpoints.save(stepper, progress)
+}
+
 /// How an epoch's steps ended.
 enum EpochEnd {
     Completed,
     /// `train.max_steps` reached (a checkpoint was saved).
     MaxSteps,
+}
+
+/// What a run's loop needs besides its stepper: the config, the data and the device.
+pub struct LoopInputs<'a> {
+    pub config: &'a RunConfig,
+    pub dataset: &'a Dataset,
+    pub model_config: &'a ModelConfig,
+    pub device: &'a Device,
+    pub device_name: &'a str,
+}
+
+/// What a membership-aware driver hears from the loop and may ask of it. The plain loop
+/// has [`NoHooks`].
+pub trait LoopHooks {
+    /// The loop entered `phase` at `step` (progress, for a watchdog).
+    fn phase(&mut self, phase: Phase, step: u64) {
+        let _ = (phase, step);
+    }
+
+    /// Whether to leave the loop at this step boundary for a membership change (a replica
+    /// joining).
+    fn regroup_before(&mut self, step: u64) -> bool {
+        let _ = step;
+        false
+    }
+}
+
+/// A loop nobody watches.
+pub struct NoHooks;
+
+impl LoopHooks for NoHooks {}
+
+/// How the loop ended.
+pub enum LoopEnd {
+    /// The run is over; the leader has its summary.
+    Finished(Option<Box<Summary>>),
+    /// A driver asked to regroup at a step boundary (`progress` is where training stands).
+    Regroup,
+}
+
+/// A run's totals that outlive one pass of the loop (an elastic run re-enters it after a
+/// membership change).
+pub struct RunTotals {
+    start: Instant,
+    stats: StatsSum,
+    memory_peak: Vec<HeldMemory>,
+    heap_step_peak: Option<u64>,
+}
+
+impl Default for RunTotals {
+    fn default() -> Self {
+        Self {
+            start: Instant::now(),
+            stats: StatsSum::default(),
+            memory_peak: Vec::new(),
+            heap_step_peak: None,
+        }
+    }
 }
 
 /// The training loop over any [`Stepper`]: epochs in seeded order, the learning-rate
@@ -130,7 +201,53 @@ pub fn train_with(
     device_name: &str,
     resume: Option<&Path>,
 ) -> Result<Option<Summary>, RunError> {
-    let start = Instant::now();
+    let mut totals = RunTotals::default();
+    let checkpoints = CheckpointPolicy::new(config)?;
+    let mut progress = match resume {
+        Some(path) => checkpoints.resume(path, config, stepper)?,
+        None => Progress::default(),
+    };
+    let inputs = LoopInputs {
+        config,
+        dataset,
+        model_config,
+        device,
+        device_name,
+    };
+    let from = resume.map(|_| progress.step);
+    match run_loop(
+        &inputs,
+        stepper,
+        &mut progress,
+        &mut totals,
+        from,
+        &mut NoHooks,
+    )? {
+        LoopEnd::Finished(summary) => Ok(summary.map(|s| *s)),
+        LoopEnd::Regroup => Err(RunError::Parallel(
+            "the loop stopped to regroup without an elastic driver".into(),
+        )),
+    }
+}
+
+/// The loop from `progress` on (updated as steps finish, so a driver that catches an error
+/// knows where training stood). `metrics_from`: the step whose metrics lines to keep when
+/// reopening `metrics.jsonl` (a resume or a new leader), none to start it afresh.
+pub fn run_loop(
+    inputs: &LoopInputs<'_>,
+    stepper: &mut dyn Stepper,
+    progress: &mut Progress,
+    totals: &mut RunTotals,
+    metrics_from: Option<u64>,
+    hooks: &mut dyn LoopHooks,
+) -> Result<LoopEnd, RunError> {
+    let LoopInputs {
+        config,
+        dataset,
+        model_config,
+        device,
+        device_name,
+    } = *inputs;
     let leader = stepper.is_leader();
     let train_set = TrainSet::new(dataset, model_config.max_len, config.data.windows)?;
     if train_set.is_empty() {
@@ -148,11 +265,7 @@ pub fn train_with(
     let early_stop = EarlyStopping {
         patience: config.train.patience,
     };
-    let mut progress = match resume {
-        Some(path) => checkpoints.resume(path, config, stepper)?,
-        None => Progress::default(),
-    };
-    let mut metrics = MetricsWriter::open(&run_dir, resume.map(|_| progress.step), leader)?;
+    let mut metrics = MetricsWriter::open(&run_dir, metrics_from, leader)?;
     if leader {
         let copy = run_dir.join("config.toml");
         std::fs::write(&copy, checkpoints.config_text()).map_err(|e| RunError::io(&copy, e))?;
@@ -178,9 +291,6 @@ pub fn train_with(
         );
     }
 
-    let mut run_stats = StatsSum::default();
-    let mut memory_peak: Vec<HeldMemory> = Vec::new();
-    let mut heap_step_peak: Option<u64> = None;
     let mut stopped_at_max = false;
     let first_epoch = progress.epoch;
     for epoch in first_epoch..t.epochs {
@@ -190,7 +300,7 @@ pub fn train_with(
             0
         };
         if skip == 0 {
-            start_epoch(&mut progress, epoch);
+            start_epoch(progress, epoch);
         }
         let mut bar = EpochProgress::new(epoch + 1, batches_per_epoch, skip, leader);
         let mut epoch_stats = StatsSum::default();
@@ -201,6 +311,10 @@ pub fn train_with(
             .skip(skip as usize)
         {
             let step = progress.step;
+            if hooks.regroup_before(step) {
+                return Ok(LoopEnd::Regroup);
+            }
+            hooks.phase(Phase::Step, step);
             let lr = schedule.at(step);
             let step_start = Instant::now();
             // One rank measures the process (its ranks share the heap).
@@ -209,16 +323,16 @@ pub fn train_with(
             let heap_step = heap::peak()
                 .zip(heap_start)
                 .map(|(p, s)| p.saturating_sub(s));
-            heap_step_peak = heap_step_peak.max(heap_step);
+            totals.heap_step_peak = totals.heap_step_peak.max(heap_step);
             let seconds = step_start.elapsed().as_secs_f64();
             epoch_stats.add(&out.parallel);
-            run_stats.add(&out.parallel);
-            peak_memory(&mut memory_peak, &out.memory);
+            totals.stats.add(&out.parallel);
+            peak_memory(&mut totals.memory_peak, &out.memory);
             if out.skipped {
                 tracing::warn!(step, "non-finite gradient: optimizer step skipped");
             }
             record_step(
-                &mut progress,
+                progress,
                 &out,
                 batch.batch_size as u64,
                 seconds,
@@ -243,12 +357,12 @@ pub fn train_with(
                 progress.epoch_samples as f64 / progress.epoch_seconds.max(1e-9),
             );
             if t.max_steps > 0 && progress.step >= t.max_steps {
-                checkpoints.save(stepper, &progress)?;
+                save(&checkpoints, stepper, progress, hooks)?;
                 end = EpochEnd::MaxSteps;
                 break;
             }
-            if checkpoints.due_mid_epoch(&progress, batches_per_epoch) {
-                checkpoints.save(stepper, &progress)?;
+            if checkpoints.due_mid_epoch(progress, batches_per_epoch) {
+                save(&checkpoints, stepper, progress, hooks)?;
             }
         }
         bar.finish();
@@ -268,6 +382,7 @@ pub fn train_with(
         let evaluate_now = (epoch + 1) % config.eval.every == 0 || epoch + 1 == t.epochs;
         let mut stop = false;
         if evaluate_now {
+            hooks.phase(Phase::Eval, progress.step);
             let model = stepper.full_model()?;
             if leader {
                 let valid_report =
@@ -294,7 +409,7 @@ pub fn train_with(
                     ),
                     "epoch done"
                 );
-                match early_stop.observe(&mut progress, epoch + 1, &valid_report) {
+                match early_stop.observe(progress, epoch + 1, &valid_report) {
                     Verdict::Improved => {
                         save_checkpoint(&model, &best_model, &serving_meta, Some(&users))?
                     }
@@ -311,14 +426,15 @@ pub fn train_with(
             }
         }
         // The training state at the epoch's end, early stopping included.
-        checkpoints.save(stepper, &progress)?;
-        if evaluate_now && stepper.leader_decides_stop(stop)? {
+        save(&checkpoints, stepper, progress, hooks)?;
+        if evaluate_now && stepper.leader_decides_stop(stop, progress)? {
             break;
         }
     }
+    hooks.phase(Phase::Eval, progress.step);
     let mut model = stepper.full_model()?;
     if !leader {
-        return Ok(None);
+        return Ok(LoopEnd::Finished(None));
     }
     if best_model.is_file() {
         load_checkpoint(&mut model, &best_model)?;
@@ -341,15 +457,16 @@ pub fn train_with(
         samples_per_s: progress.samples as f64 / progress.train_seconds.max(1e-9),
         tokens_per_s: progress.tokens as f64 / progress.train_seconds.max(1e-9),
         peak_rss_bytes: peak_rss_bytes(),
-        wall_seconds: start.elapsed().as_secs_f64(),
+        wall_seconds: totals.start.elapsed().as_secs_f64(),
         skipped_steps: progress.skipped_steps,
         valid: progress.best_valid.clone(),
         test: test_report,
         checkpoint: best_model,
-        parallel: run_stats.mean(),
-        memory_peak,
-        heap_step_peak_bytes: heap_step_peak,
+        parallel: totals.stats.mean(),
+        memory_peak: totals.memory_peak.clone(),
+        heap_step_peak_bytes: totals.heap_step_peak,
+        membership: Vec::new(),
     };
     write_summary(&run_dir, &summary)?;
-    Ok(Some(summary))
+    Ok(LoopEnd::Finished(Some(Box::new(summary))))
 }

@@ -46,7 +46,7 @@ fn a_rank_dying_mid_step_stops_the_run_naming_it() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("crash of world rank 3 at step 5"),
+        err.contains("crash (error) of world rank 3 at step 5"),
         "the dead rank is not named: {err}"
     );
     // The survivors saw their peer go, rather than hanging until a timeout, and name it by

@@ -9,6 +9,7 @@ mod data;
 mod memory;
 mod peer;
 mod recipe;
+mod soak;
 mod workspace;
 
 use std::path::{Path, PathBuf};
@@ -72,6 +73,20 @@ enum Cmd {
         /// this many PERCENT (`10` or `10%`; `mean_abs_error` in the JSON is a fraction).
         #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
         max_error: Option<f64>,
+    },
+    /// The fault soak of elastic training: trials that each kill a random rank at a random
+    /// step (local engine: error, panic, hang; `meshrec launch`: SIGKILL of a process) and
+    /// record detection, outcome, hangs and checkpoint integrity
+    /// (`target/bench/soak.{json,md}`). Fails on any hang, undetected loss or bad
+    /// checkpoint.
+    Soak {
+        #[arg(long, default_value_t = 100)]
+        trials: usize,
+        /// Trials under `meshrec launch` and mpirun (needs OpenMPI).
+        #[arg(long, default_value_t = 5)]
+        mpi_trials: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// No two source files of a crate reach each other through `use` or paths in code;
     /// lists every such cycle with the lines that make it.
@@ -685,6 +700,47 @@ fn ci() -> Result<()> {
     resumed.arg("--resume").arg(out.join("crash"));
     run(&mut resumed)?;
     summary_of("crash")?;
+    // Elastic under MPI: `meshrec launch` restarts a job whose process died (an abort) or
+    // hung (found by its health file) from the newest checkpoint with one replica fewer,
+    // and the job finishes.
+    for (name, kind) in [("launch-crash", "error"), ("launch-hang", "hang")] {
+        let kind_set = format!("fault.crash_kind=\"{kind}\"");
+        let sets = [
+            "parallel.dp=2",
+            "checkpoint.every_steps=2",
+            "elastic.enabled=true",
+            "elastic.timeout_s=3",
+            "fault.crash_step=5",
+            "fault.crash_rank=1",
+            kind_set.as_str(),
+        ];
+        let mut launch = Command::new(&meshrec);
+        launch.args(["launch", "--"]);
+        // `train` without `--comm`: the supervisor runs it on MPI.
+        let mut args = train_args("mpi", name, &sets);
+        args.drain(1..3);
+        launch.args(args);
+        run(&mut launch)?;
+        summary_of(name)?;
+        let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(
+            out.join(name).join("launch.json"),
+        )?)?;
+        let attempts = report["attempts"].as_array().cloned().unwrap_or_default();
+        let first = attempts
+            .first()
+            .map(|a| a["outcome"].to_string())
+            .unwrap_or_default();
+        let expected = if kind == "hang" { "hung" } else { "exited" };
+        if attempts.len() != 2 || report["finished"] != true || !first.contains(expected) {
+            bail!("meshrec launch should restart the {kind} once and finish: {report}");
+        }
+    }
+    // The fault soak, CI-sized: no hang, every loss detected, every checkpoint whole.
+    soak::soak(&soak::SoakOptions {
+        trials: 10,
+        mpi_trials: 2,
+        seed: 0,
+    })?;
     println!("xtask ci: all checks passed");
     Ok(())
 }
@@ -717,6 +773,15 @@ fn main() -> Result<()> {
         },
         Cmd::ValidateSim { quick, max_error } => validate_sim(quick, max_error),
         Cmd::FileCycles => cycles::check_workspace(),
+        Cmd::Soak {
+            trials,
+            mpi_trials,
+            seed,
+        } => soak::soak(&soak::SoakOptions {
+            trials,
+            mpi_trials,
+            seed,
+        }),
         Cmd::Ci => ci(),
     }
 }

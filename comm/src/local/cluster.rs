@@ -100,7 +100,11 @@ impl LocalCluster {
                     s.spawn(move || {
                         let r = catch_unwind(AssertUnwindSafe(|| f(c)));
                         if let Err(p) = &r {
-                            shared.poison(rank, panic_message(p.as_ref()), false);
+                            shared.poison(
+                                rank,
+                                format!("panicked: {}", panic_message(p.as_ref())),
+                                false,
+                            );
                         }
                         r
                     })

@@ -15,7 +15,7 @@ use super::config::LocalConfig;
 use super::lane::{Lane, Msg};
 use super::p2p::{self, P2p, P2pBody, P2pMsg};
 use super::progress::Worker;
-use super::shared::{lock, Shared};
+use super::shared::{lock, AbortHandle, Shared};
 use super::{barrier, broadcast, gather, reduction};
 use crate::communicator::{check_rank, Communicator};
 use crate::dtype::DType;
@@ -66,10 +66,7 @@ impl Drop for LocalCommunicator {
             // Runs before the channels close, so peers see the poison, not a lost peer.
             self.shared.poison(
                 self.world_rank(),
-                format!(
-                    "world rank {} panicked while holding its communicator",
-                    self.world_rank()
-                ),
+                "panicked while holding its communicator".to_owned(),
                 true,
             );
         }
@@ -178,6 +175,13 @@ impl LocalCommunicator {
     /// The cluster-wide state, for `LocalCluster::run` to poison when a rank panics.
     pub(super) fn shared(&self) -> Arc<Shared> {
         Arc::clone(&self.shared)
+    }
+
+    /// A handle that aborts the whole cluster (every group split from it) on some rank's
+    /// account: every waiting call wakes with `CommError::Poisoned` naming that rank. What an
+    /// elastic run uses to stop a membership that lost a rank.
+    pub fn abort_handle(&self) -> AbortHandle {
+        AbortHandle::new(self.shared())
     }
 
     /// `split` returning the concrete type.

@@ -66,3 +66,4 @@ mod shared;
 pub use cluster::{ClusterError, LocalCluster};
 pub use communicator::LocalCommunicator;
 pub use config::{AllReduceChoice, LocalConfig};
+pub use shared::AbortHandle;

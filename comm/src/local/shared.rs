@@ -71,3 +71,35 @@ impl Shared {
         }
     }
 }
+
+/// Aborts a cluster on a rank's account (see `LocalCommunicator::abort_handle`).
+#[derive(Clone)]
+pub struct AbortHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for AbortHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AbortHandle")
+            .field("aborted", &self.aborted())
+            .finish()
+    }
+}
+
+impl AbortHandle {
+    pub(super) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    /// Poisons the cluster naming `world_rank` and `message`; the first abort or panic
+    /// wins the name, later ones only keep it poisoned.
+    pub fn abort(&self, world_rank: usize, message: impl Into<String>) {
+        self.shared.poison(world_rank, message.into(), false);
+    }
+
+    /// The error every call of the cluster now fails with, if it was aborted or a rank
+    /// panicked.
+    pub fn aborted(&self) -> Option<CommError> {
+        self.shared.poisoned()
+    }
+}

@@ -127,7 +127,11 @@ pub fn train_mpi(
     device_name: &str,
     resume: Option<&Path>,
 ) -> Result<Option<Summary>, RunError> {
+    use crate::elastic::{health_file, Heartbeat, PhaseHooks, RankHealth};
+    use crate::train::{run_loop, LoopEnd, LoopInputs, RunTotals};
     use meshrec_comm::mpi::{MpiConfig, MpiRuntime};
+    use meshrec_comm::Observed;
+    use std::sync::Arc;
     let runtime = MpiRuntime::init().map_err(|e| RunError::Parallel(format!("MPI init: {e}")))?;
     let world = runtime.world(MpiConfig::default());
     let leader = world.rank() == 0;
@@ -154,16 +158,61 @@ pub fn train_mpi(
     let dataset = load_dataset(config).map_err(reported)?;
     let model_config = dataset_model_config(config, &dataset).map_err(reported)?;
     check_layout(config, &model_config, world.size()).map_err(reported)?;
-    rank_main(
-        Box::new(world),
+    // Under `meshrec launch`, every rank reports its heartbeat and progress to a file the
+    // supervisor reads.
+    let watched = std::env::var_os(crate::elastic::HEALTH_DIR_ENV).map(|dir| {
+        let health = RankHealth::new(world.rank(), config.elastic.budgets());
+        let file = health_file(std::path::Path::new(&dir), world.rank());
+        let beat = Heartbeat::start(
+            Arc::clone(&health),
+            config.elastic.beat_interval(),
+            Some(file),
+        );
+        (health, beat)
+    });
+    let concurrent = runtime.concurrent_threads();
+    let Some((health, _beat)) = watched else {
+        return rank_main(
+            Box::new(world),
+            config,
+            &dataset,
+            &model_config,
+            device,
+            device_name,
+            concurrent,
+            resume,
+        );
+    };
+    let world = Box::new(Observed::new(Box::new(world), Arc::clone(&health) as _));
+    let genres = item_genres(&dataset);
+    let mut rank = MeshRank::new(world, config, &model_config, genres, device, concurrent)?;
+    let checkpoints = crate::checkpoint_policy::CheckpointPolicy::new(config)?;
+    let mut progress = match resume {
+        Some(path) => checkpoints.resume(path, config, &mut rank)?,
+        None => Default::default(),
+    };
+    let inputs = LoopInputs {
         config,
-        &dataset,
-        &model_config,
+        dataset: &dataset,
+        model_config: &model_config,
         device,
         device_name,
-        runtime.concurrent_threads(),
-        resume,
-    )
+    };
+    let from = resume.map(|_| progress.step);
+    let mut hooks = PhaseHooks(health);
+    match run_loop(
+        &inputs,
+        &mut rank,
+        &mut progress,
+        &mut RunTotals::default(),
+        from,
+        &mut hooks,
+    )? {
+        LoopEnd::Finished(summary) => Ok(summary.map(|s| *s)),
+        LoopEnd::Regroup => Err(RunError::Parallel(
+            "an MPI job cannot regroup in place".into(),
+        )),
+    }
 }
 
 /// Without the `mpi` feature there is no MPI engine to run on.

@@ -36,6 +36,22 @@ pub struct MemoryPlan {
     pub recompute: Recompute,
 }
 
+/// A rank's parameters and optimizer state as they were before an update: what an elastic
+/// run rolls back to when survivors disagree on whether the step happened (Horovod's
+/// in-memory commit, one step deep).
+pub struct RankSnapshot {
+    values: Vec<Vec<Vec<f32>>>,
+    optimizer: RankOptimizer,
+    version: u64,
+}
+
+impl RankSnapshot {
+    /// Updates applied when it was taken.
+    pub fn version(&self) -> u64 {
+        self.version
+    }
+}
+
 /// This rank's chunks of the layout, their optimizer state, and what it takes to reassemble
 /// the whole model from every rank's slices.
 pub struct RankModel {
@@ -144,6 +160,79 @@ impl RankModel {
             optimizer.step(segments, groups, lr, clip)
         })?;
         Ok(step.skipped)
+    }
+
+    /// This rank's parameters and optimizer state now (a copy).
+    pub fn snapshot(&self) -> RankSnapshot {
+        RankSnapshot {
+            values: self.segments.iter().map(Segment::values).collect(),
+            optimizer: self.optimizer.clone(),
+            version: self.version,
+        }
+    }
+
+    /// Back to `snapshot`'s state.
+    pub fn restore(&mut self, snapshot: RankSnapshot) -> Result<(), RunError> {
+        for (s, values) in self.segments.iter_mut().zip(&snapshot.values) {
+            s.set_values(values)?;
+        }
+        self.optimizer = snapshot.optimizer;
+        self.version = snapshot.version;
+        Ok(())
+    }
+
+    /// The same chunks and state on a new mesh that differs only in its DP size (an elastic
+    /// membership change): TP and PP coordinates, partition and shapes stay.
+    pub fn regroup(&mut self, groups: Groups) -> Result<(), RunError> {
+        let (old, new) = (self.layout.mesh, groups.mesh);
+        if (old.tp, old.pp) != (new.tp, new.pp)
+            || groups.coord.tp != self.groups.coord.tp
+            || groups.coord.pp != self.groups.coord.pp
+        {
+            return Err(RunError::Parallel(format!(
+                "a membership change may only change the DP size: {old:?} at {} cannot become {new:?} at {}",
+                self.groups.coord, groups.coord
+            )));
+        }
+        self.optimizer.regroup(&groups)?;
+        for s in &mut self.segments {
+            s.abandon_step();
+        }
+        self.layout.mesh = new;
+        self.groups = groups;
+        // Every world rank's slices, to reassemble the model: the world changed.
+        self.all_specs = all_rank_specs(
+            &self.model_config,
+            self.genres.as_deref(),
+            &self.layout,
+            &self.device,
+        )?;
+        Ok(())
+    }
+
+    /// Parameters, moments and step count broadcast from DP rank 0 to the rest of the DP
+    /// group (a joining replica takes its donor's state). Collective over DP.
+    pub fn broadcast_from_dp_root(&mut self) -> Result<(), RunError> {
+        let dp = self.groups.dp.as_ref();
+        for s in &mut self.segments {
+            let mut values = s.values();
+            for v in values.iter_mut() {
+                dp.broadcast(v, 0)?;
+            }
+            s.set_values(&values)?;
+        }
+        for moment in self.optimizer.moments_mut() {
+            dp.broadcast(moment, 0)?;
+        }
+        let mut version = self.version.to_le_bytes().to_vec();
+        dp.broadcast_bytes(&mut version, 0)?;
+        let bytes: [u8; 8] = version
+            .as_slice()
+            .try_into()
+            .map_err(|_| RunError::Parallel("the donor sent a malformed step count".into()))?;
+        self.version = u64::from_le_bytes(bytes);
+        self.optimizer.set_steps(self.version);
+        Ok(())
     }
 
     /// The bytes this rank holds now: its chunks' parameter tensors, gradient buffers and
@@ -367,6 +456,26 @@ impl RankModel {
             vs.push(shard_chunk(&v, &s.specs, &mesh, coord)?);
         }
         Ok(self.optimizer.load_moments(ms, vs, state.optimizer_steps)?)
+    }
+
+    /// This rank's chunks of another partition, freshly initialised (not collective: a
+    /// joining replica's, which then takes its state from a donor).
+    pub fn rebuild_with_partition(
+        &mut self,
+        blocks: Vec<usize>,
+        seed: u64,
+    ) -> Result<(), RunError> {
+        let (_, initial) = initial_state(
+            &self.model_config,
+            self.genres.as_deref(),
+            seed,
+            &self.device,
+        );
+        let layout =
+            Layout::with_partition(self.layout.mesh, 1, blocks, self.model_config.n_layers)
+                .map_err(ParallelError::from)?
+                .with_sequence_parallel(self.layout.sequence_parallel);
+        self.build(layout, &initial)
     }
 
     /// Moves blocks between pipeline stages: the state goes through its layout-free form

@@ -21,16 +21,17 @@ use meshrec_pipeline::timeline::{busy_s, EventKind, Recorder};
 use meshrec_pipeline::{Action, Mesh, Schedule};
 
 use crate::checkpoint::{
-    compressor_file, read_verified, write_entry, FileEntry, Manifest, ShardIndex, TrainState,
+    compressor_file, read_verified, write_entry, FileEntry, Manifest, Progress, ShardIndex,
+    TrainState,
 };
 use crate::checkpoint_shard::shard_file;
 use crate::config::RunConfig;
 use crate::error::RunError;
-use crate::faults::{poison_first, stretch, ConfigFaults, FaultHooks};
+use crate::faults::{poison_first, stretch, ConfigFaults, FaultHooks, FaultPoint};
 use crate::hybrid::balancing::OnlineBalancer;
 use crate::hybrid::capture::TimelineCapture;
 use crate::hybrid::dp_update::{dp_updater, DpUpdater};
-use crate::hybrid::model::{MemoryPlan, RankModel};
+use crate::hybrid::model::{MemoryPlan, RankModel, RankSnapshot};
 use crate::setup::{adamw_config, dropout_seed};
 use crate::stepper::{HeldMemory, Migration, ParallelStepStats, StepResult, Stepper};
 
@@ -43,6 +44,11 @@ pub struct MeshRank {
     capture: Option<TimelineCapture>,
     faults: Box<dyn FaultHooks>,
     seed: u64,
+    /// Elastic: keep the state from before each update, to roll back to.
+    keeps_snapshot: bool,
+    snapshot: Option<RankSnapshot>,
+    concurrent_comm: bool,
+    model_config: ModelConfig,
 }
 
 /// What the executor's step hooks do on a mesh rank: feed the DP engine as backward
@@ -137,7 +143,98 @@ impl MeshRank {
             capture,
             faults: Box::new(faults),
             seed: config.train.seed,
+            keeps_snapshot: config.elastic.enabled,
+            snapshot: None,
+            concurrent_comm,
+            model_config: model_config.clone(),
         })
+    }
+
+    /// Updates this rank has applied (the parameters' version; the steps taken, in sync DP).
+    pub fn applied(&self) -> u64 {
+        self.model.version
+    }
+
+    /// The pipeline partition in use (blocks per stage).
+    pub fn partition(&self) -> Vec<usize> {
+        self.model.layout.partition.clone()
+    }
+
+    /// Rolls back the last update (to the state kept before it); an error if there is no
+    /// such state or it is not from `applied`.
+    pub fn roll_back_to(&mut self, applied: u64) -> Result<(), RunError> {
+        if self.applied() == applied {
+            return Ok(());
+        }
+        match self.snapshot.take() {
+            Some(s) if s.version() == applied => self.model.restore(s),
+            other => Err(RunError::Parallel(format!(
+                "world rank {} applied {} updates and kept the state of {:?}: it cannot go back to {applied}",
+                self.model.groups.world.rank(),
+                self.applied(),
+                other.map(|s| s.version())
+            ))),
+        }
+    }
+
+    /// This rank on a new world that differs from its mesh only in the DP size (an elastic
+    /// membership change), continuing from its state in memory: the chunks, their moments
+    /// and the partition stay; the groups, the DP engine and the balancer are new.
+    /// Collective over `world`.
+    pub fn regroup(
+        self,
+        world: Box<dyn Communicator>,
+        config: &RunConfig,
+        faults: Box<dyn FaultHooks>,
+    ) -> Result<Self, RunError> {
+        let Self {
+            mut model,
+            schedule,
+            dp,
+            capture,
+            seed,
+            keeps_snapshot,
+            concurrent_comm,
+            model_config,
+            ..
+        } = self;
+        // The old DP engine's thread ends with its world.
+        drop(dp);
+        let p = &config.parallel;
+        let mesh = Mesh::new(p.dp, p.tp, p.pp)?;
+        model.regroup(Groups::new(world, mesh)?)?;
+        let dp = dp_updater(config, &model.groups, concurrent_comm)?;
+        let balancer = OnlineBalancer::new(config, &model_config, &model.layout)?;
+        Ok(Self {
+            model,
+            schedule,
+            dp,
+            balancer,
+            capture,
+            faults,
+            seed,
+            keeps_snapshot,
+            snapshot: None,
+            concurrent_comm,
+            model_config,
+        })
+    }
+
+    /// Builds this rank with the pipeline partition a running mesh uses (a replica that
+    /// joins it), then takes its DP group's state from DP rank 0.
+    pub fn join(mut self, partition: Vec<usize>) -> Result<Self, RunError> {
+        if self.partition() != partition {
+            self.model.rebuild_with_partition(partition, self.seed)?;
+        }
+        self.model.broadcast_from_dp_root()?;
+        Ok(self)
+    }
+
+    /// Members of a DP group that a replica joins: the state goes from DP rank 0 to the
+    /// newcomers. Collective over DP.
+    pub fn share_state(&mut self) -> Result<(), RunError> {
+        self.dp.settle(&mut self.model)?;
+        self.model.broadcast_from_dp_root()
     }
 
     /// The same rank with other fault hooks than `[fault]`'s.
@@ -154,6 +251,11 @@ impl MeshRank {
             self.schedule.kind,
             self.schedule.micro_batches
         )
+    }
+
+    /// This rank's world rank.
+    pub fn world_rank(&self) -> usize {
+        self.model.groups.world.rank()
     }
 
     /// Ranks in the mesh.
@@ -316,13 +418,17 @@ impl Stepper for MeshRank {
         self.balancer
             .record(step_start.elapsed().as_secs_f64(), pipeline_s);
         // Peers are waiting in the DP and model-parallel reductions now.
-        self.faults.mid_step(step)?;
+        self.faults.at(FaultPoint::MidStep, step)?;
         if poison_pending {
             if let Some(s) = self.model.segments.first_mut() {
                 poison_first(&mut s.grads);
             }
         }
+        if self.keeps_snapshot {
+            self.snapshot = Some(self.model.snapshot());
+        }
         let applied = self.dp.update(step, lr, &mut self.model, &mut recorder)?;
+        self.faults.at(FaultPoint::AfterUpdate, step)?;
         let memory = self.held_memory()?;
         // Loss over the global batch where replicas meet every step; this replica's rows
         // where they do not (a blocking DP reduction would make them meet).
@@ -371,10 +477,28 @@ impl Stepper for MeshRank {
         self.model.groups.world.rank() == 0
     }
 
-    fn leader_decides_stop(&mut self, stop: bool) -> Result<bool, RunError> {
-        let mut v = [if stop { 1.0f32 } else { 0.0 }];
-        self.model.groups.world.broadcast(&mut v, 0)?;
-        Ok(v[0] > 0.5)
+    fn leader_decides_stop(
+        &mut self,
+        stop: bool,
+        progress: &mut Progress,
+    ) -> Result<bool, RunError> {
+        let world = self.model.groups.world.as_ref();
+        let mut bytes = if world.rank() == 0 {
+            serde_json::to_vec(&(stop, &*progress))
+                .map_err(|e| RunError::Parallel(format!("encoding the progress: {e}")))?
+        } else {
+            Vec::new()
+        };
+        world.broadcast_bytes(&mut bytes, 0)?;
+        let (stop, leaders): (bool, Progress) = serde_json::from_slice(&bytes).map_err(|e| {
+            RunError::Parallel(format!("world rank 0 sent an unreadable progress: {e}"))
+        })?;
+        *progress = leaders;
+        Ok(stop)
+    }
+
+    fn fault_point(&mut self, point: FaultPoint, step: u64) -> Result<(), RunError> {
+        self.faults.at(point, step)
     }
 
     fn export_state(&mut self) -> Result<Option<TrainState>, RunError> {
