@@ -322,10 +322,27 @@ fn member(shared: &Shared<'_>, start: Start<'_>) -> Result<MemberEnd, RunError> 
             Arc::clone(&health),
             witness.clone(),
         );
-        rank = rank.regroup(observed(a.comm, &health), &config_now, Box::new(NoFaults))?;
-        if a.joined {
-            rank.share_state()?;
-        }
+        let world = observed(a.comm, &health);
+        // A rank that cannot take its place says so, so that the others do not wait for it.
+        let taken = rank
+            .regroup(world, &config_now, Box::new(NoFaults))
+            .and_then(|mut r| {
+                if a.joined {
+                    r.share_state()?;
+                }
+                Ok(r)
+            });
+        rank = match taken {
+            Ok(r) => r,
+            Err(e) => {
+                let why = format!("could not take its place in the new membership: {e}");
+                membership.fail(generation, a.world_rank, &why);
+                return Ok(MemberEnd::Left(format!(
+                    "world rank {}: {why}",
+                    a.world_rank
+                )));
+            }
+        };
         metrics_from = Some(progress.step);
         if let Some(why) = a.below_min {
             health.enter(Phase::Checkpoint, progress.step);
