@@ -225,7 +225,8 @@ fn bench(name: &str, extra: &[String]) -> Result<()> {
         "compress" => run(cargo()
             .args(["bench", "-p", "meshrec-compress", "--bench", "compress"])
             .env("MESHREC_BENCH_DIR", bench_dir())),
-        // One core per pipeline stage, so a stage's idle time is the schedule's bubble.
+        // One core per pipeline stage (each stage runs in a one-thread pool of its own), so
+        // a stage's idle time is the schedule's bubble.
         "pipeline" => run(cargo()
             .args([
                 "run",
@@ -235,7 +236,6 @@ fn bench(name: &str, extra: &[String]) -> Result<()> {
                 "--example",
                 "bench_pipeline",
             ])
-            .env("RAYON_NUM_THREADS", "1")
             .env("MESHREC_BENCH_DIR", bench_dir())),
         "tp" => run(cargo()
             .args([

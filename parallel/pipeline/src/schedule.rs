@@ -492,14 +492,33 @@ impl Schedule {
         forward_s: f64,
         backward_s: f64,
     ) -> Result<SimulatedStep, ScheduleError> {
-        if !(forward_s.is_finite()
-            && backward_s.is_finite()
-            && forward_s >= 0.0
-            && backward_s >= 0.0)
-        {
-            return Err(ScheduleError::Duration(format!(
-                "forward_s {forward_s}, backward_s {backward_s}"
-            )));
+        self.simulate_costs(|_, a| {
+            if a.is_forward() {
+                forward_s
+            } else {
+                backward_s
+            }
+        })
+    }
+
+    /// [`Schedule::simulate`] with each action's cost given by `cost(pipeline rank,
+    /// action)`: the ideal step for stages of unequal speed (a bench plays the schedule with
+    /// each stage's measured forward and backward times, to tell the executor's own waits
+    /// from the stages' imbalance).
+    pub fn simulate_costs(
+        &self,
+        cost: impl Fn(usize, Action) -> f64,
+    ) -> Result<SimulatedStep, ScheduleError> {
+        for (d, actions) in self.per_device.iter().enumerate() {
+            for a in actions {
+                let c = cost(d, *a);
+                if !(c.is_finite() && c >= 0.0) {
+                    return Err(ScheduleError::Duration(format!(
+                        "{} on rank {d} costs {c} s",
+                        a.label(true)
+                    )));
+                }
+            }
         }
         // Complete lists bound the sizes before anything is allocated from them.
         self.check_lists()?;
@@ -516,17 +535,18 @@ impl Schedule {
         self.walk(|d, a, k| {
             let mb = a.micro_batch();
             let i = mb * chunks + k;
-            let (ready, cost) = if a.is_forward() {
-                let ready = if k > 0 { f_end[i - 1] } else { 0.0 };
-                (ready, forward_s)
-            } else {
-                let ready = if k + 1 < chunks {
-                    f_end[i].max(b_end[i + 1])
+            let ready = if a.is_forward() {
+                if k > 0 {
+                    f_end[i - 1]
                 } else {
-                    f_end[i]
-                };
-                (ready, backward_s)
+                    0.0
+                }
+            } else if k + 1 < chunks {
+                f_end[i].max(b_end[i + 1])
+            } else {
+                f_end[i]
             };
+            let cost = cost(d, a);
             let start = clock[d].max(ready);
             let end = start + cost;
             clock[d] = end;

@@ -410,3 +410,34 @@ proptest! {
         prop_assert!((sim.bubble - s.bubble_theory()).abs() < 1e-9);
     }
 }
+
+#[test]
+fn uneven_stages_are_played_with_their_own_costs() {
+    // pp 2, one micro-batch: stage 1 twice as slow. F0 on 0 [0,1], F0 on 1 [1,3], B0 on 1
+    // [3,7], B0 on 0 [7,9]: busy 3 and 6 of 9, bubble (6/9 + 3/9) / 2.
+    let s = Schedule::new(ScheduleKind::GPipe, 2, 1, 1).unwrap();
+    let step = s
+        .simulate_costs(|d, a| {
+            let slow = if d == 1 { 2.0 } else { 1.0 };
+            slow * if a.is_forward() { 1.0 } else { 2.0 }
+        })
+        .unwrap();
+    assert!((step.makespan_s - 9.0).abs() < 1e-12, "{}", step.makespan_s);
+    assert!((step.bubble - 0.5).abs() < 1e-12, "{}", step.bubble);
+    // Equal costs give what `simulate` gives.
+    for kind in [ScheduleKind::GPipe, ScheduleKind::OneFOneB] {
+        let s = Schedule::new(kind, 4, 8, 1).unwrap();
+        let even = s.simulate(1.0, 2.0).unwrap();
+        let same = s
+            .simulate_costs(|_, a| if a.is_forward() { 1.0 } else { 2.0 })
+            .unwrap();
+        assert_eq!(even.bubble, same.bubble);
+    }
+    assert!(s_err(&Schedule::new(ScheduleKind::GPipe, 2, 2, 1).unwrap()));
+}
+
+/// A negative cost is refused, naming the action.
+fn s_err(s: &Schedule) -> bool {
+    s.simulate_costs(|_, _| -1.0)
+        .is_err_and(|e| e.to_string().contains("costs -1"))
+}
