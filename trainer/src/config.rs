@@ -214,6 +214,10 @@ pub struct ParallelSection {
     /// residual stream split along the sequence (which `tp` must divide), each TP
     /// all-reduce a reduce-scatter plus an all-gather.
     pub sequence_parallel: bool,
+    /// Local engine: each rank runs burn's CPU kernels in a rayon pool of its own (`cores /
+    /// world` threads, at least one). `false`: every rank's kernels go to the one global
+    /// pool and the calling rank sleeps until they are done (a wake-up per kernel).
+    pub rank_pools: bool,
 }
 
 impl Default for ParallelSection {
@@ -227,6 +231,7 @@ impl Default for ParallelSection {
             virtual_stages: 1,
             comm: "local".into(),
             sequence_parallel: false,
+            rank_pools: true,
         }
     }
 }

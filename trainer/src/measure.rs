@@ -16,7 +16,7 @@ use meshrec_model::step::forward_backward;
 
 use crate::config::RunConfig;
 use crate::error::RunError;
-use crate::hybrid::launch::leader_result;
+use crate::hybrid::launch::{in_rank_pool, leader_result};
 use crate::hybrid::rank::MeshRank;
 use crate::setup::{build_model, dataset_model_config, item_genres, load_dataset};
 use crate::single::SingleDevice;
@@ -117,15 +117,17 @@ pub fn measure_layout(
     } else {
         let genres = item_genres(&dataset);
         let results = LocalCluster::run(config.parallel.world_size(), |comm| {
-            let mut rank = MeshRank::new(
-                Box::new(comm),
-                config,
-                &model_config,
-                genres.clone(),
-                device,
-                true,
-            )?;
-            run_steps(&mut rank, &batches, warmup, lr)
+            in_rank_pool(config, || {
+                let mut rank = MeshRank::new(
+                    Box::new(comm),
+                    config,
+                    &model_config,
+                    genres.clone(),
+                    device,
+                    true,
+                )?;
+                run_steps(&mut rank, &batches, warmup, lr)
+            })
         })
         .map_err(|e| RunError::Parallel(e.to_string()))?;
         leader_result(results)

@@ -27,7 +27,7 @@ use crate::elastic::phase::Phase;
 use crate::elastic::watchdog::{watch, StopOnDrop};
 use crate::error::RunError;
 use crate::faults::{ConfigFaults, FaultWitness, NoFaults};
-use crate::hybrid::launch::check_layout;
+use crate::hybrid::launch::{check_layout, in_rank_pool};
 use crate::hybrid::rank::MeshRank;
 use crate::metrics::Summary;
 use crate::setup::{dataset_model_config, item_genres, load_dataset};
@@ -128,13 +128,19 @@ pub fn train_elastic_local(
         s.spawn(move || watch(shared.membership, timeout, &flag));
         for comm in comms {
             let comm = Box::new(comm);
-            s.spawn(move || record(ends, shared, member(shared, Start::First { comm, resume })));
+            s.spawn(move || {
+                let end = in_rank_pool(config, || member(shared, Start::First { comm, resume }));
+                record(ends, shared, end)
+            });
         }
         // Joining replicas' ranks get threads as the membership admits them.
         while active.load(Ordering::Acquire) > 0 {
             if let Ok(a) = joiners.recv_timeout(Duration::from_millis(20)) {
                 active.fetch_add(1, Ordering::AcqRel);
-                s.spawn(move || record(ends, shared, member(shared, Start::Join(Box::new(a)))));
+                s.spawn(move || {
+                    let end = in_rank_pool(config, || member(shared, Start::Join(Box::new(a))));
+                    record(ends, shared, end)
+                });
             }
         }
     });

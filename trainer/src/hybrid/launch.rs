@@ -50,19 +50,41 @@ pub fn train_local(
     let world = config.parallel.world_size();
     check_layout(config, &model_config, world)?;
     let results = LocalCluster::run(world, |comm| {
-        rank_main(
-            Box::new(comm),
-            config,
-            &dataset,
-            &model_config,
-            device,
-            device_name,
-            true,
-            resume,
-        )
+        in_rank_pool(config, || {
+            rank_main(
+                Box::new(comm),
+                config,
+                &dataset,
+                &model_config,
+                device,
+                device_name,
+                true,
+                resume,
+            )
+        })
     })
     .map_err(|e| RunError::Parallel(e.to_string()))?;
     leader_result(results)
+}
+
+/// Runs one rank of a local mesh in a rayon pool of its own (`cores / world` threads, at
+/// least one): burn's CPU kernels split their work over rayon, and from a thread outside a
+/// pool every kernel call would hand its work to the global pool the ranks share and sleep
+/// until it is done — a wake-up per kernel, and ranks whose kernels wait on each other's.
+/// Off with `parallel.rank_pools = false`.
+pub fn in_rank_pool<T: Send>(config: &RunConfig, f: impl FnOnce() -> T + Send) -> T {
+    if !config.parallel.rank_pools {
+        return f();
+    }
+    let world = config.parallel.world_size();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    match rayon::ThreadPoolBuilder::new()
+        .num_threads((cores / world.max(1)).max(1))
+        .build()
+    {
+        Ok(pool) => pool.install(f),
+        Err(_) => f(),
+    }
 }
 
 /// The leader's result of a mesh run on the local engine (the others return `None`); if any
