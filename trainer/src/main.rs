@@ -515,8 +515,18 @@ fn run() -> anyhow::Result<()> {
         } => {
             let (config, device, _) = setup(&common)?;
             let th = measure::measure_throughput(&config, &device, warmup, steps)?;
+            let dataset = load_dataset(&config)?;
+            let model_config = dataset_model_config(&config, &dataset)?;
+            let shape = model_config.shape(&config.model.preset);
+            let flops_per_sample = measure::train_flops_per_sequence(&shape, model_config.max_len);
+            let peak = measure::sgemm_peak_gflops();
             let report = serde_json::json!({
                 "samples_per_s": th.samples_per_s(),
+                "peak_gflops": peak,
+                "peak_is": "best of five 1024^3 f32 products (gemm crate, every rayon thread), measured in this run",
+                "flops_per_sample": flops_per_sample,
+                "flops_are": "balance::shape train_flops_per_token x max_len (MODELLED count of the step's FLOPs)",
+                "fraction_of_peak": th.samples_per_s() * flops_per_sample / (peak * 1e9),
                 "tokens_per_s": th.tokens_per_s(),
                 "preset": config.model.preset,
                 "batch": config.train.batch_size,

@@ -196,3 +196,40 @@ impl Throughput {
         self.tokens as f64 / self.seconds().max(1e-9)
     }
 }
+
+/// The machine's measured f32 matrix-product peak: the best of five 1024³ products through
+/// `model::kernels::matmul_into` (the `gemm` crate on every rayon thread, what the host loss
+/// uses), in GFLOP/s (`2 · 1024³` FLOPs each). The ceiling `fraction_of_peak` is taken of.
+pub fn sgemm_peak_gflops() -> f64 {
+    use meshrec_model::kernels::{matmul_into, MatRef};
+    const N: usize = 1024;
+    let a: Vec<f32> = (0..N * N)
+        .map(|i| ((i % 97) as f32 - 48.0) / 97.0)
+        .collect();
+    let b: Vec<f32> = (0..N * N)
+        .map(|i| ((i % 89) as f32 - 44.0) / 89.0)
+        .collect();
+    let mut c = vec![0.0f32; N * N];
+    let mut best = f64::INFINITY;
+    for _ in 0..6 {
+        let t = Instant::now();
+        matmul_into(
+            &mut c,
+            MatRef::row_major(&a, N, N),
+            MatRef::row_major(&b, N, N),
+            false,
+        );
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    // The product is used, so it is not optimised away.
+    std::hint::black_box(&c);
+    2.0 * (N * N * N) as f64 / best / 1e9
+}
+
+/// FLOPs of one training step per sequence by `balance::shape`'s formulas
+/// (`train_flops_per_token` — forward and backward of every block and of the
+/// catalogue-wide head — times the sequence positions, padding included: they are
+/// computed too).
+pub fn train_flops_per_sequence(shape: &meshrec_balance::ModelShape, seq_len: usize) -> f64 {
+    shape.train_flops_per_token() * seq_len as f64
+}

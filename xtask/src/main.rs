@@ -10,6 +10,7 @@ mod memory;
 mod peer;
 mod recipe;
 mod soak;
+mod throughput;
 mod workspace;
 
 use std::path::{Path, PathBuf};
@@ -190,24 +191,6 @@ fn bench(name: &str, extra: &[String]) -> Result<()> {
     }
     std::fs::create_dir_all(bench_dir())?;
     match name {
-        "train" => {
-            if data::verify_ml100k(&root().join("data/ml-100k")).is_err() {
-                data::fetch_ml100k(None)?;
-            }
-            run(meshrec_release().args([
-                "bench",
-                "--config",
-                "configs/ml100k.toml",
-                "--device",
-                "cpu",
-                "--warmup",
-                "3",
-                "--steps",
-                "20",
-                "--json",
-                "target/bench/train.json",
-            ]))
-        }
         "comm" => {
             ensure_packages(&MPI_PACKAGES)?;
             run(cargo()
@@ -769,6 +752,7 @@ fn main() -> Result<()> {
                     _ => memory::bench(),
                 }
             }
+            "train" => throughput::bench(peer),
             _ => bench(&name, &extra),
         },
         Cmd::ValidateSim { quick, max_error } => validate_sim(quick, max_error),
