@@ -99,7 +99,10 @@ fn a_replica_lost_mid_step_on_dp2_pp2_leaves_and_the_rest_train_on_unchanged() {
         e.causes
     );
     let detect = e.detect_s.expect("an injected fault's time is known");
-    assert!(detect <= TIMEOUT_S, "detected after {detect} s (timeout {TIMEOUT_S} s)");
+    assert!(
+        detect <= TIMEOUT_S,
+        "detected after {detect} s (timeout {TIMEOUT_S} s)"
+    );
     assert!(e.recovery_s.is_some());
     assert_same_curve(
         &losses(dir.path(), "loss"),
@@ -200,7 +203,10 @@ fn a_hung_rank_is_found_by_its_stalled_progress_and_its_replica_evicted() {
         e.causes
     );
     let detect = e.detect_s.unwrap();
-    assert!(detect <= TIMEOUT_S, "a hang found after {detect} s (timeout {TIMEOUT_S} s)");
+    assert!(
+        detect <= TIMEOUT_S,
+        "a hang found after {detect} s (timeout {TIMEOUT_S} s)"
+    );
 }
 
 #[test]
