@@ -321,7 +321,27 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// A training step allocates and frees the same large buffers (activations, gradients, loss
+/// chunks) every step. By default glibc serves each from a fresh `mmap` and unmaps it when
+/// freed, so the kernel faults in and zeroes its pages again every step, and trims the heap
+/// top after frees; keeping those buffers in the heap makes the next step reuse them. The
+/// process then holds its peak heap (what the next step needs anyway).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn keep_step_buffers_in_the_heap() {
+    // SAFETY: mallopt only changes allocator parameters; called once, before any thread.
+    unsafe {
+        // glibc's largest mmap threshold (32 MiB on 64-bit); above it a buffer is mapped.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn keep_step_buffers_in_the_heap() {}
+
 fn run() -> anyhow::Result<()> {
+    keep_step_buffers_in_the_heap();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
