@@ -46,6 +46,7 @@ pub fn train(
         device,
         device_name,
         resume,
+        &mut NoHooks,
     )?;
     summary.ok_or(RunError::NoTrainingData)
 }
@@ -191,7 +192,9 @@ impl Default for RunTotals {
 /// The training loop over any [`Stepper`]: epochs in seeded order, the learning-rate
 /// schedule, evaluation with early stopping, the best model, training-state checkpoints
 /// (`--resume` continues from one exactly), `metrics.jsonl` and `summary.json` (written by
-/// the leader, which alone returns the summary).
+/// the leader, which alone returns the summary). `hooks` hear the loop's phases (a watched
+/// MPI rank's health file).
+#[allow(clippy::too_many_arguments)]
 pub fn train_with(
     config: &RunConfig,
     dataset: &Dataset,
@@ -200,6 +203,7 @@ pub fn train_with(
     device: &Device,
     device_name: &str,
     resume: Option<&Path>,
+    hooks: &mut dyn LoopHooks,
 ) -> Result<Option<Summary>, RunError> {
     let mut totals = RunTotals::default();
     let checkpoints = CheckpointPolicy::new(config)?;
@@ -215,14 +219,7 @@ pub fn train_with(
         device_name,
     };
     let from = resume.map(|_| progress.step);
-    match run_loop(
-        &inputs,
-        stepper,
-        &mut progress,
-        &mut totals,
-        from,
-        &mut NoHooks,
-    )? {
+    match run_loop(&inputs, stepper, &mut progress, &mut totals, from, hooks)? {
         LoopEnd::Finished(summary) => Ok(summary.map(|s| *s)),
         LoopEnd::Regroup => Err(RunError::Parallel(
             "the loop stopped to regroup without an elastic driver".into(),

@@ -21,16 +21,16 @@ use meshrec_pipeline::Mesh;
 use crate::checkpoint::Progress;
 use crate::checkpoint_policy::CheckpointPolicy;
 use crate::config::RunConfig;
-use crate::elastic::health::{Heartbeat, RankHealth};
+use crate::elastic::health::{Heartbeat, PhaseHooks, RankHealth};
 use crate::elastic::membership::{Arrival, Arrived, Assignment, Membership, Settings};
 use crate::elastic::phase::Phase;
 use crate::elastic::watchdog::{watch, StopOnDrop};
 use crate::error::RunError;
 use crate::faults::{ConfigFaults, FaultWitness, NoFaults};
-use crate::hybrid::launch::{check_layout, in_rank_pool};
+use crate::hybrid::launch::{in_rank_pool, prepare};
 use crate::hybrid::rank::MeshRank;
 use crate::metrics::Summary;
-use crate::setup::{dataset_model_config, item_genres, load_dataset};
+use crate::setup::item_genres;
 use crate::stepper::Stepper;
 use crate::train::{run_loop, LoopEnd, LoopHooks, LoopInputs, RunTotals};
 
@@ -45,13 +45,13 @@ enum MemberEnd {
 /// The loop's hooks in an elastic rank: phases go to the rank's health, and the loop stops
 /// at the join step once.
 struct ElasticHooks {
-    health: Arc<RankHealth>,
+    phases: PhaseHooks,
     join_step: Option<u64>,
 }
 
 impl LoopHooks for ElasticHooks {
     fn phase(&mut self, phase: Phase, step: u64) {
-        self.health.enter(phase, step);
+        self.phases.phase(phase, step);
     }
 
     fn regroup_before(&mut self, step: u64) -> bool {
@@ -82,10 +82,8 @@ pub fn train_elastic_local(
     device_name: &str,
     resume: Option<&Path>,
 ) -> Result<Summary, RunError> {
-    let dataset = load_dataset(config)?;
-    let model_config = dataset_model_config(config, &dataset)?;
+    let (dataset, model_config) = prepare(config)?;
     let p = &config.parallel;
-    check_layout(config, &model_config, p.world_size())?;
     let mesh = Mesh::new(p.dp, p.tp, p.pp)?;
     let local = LocalConfig::default();
     let comms = LocalCluster::with_config(p.world_size(), local.clone())
@@ -247,9 +245,8 @@ fn member(shared: &Shared<'_>, start: Start<'_>) -> Result<MemberEnd, RunError> 
             ));
             match resume {
                 Some(path) => {
-                    metrics_from = Some(0);
                     let p = CheckpointPolicy::new(config)?.resume(path, config, &mut rank)?;
-                    metrics_from = metrics_from.map(|_| p.step);
+                    metrics_from = Some(p.step);
                     p
                 }
                 None => Progress::default(),
@@ -258,7 +255,7 @@ fn member(shared: &Shared<'_>, start: Start<'_>) -> Result<MemberEnd, RunError> 
     };
     let mut totals = RunTotals::default();
     let mut hooks = ElasticHooks {
-        health: Arc::clone(&health),
+        phases: PhaseHooks(Arc::clone(&health)),
         join_step: config
             .elastic
             .join_step

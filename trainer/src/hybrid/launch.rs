@@ -17,7 +17,7 @@ use crate::hybrid::rank::MeshRank;
 use crate::metrics::Summary;
 use crate::setup::{dataset_model_config, item_genres, load_dataset};
 use crate::stepper::Stepper;
-use crate::train::train_with;
+use crate::train::{train_with, LoopHooks, NoHooks};
 
 /// Checks the run's layout against the world size and the model (the schedule was checked
 /// with the config): the errors every rank would meet alike, found once before any rank
@@ -37,6 +37,15 @@ pub fn check_layout(
     )?)
 }
 
+/// The run's dataset and model config, with the layout checked against them and a world of
+/// `[parallel]`'s size: what every way of starting a mesh does first.
+pub fn prepare(config: &RunConfig) -> Result<(Dataset, ModelConfig), RunError> {
+    let dataset = load_dataset(config)?;
+    let model_config = dataset_model_config(config, &dataset)?;
+    check_layout(config, &model_config, config.parallel.world_size())?;
+    Ok((dataset, model_config))
+}
+
 /// Trains the whole mesh of `[parallel]` in this process, one thread per device on the
 /// local engine; returns the leader's summary.
 pub fn train_local(
@@ -45,11 +54,8 @@ pub fn train_local(
     device_name: &str,
     resume: Option<&Path>,
 ) -> Result<Summary, RunError> {
-    let dataset = load_dataset(config)?;
-    let model_config = dataset_model_config(config, &dataset)?;
-    let world = config.parallel.world_size();
-    check_layout(config, &model_config, world)?;
-    let results = LocalCluster::run(world, |comm| {
+    let (dataset, model_config) = prepare(config)?;
+    let results = LocalCluster::run(config.parallel.world_size(), |comm| {
         in_rank_pool(config, || {
             rank_main(
                 Box::new(comm),
@@ -60,6 +66,7 @@ pub fn train_local(
                 device_name,
                 true,
                 resume,
+                &mut NoHooks,
             )
         })
     })
@@ -117,6 +124,7 @@ pub fn rank_main(
     device_name: &str,
     concurrent_comm: bool,
     resume: Option<&Path>,
+    hooks: &mut dyn LoopHooks,
 ) -> Result<Option<Summary>, RunError> {
     let genres = item_genres(dataset);
     let mut rank = MeshRank::new(world, config, model_config, genres, device, concurrent_comm)?;
@@ -136,6 +144,7 @@ pub fn rank_main(
         device,
         device_name,
         resume,
+        hooks,
     )
 }
 
@@ -150,7 +159,6 @@ pub fn train_mpi(
     resume: Option<&Path>,
 ) -> Result<Option<Summary>, RunError> {
     use crate::elastic::{health_file, Heartbeat, PhaseHooks, RankHealth};
-    use crate::train::{run_loop, LoopEnd, LoopInputs, RunTotals};
     use meshrec_comm::mpi::{MpiConfig, MpiRuntime};
     use meshrec_comm::Observed;
     use std::sync::Arc;
@@ -193,48 +201,24 @@ pub fn train_mpi(
         (health, beat)
     });
     let concurrent = runtime.concurrent_threads();
-    let Some((health, _beat)) = watched else {
-        return rank_main(
-            Box::new(world),
-            config,
-            &dataset,
-            &model_config,
-            device,
-            device_name,
-            concurrent,
-            resume,
-        );
+    let (world, mut hooks): (Box<dyn Communicator>, Box<dyn LoopHooks>) = match &watched {
+        Some((health, _)) => (
+            Box::new(Observed::new(Box::new(world), Arc::clone(health) as _)),
+            Box::new(PhaseHooks(Arc::clone(health))),
+        ),
+        None => (Box::new(world), Box::new(NoHooks)),
     };
-    let world = Box::new(Observed::new(Box::new(world), Arc::clone(&health) as _));
-    let genres = item_genres(&dataset);
-    let mut rank = MeshRank::new(world, config, &model_config, genres, device, concurrent)?;
-    let checkpoints = crate::checkpoint_policy::CheckpointPolicy::new(config)?;
-    let mut progress = match resume {
-        Some(path) => checkpoints.resume(path, config, &mut rank)?,
-        None => Default::default(),
-    };
-    let inputs = LoopInputs {
+    rank_main(
+        world,
         config,
-        dataset: &dataset,
-        model_config: &model_config,
+        &dataset,
+        &model_config,
         device,
         device_name,
-    };
-    let from = resume.map(|_| progress.step);
-    let mut hooks = PhaseHooks(health);
-    match run_loop(
-        &inputs,
-        &mut rank,
-        &mut progress,
-        &mut RunTotals::default(),
-        from,
-        &mut hooks,
-    )? {
-        LoopEnd::Finished(summary) => Ok(summary.map(|s| *s)),
-        LoopEnd::Regroup => Err(RunError::Parallel(
-            "an MPI job cannot regroup in place".into(),
-        )),
-    }
+        concurrent,
+        resume,
+        hooks.as_mut(),
+    )
 }
 
 /// Without the `mpi` feature there is no MPI engine to run on.
