@@ -8,10 +8,17 @@
 //! was chosen over re-reading the data file named in the metadata because a checkpoint then
 //! serves wherever it is copied, and the histories it answers with are exactly the ones the
 //! model was trained on, not whatever the data file holds today.
+//!
+//! A model with text/graph fusion is saved *baked*: the fusion is constant at inference, so
+//! the checkpoint's item rows are the fused table and its config has no fusion
+//! (`meshrec.fused_from` records what was fused). Serving needs neither the text vectors nor
+//! the graph, and loading such a file into a fused model turns that model into the same
+//! baked form ([`load_weights`]).
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+use burn::module::Param;
 use burn::store::{ModuleSnapshot, SafetensorsStore};
 use burn::tensor::Device;
 use serde::{Deserialize, Serialize};
@@ -19,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::ModelConfig;
 use crate::data::Dataset;
 use crate::error::{CheckpointError, Location};
+use crate::fusion::{FusionShape, SideInputs};
 use crate::model::{BlockDims, Recommender};
 
 /// The value of [`keys::FORMAT`] this code writes and reads.
@@ -34,6 +42,7 @@ pub mod keys {
     pub const ITEMS: &str = "meshrec.item_tokens";
     pub const GENRES: &str = "meshrec.item_genres";
     pub const USERS: &str = "meshrec.users_file";
+    pub const FUSED_FROM: &str = "meshrec.fused_from";
 }
 
 /// The sizes of one block as saved: pruning removes attention heads and MLP channels, so
@@ -161,7 +170,7 @@ pub fn build_model(meta: &CheckpointMeta, device: &Device) -> Recommender {
     let config = &meta.config;
     let mut model = Recommender::new_shard(
         config,
-        meta.item_genres.as_deref(),
+        &SideInputs::genres(meta.item_genres.clone()),
         BlockDims::full(config),
         0,
         config.vocab(),
@@ -285,6 +294,16 @@ pub fn save(
 ) -> Result<(), CheckpointError> {
     let mut meta = meta.clone();
     meta.blocks = block_shapes(model);
+    let fused_from = model.embed.fusion.as_ref().map(|_| meta.config.fusion);
+    let baked;
+    let model = match fused_from {
+        Some(_) => {
+            baked = bake_fusion(model);
+            meta.config.fusion = FusionShape::default();
+            &baked
+        }
+        None => model,
+    };
     if let Some(users) = users {
         let name = users_file_name(path);
         let sidecar = path.with_file_name(&name);
@@ -306,12 +325,27 @@ pub fn save(
     if let Some(users) = &meta.users_file {
         store = store.metadata(keys::USERS, users.clone());
     }
+    if let Some(shape) = &fused_from {
+        store = store.metadata(keys::FUSED_FROM, to_json(shape));
+    }
     model
         .save_into(&mut store)
         .map_err(|e| CheckpointError::Format {
             path: path.to_path_buf(),
             message: e.to_string(),
         })
+}
+
+/// The inference form of a fused model: its item rows replaced by the fused table, the
+/// fusion removed.
+pub fn bake_fusion(model: &Recommender) -> Recommender {
+    let mut baked = model.clone();
+    if baked.embed.fusion.is_some() {
+        let table = baked.embed.table().detach();
+        baked.embed.items.weight = Param::from_tensor(table);
+        baked.embed.fusion = None;
+    }
+    baked
 }
 
 /// A metadata value: JSON text.
@@ -396,13 +430,17 @@ pub fn read_meta(path: &Path) -> Result<CheckpointMeta, CheckpointError> {
 }
 
 /// Loads weights into a model of the same shape (training's best model back into its
-/// stepper, say), checking that every parameter was found and fits.
+/// stepper, say), checking that every parameter was found and fits. A fused model loading a
+/// baked checkpoint becomes baked (its fusion dropped: the item rows hold the fused table).
 pub fn load_weights(model: &mut Recommender, path: &Path) -> Result<(), CheckpointError> {
     if !path.is_file() {
         return Err(CheckpointError::Io {
             path: path.to_path_buf(),
             source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
         });
+    }
+    if model.embed.fusion.is_some() && read_raw_metadata(path)?.contains_key(keys::FUSED_FROM) {
+        model.embed.fusion = None;
     }
     let mut store = SafetensorsStore::from_file(path.to_path_buf());
     let result = model

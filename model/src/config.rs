@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 pub use meshrec_balance::shape::{MlpKind, Positions};
 
 use crate::error::ConfigError;
+use crate::fusion::FusionShape;
 
 /// Normalisation of the pre-norm blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +87,9 @@ pub struct ModelConfig {
     /// Multiply the input embedding by `sqrt(d_model)` before adding positions.
     #[serde(default)]
     pub scale_embedding: bool,
+    /// Text vectors and graph fused into the item table (issue 15); none by default.
+    #[serde(default)]
+    pub fusion: FusionShape,
 }
 
 impl ModelConfig {
@@ -112,6 +116,7 @@ impl ModelConfig {
             num_genres: None,
             init_std: 0.02,
             scale_embedding: false,
+            fusion: FusionShape::default(),
         }
     }
 
@@ -169,6 +174,7 @@ impl ModelConfig {
                 "must be a positive number",
             ));
         }
+        self.fusion.check(self.vocab())?;
         if self.num_genres == Some(0) {
             return Err(ConfigError::new(
                 "model.side_features",
@@ -196,9 +202,12 @@ impl ModelConfig {
         }
     }
 
-    /// Parameters of the model (from the shared formulas, plus the genre table).
+    /// Parameters of the model (from the shared formulas, plus the genre table and the
+    /// fusion's projection and graph nodes).
     pub fn num_params(&self) -> u64 {
-        self.shape("model").params() + (self.num_genres.unwrap_or(0) * self.d_model) as u64
+        self.shape("model").params()
+            + (self.num_genres.unwrap_or(0) * self.d_model) as u64
+            + self.fusion.params(self.d_model)
     }
 
     /// Forward FLOPs per token, multiply-add = 2.

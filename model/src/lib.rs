@@ -6,6 +6,7 @@ pub mod data;
 pub mod device;
 pub mod dropout;
 pub mod error;
+pub mod fusion;
 pub mod kernels;
 pub mod loss;
 pub mod metrics;
@@ -16,4 +17,5 @@ pub mod step;
 
 pub use config::{ModelConfig, NormKind, Preset};
 pub use error::{CheckpointError, ConfigError, DataError};
+pub use fusion::{SideInputs, TextFeatures};
 pub use model::Recommender;

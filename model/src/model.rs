@@ -12,6 +12,7 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use crate::config::{MlpKind, ModelConfig, NormKind, Positions};
 use crate::dropout;
+use crate::fusion::{Fusion, SideInputs};
 
 /// RMSNorm or LayerNorm.
 #[derive(Module, Debug)]
@@ -260,6 +261,8 @@ pub struct ItemEmbedding {
     pub genres: Option<Embedding>,
     /// `[rows, num_genres]`: each item's genres, averaged (a constant, not a parameter).
     pub genre_mix: Option<Tensor<2>>,
+    /// Text and graph fused into the item rows (on a table that holds every row).
+    pub fusion: Option<Fusion>,
     pub dropout: Dropout,
     /// Factor on the looked-up embedding before positions are added: `sqrt(d_model)` when
     /// `ModelConfig::scale_embedding` (the Transformer's and SASRec's convention, which keeps
@@ -279,6 +282,9 @@ impl ItemEmbedding {
     pub fn lookup(&self, items: Tensor<2, Int>) -> Tensor<3> {
         let [rows, _] = self.items.weight.dims();
         let in_full_range = self.first_item == 0 && rows == self.vocab;
+        if let Some(fusion) = &self.fusion {
+            return self.lookup_in(fusion.table(self.items.weight.val()), items);
+        }
         if in_full_range {
             return self.with_genres(items.clone(), self.items.forward(items));
         }
@@ -293,6 +299,17 @@ impl ItemEmbedding {
         emb.mask_fill(outside.unsqueeze_dim::<3>(2).expand([b, s, d]), 0.0)
     }
 
+    /// Looks up ids in an already computed (fused) table `[vocab, d]`: the step computes
+    /// the fusion once for both the input rows and the tied head.
+    pub fn lookup_in(&self, table: Tensor<2>, items: Tensor<2, Int>) -> Tensor<3> {
+        let [b, s] = items.dims();
+        let d = table.dims()[1];
+        let emb = table
+            .select(0, items.clone().reshape([b * s]))
+            .reshape([b, s, d]);
+        self.with_genres(items, emb)
+    }
+
     fn with_genres(&self, local_ids: Tensor<2, Int>, emb: Tensor<3>) -> Tensor<3> {
         match (&self.genres, &self.genre_mix) {
             (Some(genres), Some(mix)) => {
@@ -305,6 +322,16 @@ impl ItemEmbedding {
                 emb + picked
             }
             _ => emb,
+        }
+    }
+
+    /// The item rows the head is tied to: the ID rows, fused with text and graph when
+    /// configured.
+    pub fn table(&self) -> Tensor<2> {
+        let rows = self.items.weight.val();
+        match &self.fusion {
+            Some(fusion) => fusion.table(rows),
+            None => rows,
         }
     }
 
@@ -376,10 +403,10 @@ pub fn genre_mix(
 impl Recommender {
     /// A freshly initialised model (weights from burn's initialisers; call
     /// [`crate::params::init_normal`] for the seeded, layout-independent initialisation).
-    pub fn new(config: &ModelConfig, item_genres: Option<&[Vec<u32>]>, device: &Device) -> Self {
+    pub fn new(config: &ModelConfig, side: &SideInputs, device: &Device) -> Self {
         Self::new_shard(
             config,
-            item_genres,
+            side,
             BlockDims::full(config),
             0,
             config.vocab(),
@@ -392,7 +419,7 @@ impl Recommender {
     /// item_rows`, and `n_blocks` blocks (a pipeline stage may hold fewer than all).
     pub fn new_shard(
         config: &ModelConfig,
-        item_genres: Option<&[Vec<u32>]>,
+        side: &SideInputs,
         dims: BlockDims,
         first_item: usize,
         item_rows: usize,
@@ -400,7 +427,7 @@ impl Recommender {
         device: &Device,
     ) -> Self {
         let d = config.d_model;
-        let (genres, mix) = match (config.num_genres, item_genres) {
+        let (genres, mix) = match (config.num_genres, side.item_genres()) {
             (Some(g), Some(item_genres)) => (
                 Some(EmbeddingConfig::new(g, d).init(device)),
                 Some(genre_mix(item_genres, g, first_item, item_rows, device)),
@@ -413,6 +440,11 @@ impl Recommender {
                 .then(|| EmbeddingConfig::new(config.max_len, d).init(device)),
             genres,
             genre_mix: mix,
+            // The propagation mixes every item with every user: only a whole table has it
+            // (the mesh refuses tensor parallelism with fusion).
+            fusion: (first_item == 0 && item_rows == config.vocab())
+                .then(|| Fusion::new(&config.fusion, side, d, device))
+                .flatten(),
             dropout: DropoutConfig::new(config.dropout).init(),
             input_scale: if config.scale_embedding {
                 (d as f64).sqrt()
@@ -434,16 +466,26 @@ impl Recommender {
     /// Runs embedding, blocks and final norm: the hidden states `[batch, seq, d]` that the
     /// tied head scores against the item table.
     pub fn hidden(&self, items: Tensor<2, Int>) -> Tensor<3> {
-        let mut x = self.embed.forward(items);
+        self.blocks_and_norm(self.embed.forward(items))
+    }
+
+    /// [`Recommender::hidden`] with the inputs looked up in `table` (the item table as
+    /// [`Recommender::item_table`] gave it), so a fused table is computed once per step.
+    pub fn hidden_in(&self, table: Tensor<2>, items: Tensor<2, Int>) -> Tensor<3> {
+        let x = self.embed.finish(self.embed.lookup_in(table, items));
+        self.blocks_and_norm(x)
+    }
+
+    fn blocks_and_norm(&self, mut x: Tensor<3>) -> Tensor<3> {
         for block in &self.blocks {
             x = block.forward(x);
         }
         self.final_norm.forward(x)
     }
 
-    /// The item table `[rows, d]` the head is tied to.
+    /// The item table `[rows, d]` the head is tied to (fused when configured).
     pub fn item_table(&self) -> Tensor<2> {
-        self.embed.items.weight.val()
+        self.embed.table()
     }
 
     /// Full logits `[batch, seq, vocab]` through burn, padding column included. For tests and

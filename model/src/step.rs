@@ -109,9 +109,12 @@ pub fn forward_backward(
     device: &Device,
 ) -> StepOutput {
     let inputs = id_tensor(&batch.inputs, batch.batch_size, batch.seq_len, device);
-    let h = model.hidden(inputs);
-    let (loss_sum, targets, surrogate) =
-        full_table_surrogate(h, &batch.targets, model.item_table(), grad_scale);
+    let table = model.item_table();
+    let h = match &model.embed.fusion {
+        Some(_) => model.hidden_in(table.clone(), inputs),
+        None => model.hidden(inputs),
+    };
+    let (loss_sum, targets, surrogate) = full_table_surrogate(h, &batch.targets, table, grad_scale);
     let grads = match surrogate {
         Some(surrogate) => read_grads(model, &surrogate.backward()),
         None => crate::params::param_paths(model)

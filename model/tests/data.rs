@@ -228,3 +228,41 @@ fn synthetic_rejects_bad_parameters() {
         }
     ));
 }
+
+/// Cold items are the bottom popularity quintile of the training split (ties included), and
+/// the cold test subset keeps exactly the cases whose target is one.
+#[test]
+fn cold_items_and_the_cold_test_subset() {
+    let raw: Vec<meshrec_model::data::RawInteraction> = (0..8)
+        .flat_map(|u| {
+            // Item `i` is trained on by users `0..i`, so popularity rises with the id;
+            // every user's last two items (valid, test) are 9 and `1 + u % 3`.
+            let mut items: Vec<usize> = (1..=8).filter(|&i| u < i).collect();
+            items.extend([9, 1 + u % 3]);
+            items
+                .into_iter()
+                .enumerate()
+                .map(move |(t, i)| meshrec_model::data::RawInteraction {
+                    user: format!("u{u}"),
+                    item: format!("{i}"),
+                    timestamp: t as f64,
+                    line: u * 20 + t + 1,
+                })
+        })
+        .collect();
+    let ds = Dataset::from_interactions("pop", &raw);
+    let counts = ds.training_counts();
+    let cold = ds.cold_items();
+    let id = |token: &str| ds.item_tokens.iter().position(|t| t == token).unwrap();
+    // Nine items: the quintile threshold is the lowest count (item 9 is only ever held out).
+    assert_eq!(counts[id("9")], 0);
+    assert!(cold[id("9")]);
+    assert!(!cold[0], "padding is never cold");
+    assert_eq!(cold.iter().filter(|&&c| c).count(), 1);
+    let test = EvalSet::new(&ds, 4, EvalSplit::Test);
+    let only = test.filtered(|t| t as usize == id("2"));
+    assert!(!only.is_empty() && only.targets.iter().all(|&t| t as usize == id("2")));
+    assert_eq!(only.contexts.len(), only.len() * 4);
+    let all = test.filtered(|_| true);
+    assert_eq!(all, test);
+}

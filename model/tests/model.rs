@@ -10,10 +10,10 @@ use meshrec_model::metrics::RankingMetrics;
 use meshrec_model::optim::{AdamW, AdamWConfig};
 use meshrec_model::params::{init_normal, param_paths, read_values, write_values};
 use meshrec_model::step::{evaluate_batch, forward_backward, id_tensor};
-use meshrec_model::{ModelConfig, NormKind, Preset, Recommender};
+use meshrec_model::{ModelConfig, NormKind, Preset, Recommender, SideInputs};
 
 fn model(config: &ModelConfig, device: &Device, seed: u64) -> Recommender {
-    let m = Recommender::new(config, None, device);
+    let m = Recommender::new(config, &SideInputs::default(), device);
     init_normal(m, seed, config.init_std, config.n_layers, device)
 }
 
@@ -222,7 +222,7 @@ fn config_validation_names_the_key() {
     let device = test_device();
     for preset in [Preset::Tiny, Preset::Small] {
         let c = ModelConfig::preset(preset, 100);
-        let m = Recommender::new(&c, None, &device);
+        let m = Recommender::new(&c, &SideInputs::default(), &device);
         let counted: usize = param_paths(&m).iter().map(|p| p.numel()).sum();
         assert_eq!(counted as u64, c.num_params(), "{preset:?}");
     }

@@ -19,6 +19,7 @@
 //!
 //! Writes `target/bench/pipeline.json` and `target/bench/pipeline-<schedule>.svg`.
 
+use meshrec_model::SideInputs;
 use std::path::PathBuf;
 use std::sync::{Arc, Barrier};
 use std::time::Instant;
@@ -90,7 +91,7 @@ fn measure(config: &ModelConfig, schedule: &Schedule, batch: &Batch) -> Measured
     let pp = schedule.pp;
     let mesh = Mesh::new(1, 1, pp).expect("mesh");
     let layout = Layout::uniform(mesh, schedule.virtual_stages, config.n_layers).expect("layout");
-    let (_, initial) = initial_state(config, None, 1, &test_device());
+    let (_, initial) = initial_state(config, &SideInputs::default(), 1, &test_device());
     let barrier = Arc::new(Barrier::new(pp));
     let origin = Arc::new(std::sync::Mutex::new(Instant::now()));
     let results = LocalCluster::run(pp, |comm| {
@@ -125,8 +126,15 @@ fn stage(
     let device = test_device();
     let rank = comm.rank();
     let groups = Groups::new(Box::new(comm), layout.mesh).expect("groups");
-    let mut segments =
-        build_segments(config, None, layout, &groups, initial, &device).expect("segments");
+    let mut segments = build_segments(
+        config,
+        &SideInputs::default(),
+        layout,
+        &groups,
+        initial,
+        &device,
+    )
+    .expect("segments");
     let micro = micro_batches(batch, schedule.micro_batches);
     let scale = 1.0 / batch.num_targets() as f32;
     let mut steps = Vec::new();

@@ -9,6 +9,7 @@
 //!
 //! Writes `target/bench/tp.json`.
 
+use meshrec_model::SideInputs;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -47,7 +48,7 @@ fn main() {
         targets,
     };
     let device = test_device();
-    let (_, initial) = initial_state(&config, None, 1, &device);
+    let (_, initial) = initial_state(&config, &SideInputs::default(), 1, &device);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("tensor parallelism, small preset with 4 heads (d {h}, {} blocks), batch {b}×{s}, {ITEMS} items, local engine, {cores} cores", config.n_layers);
     println!("| tp | step ms | ratio to tp 1 | MB sent/rank/step | Megatron blocks MB | + embedding & head MB | measured / model |");
@@ -60,8 +61,15 @@ fn main() {
         let schedule = Schedule::new(ScheduleKind::OneFOneB, 1, 1, 1).expect("schedule");
         let results = LocalCluster::run(tp, |comm| {
             let groups = Groups::new(Box::new(comm), layout.mesh).expect("groups");
-            let mut segments = build_segments(&config, None, &layout, &groups, &initial, &device)
-                .expect("segments");
+            let mut segments = build_segments(
+                &config,
+                &SideInputs::default(),
+                &layout,
+                &groups,
+                &initial,
+                &device,
+            )
+            .expect("segments");
             let micro = micro_batches(&batch, 1);
             let scale = 1.0 / batch.num_targets() as f32;
             let mut times = Vec::new();

@@ -37,10 +37,10 @@ fn run() -> Result<String, String> {
     };
     let (config, genres, batch) = tiny_case();
     let device = test_device();
-    let (_, initial) = initial_state(&config, Some(&genres), 3, &device);
+    let (_, initial) = initial_state(&config, &genres, 3, &device);
     let want = reference_step(
         &config,
-        Some(&genres),
+        &genres,
         &initial,
         &batch,
         StepSettings::default(),
@@ -55,7 +55,7 @@ fn run() -> Result<String, String> {
     let got = layout_step(
         Box::new(world),
         &config,
-        Some(&genres),
+        &genres,
         &layout,
         &schedule,
         &batch,

@@ -9,7 +9,7 @@ use meshrec_model::data::Batch;
 use meshrec_model::optim::{clip_by_global_norm, sum_of_squares, AdamW, AdamWConfig};
 use meshrec_model::params::{param_paths, ParamInfo};
 use meshrec_model::step::forward_backward;
-use meshrec_model::{ModelConfig, Recommender};
+use meshrec_model::{ModelConfig, Recommender, SideInputs};
 
 use meshrec_pipeline::timeline::Recorder;
 use meshrec_pipeline::{Recompute, Schedule};
@@ -26,7 +26,7 @@ use crate::segment::Segment;
 /// The case the equivalence suite and the MPI check run: the `tiny` preset (4 blocks, 4
 /// heads, so TP up to 4 and PP up to 4) with genre side-features, dropout off, and a batch
 /// of eight right-padded sequences over a 41-item catalogue.
-pub fn tiny_case() -> (ModelConfig, Vec<Vec<u32>>, Batch) {
+pub fn tiny_case() -> (ModelConfig, SideInputs, Batch) {
     const NUM_ITEMS: usize = 41;
     let mut config = ModelConfig::preset(meshrec_model::Preset::Tiny, NUM_ITEMS);
     config.dropout = 0.0;
@@ -50,7 +50,56 @@ pub fn tiny_case() -> (ModelConfig, Vec<Vec<u32>>, Batch) {
         inputs,
         targets,
     };
-    (config, genres, batch)
+    (config, SideInputs::genres(Some(genres)), batch)
+}
+
+/// [`tiny_case`] with text and graph fused into the item table: seeded 6-d "text" vectors
+/// and a graph of 12 users over the catalogue with genre and attribute relations.
+pub fn tiny_fusion_case() -> (ModelConfig, SideInputs, Batch) {
+    use meshrec_model::data::{Bipartite, InteractionGraph};
+    use meshrec_model::TextFeatures;
+    use std::sync::Arc;
+    let (mut config, mut side, batch) = tiny_case();
+    let vocab = config.vocab();
+    let dim = 6;
+    let text = (0..vocab * dim)
+        .map(|i| {
+            if i < dim {
+                0.0
+            } else {
+                ((i * 37 % 23) as f32 - 11.0) / 11.0
+            }
+        })
+        .collect();
+    let users = 12;
+    let edges = |left: usize, right: usize, per: usize, salt: usize| Bipartite {
+        left,
+        right,
+        edges: (0..left)
+            .flat_map(|l| {
+                (0..per).map(move |k| (l as u32, (1 + (l * salt + k * 7) % (right - 1)) as u32))
+            })
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect(),
+    };
+    let genres = edges(vocab, 5, 2, 3);
+    let graph = InteractionGraph {
+        num_users: users,
+        vocab,
+        user_item: edges(users, vocab, 6, 5),
+        item_genre: Some(Bipartite {
+            edges: genres.edges.iter().map(|&(i, g)| (i, g - 1)).collect(),
+            ..genres
+        }),
+        user_attribute: Some(edges(users, 4, 2, 1)),
+        genre_names: (0..5).map(|g| format!("g{g}")).collect(),
+        attribute_names: (0..4).map(|a| format!("a{a}")).collect(),
+    };
+    side.text = Some(Arc::new(TextFeatures { dim, values: text }));
+    side.graph = Some(Arc::new(graph));
+    config.fusion = side.fusion_shape(2);
+    (config, side, batch)
 }
 
 /// The optimizer settings of a checked step.
@@ -110,14 +159,14 @@ pub struct Reference {
 /// Runs the step on one device from `initial`.
 pub fn reference_step(
     config: &ModelConfig,
-    item_genres: Option<&[Vec<u32>]>,
+    side: &SideInputs,
     initial: &FullState,
     batch: &Batch,
     settings: StepSettings,
     device: &Device,
 ) -> Result<Reference, ParallelError> {
     let device = &device.clone().autodiff();
-    let model = Recommender::new(config, item_genres, device);
+    let model = Recommender::new(config, side, device);
     let infos = param_paths(&model);
     let mut values = initial.to_ordered(&infos)?;
     let model = meshrec_model::params::write_values(model, &values, device);
@@ -156,7 +205,7 @@ pub struct RankOutcome {
 pub fn layout_step(
     world: Box<dyn Communicator>,
     config: &ModelConfig,
-    item_genres: Option<&[Vec<u32>]>,
+    side: &SideInputs,
     layout: &Layout,
     schedule: &Schedule,
     batch: &Batch,
@@ -166,7 +215,7 @@ pub fn layout_step(
 ) -> Result<RankOutcome, ParallelError> {
     let rank = world.rank();
     let groups = Groups::new(world, layout.mesh)?;
-    let mut segments = build_segments(config, item_genres, layout, &groups, initial, device)?;
+    let mut segments = build_segments(config, side, layout, &groups, initial, device)?;
     for s in &mut segments {
         s.set_training(settings.dropout);
         s.set_recompute(settings.recompute);

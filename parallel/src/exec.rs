@@ -6,7 +6,7 @@
 //! backward releases gradients, fault injection, measurements — comes in through
 //! [`StepHooks`].
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use meshrec_comm::{Communicator, ReduceOp, Request};
@@ -15,7 +15,7 @@ use meshrec_pipeline::timeline::{EventKind, Recorder};
 use meshrec_pipeline::{Action, Schedule};
 
 use crate::error::ParallelError;
-use crate::layout::{Layout, Split, TABLE_PATH};
+use crate::layout::Layout;
 use crate::mesh::Groups;
 use crate::segment::{ForwardInput, ForwardOutput, Segment};
 
@@ -352,34 +352,49 @@ pub fn reduce_model_parallel_grads(
             }
         }
     }
-    // Interleaving on one pipeline rank puts the table and its tied copy in one process.
-    let table_grads: Vec<(usize, usize)> = segments
-        .iter()
-        .enumerate()
-        .flat_map(|(c, s)| {
-            s.specs
-                .iter()
-                .enumerate()
-                .filter(|(_, spec)| spec.full_path == TABLE_PATH)
-                .map(move |(i, _)| (c, i))
-        })
-        .collect();
-    if groups.embed.is_none() && table_grads.len() == 2 {
-        let (a, b) = (table_grads[0], table_grads[1]);
-        let sum: Vec<f32> = segments[a.0].grads[a.1]
-            .iter()
-            .zip(&segments[b.0].grads[b.1])
-            .map(|(x, y)| x + y)
-            .collect();
-        segments[a.0].grads[a.1].copy_from_slice(&sum);
-        segments[b.0].grads[b.1].copy_from_slice(&sum);
+    // The item table and the fusion are held by the first and the last stage; the tied
+    // parameters by full path, (chunk, parameter) of each holder on this rank.
+    let mut tied: BTreeMap<&str, Vec<(usize, usize)>> = BTreeMap::new();
+    for (c, s) in segments.iter().enumerate() {
+        for (i, spec) in s.specs.iter().enumerate() {
+            if spec.is_tied() {
+                tied.entry(spec.full_path.as_str())
+                    .or_default()
+                    .push((c, i));
+            }
+        }
     }
-    if let Some(embed) = &groups.embed {
-        // The first stage's table and the last stage's copy: one slice of each per rank.
-        for s in segments.iter_mut() {
-            for (spec, g) in s.specs.iter().zip(s.grads.iter_mut()) {
-                if spec.full_path == TABLE_PATH && spec.split == Split::Rows {
-                    embed.all_reduce(g, ReduceOp::Sum)?;
+    let tied: Vec<Vec<(usize, usize)>> = tied.into_values().collect();
+    match &groups.embed {
+        // Interleaving on one pipeline rank puts the originals and their copies in one
+        // process.
+        None => {
+            for holders in tied.iter().filter(|h| h.len() == 2) {
+                let (a, b) = (holders[0], holders[1]);
+                let sum: Vec<f32> = segments[a.0].grads[a.1]
+                    .iter()
+                    .zip(&segments[b.0].grads[b.1])
+                    .map(|(x, y)| x + y)
+                    .collect();
+                segments[a.0].grads[a.1].copy_from_slice(&sum);
+                segments[b.0].grads[b.1].copy_from_slice(&sum);
+            }
+        }
+        // The first stage's and the last stage's copies: one of each per rank, fused in
+        // full-path order (the same on both sides) into one all-reduce.
+        Some(embed) => {
+            let mut fused = Vec::new();
+            for &(c, i) in tied.iter().flatten() {
+                fused.extend_from_slice(&segments[c].grads[i]);
+            }
+            if !fused.is_empty() {
+                embed.all_reduce(&mut fused, ReduceOp::Sum)?;
+                let mut at = 0;
+                for &(c, i) in tied.iter().flatten() {
+                    let g = &mut segments[c].grads[i];
+                    let n = g.len();
+                    g.copy_from_slice(&fused[at..at + n]);
+                    at += n;
                 }
             }
         }

@@ -153,6 +153,14 @@ pub enum Split {
     Cols,
 }
 
+impl ParamSpec {
+    /// Whether the first and the last pipeline stage both hold the parameter (the item table
+    /// the head is tied to, and the fusion that makes the table): their gradients are summed.
+    pub fn is_tied(&self) -> bool {
+        self.full_path == TABLE_PATH || self.full_path.starts_with(FUSION_PREFIX)
+    }
+}
+
 /// One parameter of a chunk: where it comes from in the full model and how it is treated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParamSpec {
@@ -185,6 +193,10 @@ impl ParamSpec {
 
 /// The name of the tied table copy in a chunk module.
 pub const HEAD_PATH: &str = "head";
+/// The last chunk's copy of the fusion (its parameters are tied copies of `embed.fusion`).
+pub const HEAD_FUSION_PREFIX: &str = "head_fusion.";
+/// The full model's fusion parameters.
+pub const FUSION_PREFIX: &str = "embed.fusion.";
 /// The full model's item table.
 pub const TABLE_PATH: &str = "embed.items.weight";
 
@@ -213,6 +225,9 @@ pub const TP_PLAN: &[(&str, TpStyle)] = &[
     ("embed.items", TpStyle::VocabParallel),
     ("embed.positions", TpStyle::Replicated),
     ("embed.genres", TpStyle::ReplicatedInRegion),
+    // Text projection and graph nodes: only whole tables fuse (the mesh refuses TP with
+    // fusion), so on a TP group of one they are plain replicas.
+    ("embed.fusion", TpStyle::Replicated),
     ("blocks.*.attn_norm", TpStyle::ReplicatedInRegion),
     ("blocks.*.attn.wq", TpStyle::Colwise),
     ("blocks.*.attn.wk", TpStyle::Colwise),
@@ -247,8 +262,11 @@ pub fn spec_for(
     first_block: usize,
     sequence_parallel: bool,
 ) -> Result<ParamSpec, ParallelError> {
+    let head_fusion = local_path.strip_prefix(HEAD_FUSION_PREFIX);
     let full_path = if local_path == HEAD_PATH {
         TABLE_PATH.to_string()
+    } else if let Some(rest) = head_fusion {
+        format!("{FUSION_PREFIX}{rest}")
     } else if let Some(rest) = local_path.strip_prefix("blocks.") {
         let (index, tail) = rest.split_once('.').unwrap_or((rest, ""));
         match index.parse::<usize>() {
@@ -274,7 +292,7 @@ pub fn spec_for(
         split,
         tp_partial_grad: style == TpStyle::ReplicatedInRegion
             || (sequence_parallel && style == TpStyle::Replicated),
-        tied_copy: local_path == HEAD_PATH,
+        tied_copy: local_path == HEAD_PATH || head_fusion.is_some(),
     })
 }
 
@@ -538,6 +556,7 @@ pub fn unshard(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use meshrec_model::SideInputs;
 
     /// A slice map agrees with `shard_param`: every slice element comes from the full
     /// index it names, and maps back.
@@ -607,7 +626,11 @@ mod tests {
             config.positions = positions;
             config.num_genres = genres.then_some(3);
             let item_genres: Vec<Vec<u32>> = (0..=20).map(|i| vec![i % 3]).collect();
-            let model = Recommender::new(&config, genres.then_some(&item_genres[..]), &device);
+            let model = Recommender::new(
+                &config,
+                &SideInputs::genres(genres.then(|| item_genres.clone())),
+                &device,
+            );
             for info in param_paths(&model) {
                 let covering = TP_PLAN
                     .iter()

@@ -4,7 +4,7 @@
 
 use burn::tensor::Device;
 use meshrec_model::params::{init_normal, param_paths, read_values, ParamInfo};
-use meshrec_model::{ModelConfig, Recommender};
+use meshrec_model::{ModelConfig, Recommender, SideInputs};
 
 use crate::error::ParallelError;
 use crate::layout::{shard_chunk, FullState, Layout, RankState};
@@ -14,11 +14,11 @@ use crate::segment::Segment;
 /// A freshly initialised full model's state (seeded, layout-independent).
 pub fn initial_state(
     config: &ModelConfig,
-    item_genres: Option<&[Vec<u32>]>,
+    side: &SideInputs,
     seed: u64,
     device: &Device,
 ) -> (Vec<ParamInfo>, FullState) {
-    let model = Recommender::new(config, item_genres, device);
+    let model = Recommender::new(config, side, device);
     let model = init_normal(model, seed, config.init_std, config.n_layers, device);
     let infos = param_paths(&model);
     let values = read_values(&model);
@@ -29,7 +29,7 @@ pub fn initial_state(
 /// Builds this rank's segments of `layout` loaded with its slices of `initial`.
 pub fn build_segments(
     config: &ModelConfig,
-    item_genres: Option<&[Vec<u32>]>,
+    side: &SideInputs,
     layout: &Layout,
     groups: &Groups,
     initial: &FullState,
@@ -38,7 +38,7 @@ pub fn build_segments(
     (0..layout.virtual_stages)
         .map(|local| {
             let k = layout.model_chunk(groups.coord.pp, local);
-            let mut segment = Segment::new(config, item_genres, layout, groups.coord, k, device)?;
+            let mut segment = Segment::new(config, side, layout, groups.coord, k, device)?;
             let values = shard_chunk(initial, &segment.specs, &layout.mesh, groups.coord)?;
             segment.set_values(&values)?;
             Ok(segment)
@@ -50,7 +50,7 @@ pub fn build_segments(
 /// empty): what a gather needs to reassemble the full model from every rank's slices.
 pub fn all_rank_specs(
     config: &ModelConfig,
-    item_genres: Option<&[Vec<u32>]>,
+    side: &SideInputs,
     layout: &Layout,
     device: &Device,
 ) -> Result<Vec<RankState>, ParallelError> {
@@ -61,7 +61,7 @@ pub fn all_rank_specs(
             let chunks = (0..layout.virtual_stages)
                 .map(|local| {
                     let k = layout.model_chunk(coord.pp, local);
-                    let s = Segment::new(config, item_genres, layout, coord, k, device)?;
+                    let s = Segment::new(config, side, layout, coord, k, device)?;
                     Ok((s.specs, Vec::new()))
                 })
                 .collect::<Result<_, ParallelError>>()?;

@@ -18,13 +18,14 @@ use burn::module::{Module, Param};
 use burn::tensor::{Device, Gradients, Tensor, TensorData};
 use meshrec_comm::{CommError, Communicator, ReduceOp};
 use meshrec_model::data::Batch;
+use meshrec_model::fusion::Fusion;
 use meshrec_model::loss::VocabReducer;
 use meshrec_model::model::{Block, BlockDims, ItemEmbedding, Norm};
 use meshrec_model::params::{
     accumulate_grads, param_paths, read_values, to_host as host, write_values, ParamInfo,
 };
 use meshrec_model::step::{id_tensor, tied_softmax_surrogate};
-use meshrec_model::{ModelConfig, Recommender};
+use meshrec_model::{ModelConfig, Recommender, SideInputs};
 use meshrec_pipeline::Recompute;
 
 use crate::branch::{
@@ -46,6 +47,10 @@ pub struct Chunk {
     /// The last chunk's copy of its item-table shard, tied to the embedding of the first
     /// chunk (absent when one chunk holds both ends).
     pub head: Option<Param<Tensor<2>>>,
+    /// The last chunk's copy of the first chunk's text/graph fusion: the head recomputes the
+    /// fused table from replicated inputs, and its parameters are tied copies like `head`
+    /// (gradients summed over the embedding group, the first chunk's kept).
+    pub head_fusion: Option<Fusion>,
 }
 
 /// What a forward hands on: activations for the next chunk, or the loss of the last one.
@@ -209,7 +214,7 @@ impl Segment {
     /// uninitialised (load them with [`Segment::set_values`]).
     pub fn new(
         config: &ModelConfig,
-        item_genres: Option<&[Vec<u32>]>,
+        side: &SideInputs,
         layout: &Layout,
         coord: Coord,
         model_chunk: usize,
@@ -224,7 +229,7 @@ impl Segment {
         let is_last = layout.is_last_chunk(model_chunk);
         let shard = Recommender::new_shard(
             config,
-            item_genres,
+            side,
             dims,
             vocab.start,
             vocab.len(),
@@ -233,11 +238,18 @@ impl Segment {
         );
         let head = (is_last && !is_first)
             .then(|| Param::from_tensor(Tensor::zeros([vocab.len(), config.d_model], device)));
+        let mut embed = shard.embed;
+        let head_fusion = if is_last && !is_first {
+            embed.fusion.take()
+        } else {
+            None
+        };
         let chunk = Chunk {
-            embed: is_first.then_some(shard.embed),
+            embed: is_first.then_some(embed),
             blocks: shard.blocks,
             final_norm: is_last.then_some(shard.final_norm),
             head,
+            head_fusion,
         };
         let infos = param_paths(&chunk);
         let specs = infos
@@ -572,8 +584,11 @@ impl Segment {
                 None => None,
             };
             let table = match (&self.chunk.head, &self.chunk.embed) {
-                (Some(head), _) => head.val(),
-                (None, Some(embed)) => embed.items.weight.val(),
+                (Some(head), _) => match &self.chunk.head_fusion {
+                    Some(fusion) => fusion.table(head.val()),
+                    None => head.val(),
+                },
+                (None, Some(embed)) => embed.table(),
                 (None, None) => {
                     return Err(ParallelError::Step(format!(
                         "last chunk {} holds no item table",
@@ -934,6 +949,7 @@ impl Chunk {
             blocks: Vec::new(),
             final_norm: None,
             head: None,
+            head_fusion: None,
         }
     }
 }

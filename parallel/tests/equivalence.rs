@@ -1,13 +1,17 @@
 //! The design's invariant on the local engine: every TP × PP layout, schedule and
 //! micro-batch count gives one device's loss, gradients and AdamW update (tiny preset,
-//! dropout off), and 1F1B never stashes more than `pp` micro-batches.
+//! dropout off), and 1F1B never stashes more than `pp` micro-batches; a model with text and
+//! graph fused into its item table too, on the layouts fusion supports (one device through
+//! the segment path, data parallel with and without ZeRO, pipelines plain and interleaved).
 
 use meshrec_comm::LocalCluster;
 use meshrec_model::data::Batch;
 use meshrec_model::device::test_device;
 use meshrec_model::ModelConfig;
+use meshrec_model::SideInputs;
 use meshrec_parallel::check::{
-    layout_step, reference_step, tiny_case, worst_deviation, RankOutcome, Reference, StepSettings,
+    layout_step, reference_step, tiny_case, tiny_fusion_case, worst_deviation, RankOutcome,
+    Reference, StepSettings,
 };
 use meshrec_parallel::layout::{unshard, FullState, Layout, RankState};
 use meshrec_parallel::mesh::Mesh;
@@ -20,7 +24,7 @@ fn config() -> ModelConfig {
     tiny_case().0
 }
 
-fn genres() -> Vec<Vec<u32>> {
+fn genres() -> SideInputs {
     tiny_case().1
 }
 
@@ -29,11 +33,15 @@ fn batch() -> Batch {
 }
 
 fn reference(config: &ModelConfig) -> Reference {
+    reference_with(config, &genres())
+}
+
+fn reference_with(config: &ModelConfig, side: &SideInputs) -> Reference {
     let device = test_device();
-    let (_, initial) = initial_state(config, Some(&genres()), 3, &device);
+    let (_, initial) = initial_state(config, side, 3, &device);
     reference_step(
         config,
-        Some(&genres()),
+        side,
         &initial,
         &batch(),
         StepSettings::default(),
@@ -45,6 +53,7 @@ fn reference(config: &ModelConfig) -> Reference {
 /// Every rank's outcome of one step of `layout` with `kind` on `m` micro-batches.
 fn run_layout(
     config: &ModelConfig,
+    side: &SideInputs,
     initial: &FullState,
     layout: &Layout,
     kind: ScheduleKind,
@@ -52,12 +61,11 @@ fn run_layout(
     settings: StepSettings,
 ) -> Vec<RankOutcome> {
     let schedule = Schedule::new(kind, layout.mesh.pp, m, layout.virtual_stages).unwrap();
-    let genres = genres();
     let outcomes = LocalCluster::run(layout.mesh.world_size(), |comm| {
         layout_step(
             Box::new(comm),
             config,
-            Some(&genres),
+            side,
             layout,
             &schedule,
             &batch(),
@@ -93,7 +101,20 @@ fn check_layout_with(
     m: usize,
     settings: StepSettings,
 ) -> usize {
-    let outcomes = run_layout(config, &want.initial, layout, kind, m, settings);
+    check_layout_over(config, &genres(), want, layout, kind, m, settings)
+}
+
+/// [`check_layout_with`] for a model built over `side`.
+fn check_layout_over(
+    config: &ModelConfig,
+    side: &SideInputs,
+    want: &Reference,
+    layout: &Layout,
+    kind: ScheduleKind,
+    m: usize,
+    settings: StepSettings,
+) -> usize {
+    let outcomes = run_layout(config, side, &want.initial, layout, kind, m, settings);
     let what = format!("{} {kind:?} m{m}", layout.describe());
     for o in &outcomes {
         let loss = o.loss.loss_sum / o.loss.targets as f64;
@@ -289,6 +310,7 @@ fn recomputation_keeps_gradients_exact() {
         };
         let outcomes = run_layout(
             &config,
+            &genres(),
             &want.initial,
             &layout,
             ScheduleKind::OneFOneB,
@@ -390,6 +412,7 @@ fn sequence_parallelism_matches_one_device() {
         };
         let outcomes = run_layout(
             &config,
+            &genres(),
             &want.initial,
             layout,
             ScheduleKind::OneFOneB,
@@ -412,6 +435,61 @@ fn sequence_parallelism_matches_one_device() {
         assert!(
             err < TOLERANCE,
             "sequence parallelism ({recompute}) with dropout: `{path}` off by {err:e}"
+        );
+    }
+}
+
+#[test]
+fn fused_text_and_graph_match_one_device_under_dp_and_pp() {
+    use meshrec_pipeline::ZeroStage;
+    let (config, side, _) = tiny_fusion_case();
+    let want = reference_with(&config, &side);
+    assert!(
+        want.grads
+            .shapes
+            .keys()
+            .any(|p| p.starts_with("embed.fusion.graph.users")),
+        "the reference has the fusion's parameters"
+    );
+    for (dp, m, zero) in [
+        (1, 1, ZeroStage::Off),
+        (1, 4, ZeroStage::Off),
+        (2, 2, ZeroStage::Off),
+        (2, 1, ZeroStage::Optimizer),
+    ] {
+        let layout = Layout::uniform(Mesh::new(dp, 1, 1).unwrap(), 1, config.n_layers).unwrap();
+        let mut settings = StepSettings::default();
+        settings.dp.zero = zero;
+        check_layout_over(
+            &config,
+            &side,
+            &want,
+            &layout,
+            ScheduleKind::GPipe,
+            m,
+            settings,
+        );
+    }
+    // Pipelines: the last stage recomputes the fused table from its tied copies (their
+    // gradients summed with the first stage's over the embedding group); interleaved on two
+    // ranks, and every chunk on one rank (originals and copies in one process); with dp.
+    let pipelines = [
+        (Mesh::new(1, 1, 2).unwrap(), 1, ScheduleKind::OneFOneB, 4),
+        (Mesh::new(1, 1, 3).unwrap(), 1, ScheduleKind::GPipe, 2),
+        (Mesh::new(1, 1, 2).unwrap(), 2, ScheduleKind::Interleaved, 4),
+        (Mesh::new(1, 1, 1).unwrap(), 4, ScheduleKind::Interleaved, 2),
+        (Mesh::new(2, 1, 2).unwrap(), 1, ScheduleKind::OneFOneB, 2),
+    ];
+    for (mesh, v, kind, m) in pipelines {
+        let layout = Layout::uniform(mesh, v, config.n_layers).unwrap();
+        check_layout_over(
+            &config,
+            &side,
+            &want,
+            &layout,
+            kind,
+            m,
+            StepSettings::default(),
         );
     }
 }

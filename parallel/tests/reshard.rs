@@ -20,7 +20,7 @@ fn shard_all(full: &FullState, layout: &Layout) -> Vec<RankState> {
                 .map(|local| {
                     let k = layout.model_chunk(coord.pp, local);
                     let segment =
-                        Segment::new(&config, Some(&genres), layout, coord, k, &device).unwrap();
+                        Segment::new(&config, &genres, layout, coord, k, &device).unwrap();
                     let values = shard_chunk(full, &segment.specs, &layout.mesh, coord).unwrap();
                     (segment.specs.clone(), values)
                 })
@@ -33,7 +33,7 @@ fn shard_all(full: &FullState, layout: &Layout) -> Vec<RankState> {
 #[test]
 fn state_survives_a_chain_of_layouts() {
     let (config, genres, _) = tiny_case();
-    let (_, full) = initial_state(&config, Some(&genres), 9, &test_device());
+    let (_, full) = initial_state(&config, &genres, 9, &test_device());
     let layouts = [
         Layout::uniform(Mesh::new(2, 2, 2).unwrap(), 1, config.n_layers).unwrap(),
         Layout::uniform(Mesh::new(4, 1, 2).unwrap(), 1, config.n_layers).unwrap(),
@@ -74,7 +74,7 @@ fn state_survives_a_chain_of_layouts() {
 #[test]
 fn a_missing_shard_is_named() {
     let (config, genres, _) = tiny_case();
-    let (_, full) = initial_state(&config, Some(&genres), 9, &test_device());
+    let (_, full) = initial_state(&config, &genres, 9, &test_device());
     let layout = Layout::uniform(Mesh::new(1, 2, 2).unwrap(), 1, config.n_layers).unwrap();
     let mut ranks = shard_all(&full, &layout);
     ranks.retain(|r| !(r.coord.tp == 1 && r.coord.pp == 0));
@@ -98,7 +98,7 @@ fn block(
 #[test]
 fn shards_are_the_slices_megatron_prescribes() {
     let (config, genres, _) = tiny_case();
-    let (_, full) = initial_state(&config, Some(&genres), 9, &test_device());
+    let (_, full) = initial_state(&config, &genres, 9, &test_device());
     let layout = Layout::uniform(Mesh::new(1, 2, 2).unwrap(), 1, config.n_layers).unwrap();
     let ranks = shard_all(&full, &layout);
     let (d, ff) = (config.d_model, config.d_ff);

@@ -394,7 +394,7 @@ mod tests {
     use meshrec_model::config::{MlpKind, NormKind, Positions};
     use meshrec_model::params::{init_normal, to_host};
     use meshrec_model::step::id_tensor;
-    use meshrec_model::{ModelConfig, Preset, Recommender};
+    use meshrec_model::{ModelConfig, Preset, Recommender, SideInputs};
 
     use super::*;
 
@@ -447,7 +447,11 @@ mod tests {
             config.positions = positions;
             config.scale_embedding = scale_embedding;
             config.num_genres = genres.then_some(num_genres);
-            let model = Recommender::new(&config, genres.then_some(&item_genres[..]), &device);
+            let model = Recommender::new(
+                &config,
+                &SideInputs::genres(genres.then(|| item_genres.clone())),
+                &device,
+            );
             let model = init_normal(model, 11 + v as u64, 0.3, config.n_layers, &device);
             let host_model = HostModel::new(&model, false, None);
             let d = config.d_model;

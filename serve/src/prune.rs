@@ -16,7 +16,7 @@ use meshrec_model::data::Batch;
 use meshrec_model::model::{Block, BlockDims};
 use meshrec_model::params::{param_paths, read_values, write_values, ParamInfo};
 use meshrec_model::step::forward_backward;
-use meshrec_model::{ModelConfig, Recommender};
+use meshrec_model::{ModelConfig, Recommender, SideInputs};
 
 use crate::error::ServeError;
 
@@ -193,7 +193,7 @@ fn rows(values: &[f32], width: usize, keep: &[usize]) -> Vec<f32> {
 pub fn apply(
     model: &Recommender,
     config: &ModelConfig,
-    item_genres: Option<&[Vec<u32>]>,
+    side: &SideInputs,
     plan: &PrunePlan,
     device: &Device,
 ) -> Result<Recommender, ServeError> {
@@ -206,7 +206,7 @@ pub fn apply(
     }
     let mut pruned = Recommender::new_shard(
         config,
-        item_genres,
+        side,
         BlockDims::full(config),
         0,
         config.vocab(),

@@ -13,7 +13,7 @@ use meshrec_model::data::{Dataset, EvalSet, EvalSplit, SyntheticConfig, TrainSet
 use meshrec_model::loss::{score_into, TableShard};
 use meshrec_model::params::init_normal;
 use meshrec_model::step::last_hidden;
-use meshrec_model::{ModelConfig, Preset, Recommender};
+use meshrec_model::{ModelConfig, Preset, Recommender, SideInputs};
 use meshrec_serve::config::Kernels;
 use meshrec_serve::engine::{Engine, EngineSettings};
 use meshrec_serve::http::RecommendResponse;
@@ -47,7 +47,7 @@ fn fixture_with(preset: Preset) -> Fixture {
     .unwrap();
     let config = ModelConfig::preset(preset, dataset.num_items);
     let device = burn::tensor::Device::flex();
-    let model = Recommender::new(&config, None, &device);
+    let model = Recommender::new(&config, &SideInputs::default(), &device);
     let model = init_normal(model, 3, 0.3, config.n_layers, &device);
     let dir = tempfile::tempdir().unwrap();
     let checkpoint = dir.path().join("best.safetensors");
@@ -527,7 +527,14 @@ fn pruned_and_int8_checkpoints_load_and_serve() {
     assert!(importance.heads.iter().flatten().any(|&s| s > 0.0));
     // Keeping everything reproduces the model exactly; pruning shrinks it.
     let keep_all = prune::plan(&importance, 0.0, 0.0);
-    let same = prune::apply(&model, &f.config, None, &keep_all, &device).unwrap();
+    let same = prune::apply(
+        &model,
+        &f.config,
+        &SideInputs::default(),
+        &keep_all,
+        &device,
+    )
+    .unwrap();
     let flex = burn::tensor::Device::flex();
     let ctx: Vec<u32> = (1..=6).collect();
     let settings = EngineSettings {
@@ -539,7 +546,7 @@ fn pruned_and_int8_checkpoints_load_and_serve() {
     assert_eq!(a, b);
     let plan = prune::plan(&importance, 0.5, 0.5);
     assert_eq!(plan.heads_removed(&importance), 8);
-    let pruned = prune::apply(&model, &f.config, None, &plan, &device).unwrap();
+    let pruned = prune::apply(&model, &f.config, &SideInputs::default(), &plan, &device).unwrap();
     use burn::module::Module;
     assert!(pruned.num_params() < model.num_params());
     let path = f.checkpoint.with_file_name("pruned.safetensors");

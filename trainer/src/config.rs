@@ -5,6 +5,8 @@ use crate::elastic::ElasticNeeds;
 pub use crate::elastic::ElasticSection;
 use crate::fault_section::FaultKind;
 pub use crate::fault_section::FaultSection;
+pub use crate::features::FeaturesSection;
+use crate::features::FusionNeeds;
 use std::path::{Path, PathBuf};
 
 use meshrec_model::config::{MlpKind, Positions};
@@ -576,6 +578,7 @@ pub struct RunConfig {
     pub balance: BalanceSection,
     pub fault: FaultSection,
     pub elastic: ElasticSection,
+    pub features: FeaturesSection,
 }
 
 /// Parses a `--set` value as a TOML value, falling back to a plain string.
@@ -722,6 +725,11 @@ impl RunConfig {
                 dp: self.parallel.dp,
                 sync_dp: mode == DpMode::Sync,
                 zero: self.dp.zero_stage()? != ZeroStage::Off,
+            })
+            .map_err(|(key, message)| invalid(key, message))?;
+        self.features
+            .check(&FusionNeeds {
+                tp: self.parallel.tp,
             })
             .map_err(|(key, message)| invalid(key, message))?;
         if self.fault.crash_kind == FaultKind::Hang && !self.elastic.enabled {

@@ -24,6 +24,7 @@ pub mod elastic;
 pub mod error;
 pub mod fault_section;
 pub mod faults;
+pub mod features;
 pub mod heap;
 pub mod hybrid;
 pub mod measure;

@@ -18,7 +18,7 @@ use crate::config::RunConfig;
 use crate::error::RunError;
 use crate::hybrid::launch::{in_rank_pool, leader_result};
 use crate::hybrid::rank::MeshRank;
-use crate::setup::{build_model, dataset_model_config, item_genres, load_dataset};
+use crate::setup::{build_model, dataset_model_config, load_dataset, side_inputs};
 use crate::single::SingleDevice;
 use crate::stepper::{ParallelStepStats, StepResult, Stepper};
 
@@ -115,14 +115,14 @@ pub fn measure_layout(
         run_steps(&mut single, &batches, warmup, lr)?
             .ok_or_else(|| RunError::Parallel("the single device measured nothing".into()))
     } else {
-        let genres = item_genres(&dataset);
+        let side = side_inputs(config, &dataset, &model_config, device)?;
         let results = LocalCluster::run(config.parallel.world_size(), |comm| {
             in_rank_pool(config, || {
                 let mut rank = MeshRank::new(
                     Box::new(comm),
                     config,
                     &model_config,
-                    genres.clone(),
+                    side.clone(),
                     device,
                     true,
                 )?;

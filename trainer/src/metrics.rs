@@ -100,6 +100,12 @@ pub struct Summary {
     pub skipped_steps: u64,
     pub valid: BTreeMap<String, f64>,
     pub test: BTreeMap<String, f64>,
+    /// Test metrics over the users whose target is a cold item (bottom popularity
+    /// quintile of the training split), and how many users that is.
+    #[serde(default)]
+    pub test_cold: BTreeMap<String, f64>,
+    #[serde(default)]
+    pub test_cold_users: usize,
     pub checkpoint: PathBuf,
     /// Means per step over the run, on a mesh.
     #[serde(skip_serializing_if = "Option::is_none")]

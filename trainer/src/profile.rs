@@ -21,7 +21,7 @@ use meshrec_pipeline::timeline::{EventKind, Recorder};
 
 use crate::config::RunConfig;
 use crate::error::RunError;
-use crate::setup::{dataset_model_config, load_dataset};
+use crate::setup::{dataset_model_config, load_dataset, side_inputs};
 
 /// Forward and backward seconds of one chunk, one entry per timed repeat.
 type Samples = (Vec<f64>, Vec<f64>);
@@ -44,8 +44,8 @@ pub fn measure_profile(
     copies: usize,
 ) -> Result<CostProfile, RunError> {
     let dataset = load_dataset(config)?;
-    let genres = dataset.features.as_ref().map(|f| f.item_genres.clone());
     let model_config = dataset_model_config(config, &dataset)?;
+    let side = side_inputs(config, &dataset, &model_config, device)?;
     let n = model_config.n_layers;
     let mut probe = model_config.clone();
     probe.n_layers = n + 2;
@@ -58,19 +58,12 @@ pub fn measure_profile(
     let layout =
         Layout::uniform(Mesh::new(1, 1, 1).map_err(parallel)?, chunks, chunks).map_err(parallel)?;
     let schedule = Schedule::new(ScheduleKind::Interleaved, 1, 1, chunks).map_err(parallel)?;
-    let (_, initial) = initial_state(&probe, genres.as_deref(), config.train.seed, device);
+    let (_, initial) = initial_state(&probe, &side, config.train.seed, device);
     let one_copy = || -> Result<Vec<(f64, f64)>, RunError> {
         let times = LocalCluster::run(1, |comm| -> Result<Vec<Samples>, RunError> {
             let groups = Groups::new(Box::new(comm), layout.mesh).map_err(parallel)?;
-            let mut segments = build_segments(
-                &probe,
-                genres.as_deref(),
-                &layout,
-                &groups,
-                &initial,
-                device,
-            )
-            .map_err(parallel)?;
+            let mut segments = build_segments(&probe, &side, &layout, &groups, &initial, device)
+                .map_err(parallel)?;
             let micro = micro_batches(&batch, 1);
             let mut per_chunk = vec![(Vec::new(), Vec::new()); chunks];
             for i in 0..warmup + repeats {

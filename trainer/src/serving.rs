@@ -189,7 +189,7 @@ pub fn prune_checkpoint(
     let pruned = prune::apply(
         &model,
         &meta.config,
-        meta.item_genres.as_deref(),
+        &meshrec_model::SideInputs::genres(meta.item_genres.clone()),
         &plan,
         device,
     )

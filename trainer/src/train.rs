@@ -442,6 +442,9 @@ pub fn run_loop(
         });
     }
     let test_report = evaluate(&model, &test, config.eval.batch_size, device).report();
+    let cold = dataset.cold_items();
+    let cold_test = test.filtered(|target| cold[target as usize]);
+    let test_cold = evaluate(&model, &cold_test, config.eval.batch_size, device).report();
     let summary = Summary {
         name: config.output.name.clone(),
         dataset: dataset.name.clone(),
@@ -458,6 +461,8 @@ pub fn run_loop(
         skipped_steps: progress.skipped_steps,
         valid: progress.best_valid.clone(),
         test: test_report,
+        test_cold,
+        test_cold_users: cold_test.len(),
         checkpoint: best_model,
         parallel: totals.stats.mean(),
         memory_peak: totals.memory_peak.clone(),

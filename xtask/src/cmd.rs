@@ -1,7 +1,7 @@
 //! Running the commands xtask is made of: a command line shown and checked, cargo building
 //! into one target directory, and the release `meshrec` binary.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
@@ -105,4 +105,46 @@ pub fn meshrec_release() -> Command {
         "--",
     ]);
     cmd
+}
+
+/// Builds the release `meshrec` and returns its path (benchmarks that time it run the
+/// binary, not `cargo run`).
+pub fn build_meshrec_release() -> Result<PathBuf> {
+    run(cargo().args([
+        "build",
+        "--release",
+        "-p",
+        "meshrec-trainer",
+        "--bin",
+        "meshrec",
+    ]))?;
+    Ok(target_dir().join("release/meshrec"))
+}
+
+/// `meshrec bench` of the shipped ml-100k config on the CPU (`meshrec` is the binary or a
+/// `cargo run` command), with `sets` overrides, `steps` after 3 warm-up; returns the JSON it
+/// wrote to `out`.
+pub fn meshrec_bench(
+    mut meshrec: Command,
+    sets: &[String],
+    steps: u64,
+    out: &Path,
+) -> Result<serde_json::Value> {
+    meshrec
+        .args([
+            "bench",
+            "--config",
+            "configs/ml100k.toml",
+            "--device",
+            "cpu",
+        ])
+        .args(["--warmup", "3", "--steps", &steps.to_string(), "--json"])
+        .arg(out);
+    for set in sets {
+        meshrec.args(["--set", set]);
+    }
+    run(&mut meshrec)?;
+    let text =
+        std::fs::read_to_string(out).with_context(|| format!("reading {}", out.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not JSON", out.display()))
 }

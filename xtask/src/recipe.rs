@@ -78,7 +78,17 @@ pub(crate) fn train_ml100k(
     sets: &[String],
     out_dir: &Path,
 ) -> Result<Value> {
-    let mut cmd = crate::cmd::meshrec_release();
+    train_ml100k_with(crate::cmd::meshrec_release(), name, seed, sets, out_dir)
+}
+
+/// [`train_ml100k`] with a given `meshrec` (a frozen binary, say).
+pub(crate) fn train_ml100k_with(
+    mut cmd: std::process::Command,
+    name: &str,
+    seed: u64,
+    sets: &[String],
+    out_dir: &Path,
+) -> Result<Value> {
     cmd.args([
         "train",
         "--config",

@@ -10,7 +10,7 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::cmd::{bench_dir, cargo, run};
+use crate::cmd::{bench_dir, build_meshrec_release, meshrec_bench};
 use crate::workspace::root;
 use crate::{data, peer};
 
@@ -20,25 +20,9 @@ fn median(mut xs: Vec<f64>) -> f64 {
 }
 
 /// One `meshrec bench` run's JSON.
-fn meshrec_round(round: usize) -> Result<Value> {
+fn meshrec_round(bin: &std::path::Path, round: usize) -> Result<Value> {
     let out = bench_dir().join(format!("train-round{round}.json"));
-    run(
-        Command::new(crate::cmd::target_dir().join("release/meshrec"))
-            .args([
-                "bench",
-                "--config",
-                "configs/ml100k.toml",
-                "--device",
-                "cpu",
-                "--warmup",
-                "3",
-                "--steps",
-                "20",
-                "--json",
-            ])
-            .arg(&out),
-    )?;
-    serde_json::from_slice(&std::fs::read(&out)?).context("meshrec bench wrote no JSON")
+    meshrec_bench(Command::new(bin), &[], 20, &out)
 }
 
 /// One peer `bench` run: its samples per second.
@@ -66,20 +50,13 @@ pub fn bench(with_peer: bool) -> Result<()> {
         // Fail before the long part when the peer cannot run.
         peer::python()?;
     }
-    run(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "meshrec-trainer",
-        "--bin",
-        "meshrec",
-    ]))?;
+    let bin = build_meshrec_release()?;
     let rounds = if with_peer { 3 } else { 1 };
     let (mut ours, mut theirs, mut ratios, mut peaks, mut fractions) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut last = Value::Null;
     for round in 0..rounds {
-        let m = meshrec_round(round)?;
+        let m = meshrec_round(&bin, round)?;
         let s = m["samples_per_s"].as_f64().context("no samples_per_s")?;
         ours.push(s);
         peaks.push(m["peak_gflops"].as_f64().unwrap_or(f64::NAN));

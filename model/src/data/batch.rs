@@ -237,6 +237,27 @@ impl EvalSet {
         set
     }
 
+    /// The cases whose target `keep` accepts (the cold-item subset, say).
+    pub fn filtered(&self, keep: impl Fn(u32) -> bool) -> Self {
+        let mut out = Self {
+            seq_len: self.seq_len,
+            contexts: Vec::new(),
+            lengths: Vec::new(),
+            targets: Vec::new(),
+            histories: Vec::new(),
+        };
+        for (i, &target) in self.targets.iter().enumerate() {
+            if keep(target) {
+                out.contexts
+                    .extend_from_slice(&self.contexts[i * self.seq_len..(i + 1) * self.seq_len]);
+                out.lengths.push(self.lengths[i]);
+                out.targets.push(target);
+                out.histories.push(self.histories[i].clone());
+            }
+        }
+        out
+    }
+
     pub fn len(&self) -> usize {
         self.targets.len()
     }

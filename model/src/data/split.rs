@@ -204,6 +204,34 @@ impl Dataset {
         self.users.len()
     }
 
+    /// How often each item id occurs in the training split (index 0, padding, is 0).
+    pub fn training_counts(&self) -> Vec<u32> {
+        let mut counts = vec![0u32; self.num_items + 1];
+        for user in &self.users {
+            for &i in &user.train {
+                counts[i as usize] += 1;
+            }
+        }
+        counts
+    }
+
+    /// Whether each item id is *cold*: in the bottom popularity quintile of the training
+    /// split, i.e. its training count is at most the count at the 20th percentile of the
+    /// catalogue (ties included, so the set may exceed a fifth). Padding is never cold.
+    pub fn cold_items(&self) -> Vec<bool> {
+        let counts = self.training_counts();
+        let mut sorted: Vec<u32> = counts[1..].to_vec();
+        sorted.sort_unstable();
+        let Some(&threshold) = sorted.get((sorted.len() / 5).saturating_sub(1)) else {
+            return vec![false; counts.len()];
+        };
+        counts
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| i > 0 && c <= threshold)
+            .collect()
+    }
+
     /// Users that have a valid and a test item (the ones that are evaluated).
     pub fn num_eval_users(&self) -> usize {
         self.users.iter().filter(|u| u.test.is_some()).count()

@@ -30,7 +30,7 @@ use crate::faults::{ConfigFaults, FaultWitness, NoFaults};
 use crate::hybrid::launch::{in_rank_pool, prepare};
 use crate::hybrid::rank::MeshRank;
 use crate::metrics::Summary;
-use crate::setup::item_genres;
+use crate::setup::side_inputs;
 use crate::stepper::Stepper;
 use crate::train::{run_loop, LoopEnd, LoopHooks, LoopInputs, RunTotals};
 
@@ -209,7 +209,7 @@ fn member(shared: &Shared<'_>, start: Start<'_>) -> Result<MemberEnd, RunError> 
         membership,
         ..
     } = *shared;
-    let genres = item_genres(dataset);
+    let side = side_inputs(config, dataset, model_config, device)?;
     let (comm, mut generation, mut config_now, joining) = match start {
         Start::First { comm, resume } => (*comm, 0, config.clone(), Err(resume)),
         Start::Join(a) => {
@@ -228,7 +228,7 @@ fn member(shared: &Shared<'_>, start: Start<'_>) -> Result<MemberEnd, RunError> 
         observed(comm, &health),
         &config_now,
         model_config,
-        genres.clone(),
+        side.clone(),
         device,
         true,
     )?;

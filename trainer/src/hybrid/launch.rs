@@ -15,7 +15,7 @@ use crate::config::RunConfig;
 use crate::error::RunError;
 use crate::hybrid::rank::MeshRank;
 use crate::metrics::Summary;
-use crate::setup::{dataset_model_config, item_genres, load_dataset};
+use crate::setup::{dataset_model_config, load_dataset, side_inputs};
 use crate::stepper::Stepper;
 use crate::train::{train_with, LoopHooks, NoHooks};
 
@@ -126,8 +126,8 @@ pub fn rank_main(
     resume: Option<&Path>,
     hooks: &mut dyn LoopHooks,
 ) -> Result<Option<Summary>, RunError> {
-    let genres = item_genres(dataset);
-    let mut rank = MeshRank::new(world, config, model_config, genres, device, concurrent_comm)?;
+    let side = side_inputs(config, dataset, model_config, device)?;
+    let mut rank = MeshRank::new(world, config, model_config, side, device, concurrent_comm)?;
     if rank.is_leader() {
         tracing::info!(
             layout = rank.describe(),

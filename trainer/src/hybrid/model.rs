@@ -11,7 +11,7 @@ use burn::tensor::Device;
 use meshrec_comm::ReduceOp;
 use meshrec_model::optim::AdamWConfig;
 use meshrec_model::params::{param_paths, write_values, ParamInfo};
-use meshrec_model::{ModelConfig, Recommender};
+use meshrec_model::{ModelConfig, Recommender, SideInputs};
 use meshrec_parallel::exec::reduce_model_parallel_grads;
 use meshrec_parallel::layout::{
     shard_chunk, shard_shape, unshard, FullState, Layout, RankState, SliceMap, Split,
@@ -64,7 +64,7 @@ pub struct RankModel {
     full_infos: Vec<ParamInfo>,
     full_shapes: BTreeMap<String, Vec<usize>>,
     model_config: ModelConfig,
-    genres: Option<Vec<Vec<u32>>>,
+    side: SideInputs,
     adamw: AdamWConfig,
     zero: ZeroStage,
     recompute: Recompute,
@@ -82,7 +82,7 @@ impl RankModel {
         groups: Groups,
         layout: Layout,
         model_config: &ModelConfig,
-        genres: Option<Vec<Vec<u32>>>,
+        side: SideInputs,
         seed: u64,
         adamw: AdamWConfig,
         memory: MemoryPlan,
@@ -90,7 +90,7 @@ impl RankModel {
         device: &Device,
     ) -> Result<Self, RunError> {
         let MemoryPlan { zero, recompute } = memory;
-        let (full_infos, initial) = initial_state(model_config, genres.as_deref(), seed, device);
+        let (full_infos, initial) = initial_state(model_config, &side, seed, device);
         let mut model = Self {
             optimizer: RankOptimizer::new(adamw, &[], &groups, zero),
             groups,
@@ -100,7 +100,7 @@ impl RankModel {
             full_infos,
             full_shapes: initial.shapes.clone(),
             model_config: model_config.clone(),
-            genres,
+            side,
             adamw,
             zero,
             recompute,
@@ -114,10 +114,9 @@ impl RankModel {
 
     /// (Re)builds this rank's chunks of `layout` from a full state, with fresh optimizers.
     fn build(&mut self, layout: Layout, values: &FullState) -> Result<(), RunError> {
-        let genres = self.genres.as_deref();
         self.segments = build_segments(
             &self.model_config,
-            genres,
+            &self.side,
             &layout,
             &self.groups,
             values,
@@ -127,7 +126,7 @@ impl RankModel {
             s.set_recompute(self.recompute);
         }
         self.optimizer = RankOptimizer::new(self.adamw, &self.segments, &self.groups, self.zero);
-        self.all_specs = all_rank_specs(&self.model_config, genres, &layout, &self.device)?;
+        self.all_specs = all_rank_specs(&self.model_config, &self.side, &layout, &self.device)?;
         self.layout = layout;
         Ok(())
     }
@@ -201,12 +200,8 @@ impl RankModel {
         self.layout.mesh = new;
         self.groups = groups;
         // Every world rank's slices, to reassemble the model: the world changed.
-        self.all_specs = all_rank_specs(
-            &self.model_config,
-            self.genres.as_deref(),
-            &self.layout,
-            &self.device,
-        )?;
+        self.all_specs =
+            all_rank_specs(&self.model_config, &self.side, &self.layout, &self.device)?;
         Ok(())
     }
 
@@ -465,12 +460,7 @@ impl RankModel {
         blocks: Vec<usize>,
         seed: u64,
     ) -> Result<(), RunError> {
-        let (_, initial) = initial_state(
-            &self.model_config,
-            self.genres.as_deref(),
-            seed,
-            &self.device,
-        );
+        let (_, initial) = initial_state(&self.model_config, &self.side, seed, &self.device);
         let layout =
             Layout::with_partition(self.layout.mesh, 1, blocks, self.model_config.n_layers)
                 .map_err(ParallelError::from)?
@@ -496,7 +486,7 @@ impl RankModel {
     /// settles updates in flight first.
     pub fn full_model(&self) -> Result<Recommender, RunError> {
         let full = self.gather_full(|i| self.segments[i].values())?;
-        let model = Recommender::new(&self.model_config, self.genres.as_deref(), &self.device);
+        let model = Recommender::new(&self.model_config, &self.side, &self.device);
         let values = full.to_ordered(&self.full_infos)?;
         debug_assert_eq!(param_paths(&model).len(), values.len());
         Ok(write_values(model, &values, &self.device))

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use burn::tensor::Device;
 use meshrec_comm::{all_reduce_as, Communicator, ReduceOp};
 use meshrec_model::data::Batch;
-use meshrec_model::{ModelConfig, Recommender};
+use meshrec_model::{ModelConfig, Recommender, SideInputs};
 use meshrec_parallel::dp::{DpEngine, DpTraffic};
 use meshrec_parallel::exec::{micro_batches, run_schedule, StepHooks};
 use meshrec_parallel::layout::Layout;
@@ -96,7 +96,7 @@ impl MeshRank {
         world: Box<dyn Communicator>,
         config: &RunConfig,
         model_config: &ModelConfig,
-        genres: Option<Vec<Vec<u32>>>,
+        side: SideInputs,
         device: &Device,
         concurrent_comm: bool,
     ) -> Result<Self, RunError> {
@@ -125,7 +125,7 @@ impl MeshRank {
             groups,
             layout,
             model_config,
-            genres,
+            side,
             config.train.seed,
             adamw_config(config),
             MemoryPlan {
