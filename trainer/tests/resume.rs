@@ -1,5 +1,5 @@
 //! Training-state checkpoints end to end: a stopped and resumed run continues bit for bit
-//! (one device and a mesh), and a run moved across four layouts mid-training follows the
+//! (one device and a mesh, plain and graph-fused), and a run moved across four layouts mid-training follows the
 //! uninterrupted one-device loss curve.
 
 use meshrec_model::device::test_device;
@@ -39,6 +39,22 @@ fn a_resumed_run_continues_bit_for_bit() {
         (
             "mesh",
             &["parallel.dp=2", "parallel.pp=2", "parallel.micro_batches=2"][..],
+        ),
+        // A graph-fused model: its fusion parameters are state like any other, its graph is
+        // rebuilt from the data (on the mesh the last stage's tied copy of the fusion too).
+        (
+            "fused",
+            &["features.graph=true", "features.graph_relations=[]"][..],
+        ),
+        (
+            "fused-mesh",
+            &[
+                "features.graph=true",
+                "features.graph_relations=[]",
+                "parallel.dp=2",
+                "parallel.pp=2",
+                "parallel.micro_batches=2",
+            ][..],
         ),
         // Error-feedback residuals must come back too.
         (
