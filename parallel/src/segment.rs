@@ -72,8 +72,14 @@ pub enum ForwardInput<'a> {
 /// the variants' size difference costs nothing worth a box.)
 #[allow(clippy::large_enum_variant)]
 enum Piece {
-    /// ids -> masked vocab-parallel lookup (partial over TP).
-    EmbedLookup { partial: Tensor<3> },
+    /// ids -> masked vocab-parallel lookup (partial over TP). With fusion, the lookup reads
+    /// the fused table's leaf (`fused`: the table's graph and its leaf), which the chunk's
+    /// head reads too, so the fusion runs once per micro-batch and its backward once, with
+    /// the leaf's gradients from both uses summed.
+    EmbedLookup {
+        partial: Tensor<3>,
+        fused: Option<(Tensor<2>, Tensor<2>)>,
+    },
     /// full embedding leaf -> + positions, dropout.
     EmbedFinish { leaf: Tensor<3>, out: Tensor<3> },
     /// residual-stream leaf -> attention or MLP branch (partial over TP); the residual
@@ -391,6 +397,7 @@ impl Segment {
         }
         let prob = self.prob();
         let mut pieces = Vec::with_capacity(2 * self.chunk.blocks.len() + 3);
+        let mut fused_leaf: Option<Tensor<2>> = None;
         let mut x = match input {
             ForwardInput::Ids(batch) => {
                 let embed = self.chunk.embed.as_ref().ok_or_else(|| {
@@ -400,12 +407,22 @@ impl Segment {
                     ))
                 })?;
                 let ids = id_tensor(&batch.inputs, b, s, &self.device);
-                let partial = embed.lookup(ids);
+                // Fusion is refused with TP, so a fused table is always whole here.
+                let fused = embed.fusion.as_ref().map(|_| {
+                    let table = embed.table();
+                    let leaf = table.clone().detach().require_grad();
+                    (table, leaf)
+                });
+                fused_leaf = fused.as_ref().map(|(_, leaf)| leaf.clone());
+                let partial = match &fused_leaf {
+                    Some(leaf) => embed.lookup_in(leaf.clone(), ids),
+                    None => embed.lookup(ids),
+                };
                 let full = match self.seq_shard {
                     Some(shard) => shard.scatter(partial.clone().detach(), tp)?,
                     None => tp_all_reduce(partial.clone().detach(), tp)?,
                 };
-                pieces.push(Piece::EmbedLookup { partial });
+                pieces.push(Piece::EmbedLookup { partial, fused });
                 let leaf = full.detach().require_grad();
                 let offset = self.seq_shard.map_or(0, |shard| shard.offset(s));
                 let mut out = embed.place_at(leaf.clone(), offset);
@@ -583,13 +600,15 @@ impl Segment {
                 Some(shard) => Some(shard.gather(h.clone().detach(), tp)?.require_grad()),
                 None => None,
             };
-            let table = match (&self.chunk.head, &self.chunk.embed) {
-                (Some(head), _) => match &self.chunk.head_fusion {
+            let table = match (&fused_leaf, &self.chunk.head, &self.chunk.embed) {
+                // One chunk holds both ends: the head reads the lookup's fused leaf.
+                (Some(leaf), _, _) => leaf.clone(),
+                (None, Some(head), _) => match &self.chunk.head_fusion {
                     Some(fusion) => fusion.table(head.val()),
                     None => head.val(),
                 },
-                (None, Some(embed)) => embed.table(),
-                (None, None) => {
+                (None, None, Some(embed)) => embed.table(),
+                (None, None, None) => {
                     return Err(ParallelError::Step(format!(
                         "last chunk {} holds no item table",
                         self.model_chunk
@@ -654,6 +673,16 @@ impl Segment {
                 self.model_chunk
             ))
         })?;
+        // The fused table's leaf, read by the lookup and (on a chunk holding both ends) the
+        // head: its gradient from the head waits for the lookup's.
+        let fused_leaf = match pieces.first() {
+            Some(Piece::EmbedLookup {
+                fused: Some((_, leaf)),
+                ..
+            }) => Some(leaf.clone()),
+            _ => None,
+        };
+        let mut d_table_from_head: Option<Tensor<2>> = None;
         let mut g: Option<Tensor<3>> = None;
         if let Some(values) = grad_output {
             let dims = match pieces.last() {
@@ -695,6 +724,7 @@ impl Segment {
                     Some(surrogate) => {
                         let grads = surrogate.backward();
                         accumulate_grads(&self.chunk, &grads, &mut self.grads);
+                        d_table_from_head = fused_leaf.as_ref().and_then(|t| t.grad(&grads));
                         leaf.grad(&grads)
                     }
                     None => Some(leaf.zeros_like().without_autodiff()),
@@ -774,13 +804,24 @@ impl Segment {
                     accumulate_grads(&self.chunk, &grads, &mut self.grads);
                     Some(leaf.grad(&grads).unwrap_or(g))
                 }
-                Piece::EmbedLookup { partial } => {
+                Piece::EmbedLookup { partial, fused } => {
                     let mut g = upstream(g, self.model_chunk)?;
                     if let Some(shard) = self.seq_shard {
                         g = shard.gather(g, tp)?;
                     }
                     let grads = (partial * g).sum().backward();
                     accumulate_grads(&self.chunk, &grads, &mut self.grads);
+                    if let Some((table, leaf)) = fused {
+                        let from_lookup = leaf.grad(&grads);
+                        let d_table = match (from_lookup, d_table_from_head.take()) {
+                            (Some(a), Some(b)) => Some(a + b),
+                            (a, b) => a.or(b),
+                        };
+                        if let Some(d_table) = d_table {
+                            let grads = (table * d_table).sum().backward();
+                            accumulate_grads(&self.chunk, &grads, &mut self.grads);
+                        }
+                    }
                     None
                 }
             };
