@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 
 use crate::cmd::{bench_dir, build_meshrec_release, meshrec_bench};
-use crate::recipe::{mean_std, metrics_of, train_ml100k_with, METRICS};
+use crate::recipe::{metric_stats, metrics_of, train_ml100k_with};
 use crate::{data, minilm};
 
 /// The variants and the `--set`s that make them.
@@ -101,18 +101,8 @@ fn throughput(bin: &Path, dir: &Path) -> Result<BTreeMap<&'static str, f64>> {
 
 type Stats = BTreeMap<String, (f64, f64)>;
 
-fn stats(rows: &[Row], variant: &str, pick: impl Fn(&Row) -> &BTreeMap<String, f64>) -> Stats {
-    METRICS
-        .iter()
-        .map(|k| {
-            let xs: Vec<f64> = rows
-                .iter()
-                .filter(|r| r.variant == variant)
-                .map(|r| pick(r)[*k])
-                .collect();
-            (k.to_string(), mean_std(&xs))
-        })
-        .collect()
+fn stats(rows: &[Row], variant: &str, pick: fn(&Row) -> &BTreeMap<String, f64>) -> Stats {
+    metric_stats(rows.iter().filter(move |r| r.variant == variant).map(pick))
 }
 
 pub fn bench(seeds: &[u64], extra: &[String]) -> Result<()> {

@@ -38,6 +38,19 @@ pub(crate) fn mean_std(xs: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
+/// Mean and standard deviation of each of [`METRICS`] over runs' metric maps.
+pub(crate) fn metric_stats<'a>(
+    runs: impl Iterator<Item = &'a BTreeMap<String, f64>> + Clone,
+) -> BTreeMap<String, (f64, f64)> {
+    METRICS
+        .iter()
+        .map(|k| {
+            let xs: Vec<f64> = runs.clone().map(|m| m[*k]).collect();
+            (k.to_string(), mean_std(&xs))
+        })
+        .collect()
+}
+
 pub(crate) fn read_summary(path: &Path) -> Result<Value> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -147,18 +160,12 @@ pub fn bench(seeds: &[u64], peer: bool, sets: &[String]) -> Result<()> {
             runs.push(peer_run(seed)?);
         }
     }
-    let stats = |system: &str| -> BTreeMap<String, (f64, f64)> {
-        METRICS
-            .iter()
-            .map(|k| {
-                let xs: Vec<f64> = runs
-                    .iter()
-                    .filter(|r| r.system == system)
-                    .map(|r| r.test[*k])
-                    .collect();
-                (k.to_string(), mean_std(&xs))
-            })
-            .collect()
+    let stats = |system: &str| {
+        metric_stats(
+            runs.iter()
+                .filter(move |r| r.system == system)
+                .map(|r| &r.test),
+        )
     };
     let ours = stats("meshrec");
     let (peer_ndcg, peer_source) = if peer {
