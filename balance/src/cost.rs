@@ -9,7 +9,7 @@
 use meshrec_comm::cost::{all_reduce_time, p2p_time, LinkClass};
 use serde::{Deserialize, Serialize};
 
-use crate::device::DeviceSpec;
+use crate::device::{DeviceSpec, LossPlacement};
 use crate::error::BalanceError;
 use crate::shape::{LayerKind, ModelShape};
 
@@ -333,7 +333,18 @@ impl CostProfile {
             tok * crate::shape::SOFTMAX_FLOPS_PER_LOGIT * v / t,
             2.0 * tok * v / t * ab,
         );
-        let (head_fwd, head_bwd) = sum(&[norm, logits, softmax]);
+        // Where the trainer runs the loss on a host backend, it copies the table shard and
+        // the loss rows (at most every token's) out of the backend's tensors in forward and
+        // their gradients back in backward: memcpy traffic, read and written once each. A
+        // GPU keeps them on the device (`LossPlacement::Device`): nothing to add.
+        let host_copies = match device.loss_placement {
+            LossPlacement::Host => {
+                let bytes = 2.0 * (v / t * d + tok * d) * 4.0;
+                (rf(0.0, bytes), rf(0.0, bytes))
+            }
+            LossPlacement::Device => (0.0, 0.0),
+        };
+        let (head_fwd, head_bwd) = sum(&[norm, logits, softmax, host_copies]);
         let head_params = sharded(shape.head_params());
         let table = if shape.tied_head {
             sharded(shape.vocab * shape.d_model)
@@ -462,6 +473,39 @@ impl CostProfile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The head follows where the trainer runs the loss: on a host backend it pays the copies
+    /// of the table and the loss rows each way (memcpy traffic at the streaming bandwidth),
+    /// on a GPU it does not; nothing else changes.
+    #[test]
+    fn head_cost_follows_the_loss_placement() {
+        let shape = ModelShape::preset_100m();
+        let host = DeviceSpec::cpu_default();
+        let on_device = DeviceSpec {
+            loss_placement: LossPlacement::Device,
+            ..host.clone()
+        };
+        let (mb, tp) = (64, 2);
+        let a = CostProfile::modelled(&shape, &host, mb, tp).unwrap();
+        let b = CostProfile::modelled(&shape, &on_device, mb, tp).unwrap();
+        let n = a.len();
+        assert_eq!(a.layers[..n - 1], b.layers[..n - 1]);
+        let (tok, d) = ((mb * shape.seq_len) as f64, shape.d_model as f64);
+        let copies = 2.0 * (shape.vocab as f64 / 2.0 * d + tok * d) * 4.0 / host.achieved_bw();
+        let (ha, hb) = (&a.layers[n - 1], &b.layers[n - 1]);
+        assert!(
+            (ha.fwd_s - hb.fwd_s - copies).abs() < 1e-9 * ha.fwd_s,
+            "{ha:?} {hb:?}"
+        );
+        assert!(
+            (ha.bwd_s - hb.bwd_s - copies).abs() < 1e-9 * ha.bwd_s,
+            "{ha:?} {hb:?}"
+        );
+        assert_eq!(
+            DeviceSpec::a100_80gb().loss_placement,
+            LossPlacement::Device
+        );
+    }
 
     #[test]
     fn modelled_profile_is_compute_bound_for_big_gemms() {

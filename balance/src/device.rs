@@ -14,6 +14,18 @@ use crate::error::BalanceError;
 const GB: f64 = 1e9;
 const GIB: u64 = 1 << 30;
 
+/// Where the trainer runs the catalogue-wide loss on a device (the trainer's `Residency`):
+/// on host buffers for the CPU backend, whose tensors are host memory already, as tensor ops
+/// on a GPU. On the host the loss copies the table shard and the loss rows out of the
+/// backend's tensors and their gradients back in; on a GPU nothing crosses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LossPlacement {
+    Host,
+    #[default]
+    Device,
+}
+
 /// One accelerator (or one CPU socket acting as one device).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DeviceSpec {
@@ -32,16 +44,21 @@ pub struct DeviceSpec {
     /// Whether the numbers were measured on real hardware (true) or taken from a
     /// datasheet (false: modelled).
     pub measured: bool,
+    /// Where the trainer runs the loss on this device (the head's copies follow it).
+    #[serde(default)]
+    pub loss_placement: LossPlacement,
 }
 
 impl DeviceSpec {
     /// A device from measured *achieved* rates: matrix-multiply FLOP/s and streaming
-    /// bandwidth as a benchmark saw them (so both efficiencies are 1).
+    /// bandwidth as a benchmark saw them (so both efficiencies are 1), and where the trainer
+    /// runs the loss on it.
     pub fn measured(
         name: impl Into<String>,
         achieved_flops: f64,
         achieved_bw: f64,
         memory_bytes: u64,
+        loss_placement: LossPlacement,
     ) -> Result<Self, BalanceError> {
         let spec = Self {
             name: name.into(),
@@ -51,6 +68,7 @@ impl DeviceSpec {
             flop_efficiency: 1.0,
             bw_efficiency: 1.0,
             measured: true,
+            loss_placement,
         };
         spec.validate()?;
         Ok(spec)
@@ -70,6 +88,7 @@ impl DeviceSpec {
             flop_efficiency: 1.0,
             bw_efficiency: 1.0,
             measured: false,
+            loss_placement: LossPlacement::Host,
         }
     }
 
@@ -83,6 +102,7 @@ impl DeviceSpec {
             flop_efficiency: 0.55,
             bw_efficiency: 0.8,
             measured: false,
+            loss_placement: LossPlacement::Device,
         }
     }
 
@@ -96,6 +116,7 @@ impl DeviceSpec {
             flop_efficiency: 0.45,
             bw_efficiency: 0.8,
             measured: false,
+            loss_placement: LossPlacement::Device,
         }
     }
 
@@ -110,6 +131,7 @@ impl DeviceSpec {
             flop_efficiency: 0.5,
             bw_efficiency: 0.8,
             measured: false,
+            loss_placement: LossPlacement::Device,
         }
     }
 
@@ -123,6 +145,7 @@ impl DeviceSpec {
             flop_efficiency: 0.4,
             bw_efficiency: 0.75,
             measured: false,
+            loss_placement: LossPlacement::Device,
         }
     }
 
@@ -211,15 +234,15 @@ mod tests {
     fn unknown_preset_and_bad_numbers_are_errors() {
         let e = DeviceSpec::preset("tpu").unwrap_err();
         assert!(e.to_string().contains("\"tpu\""), "{e}");
-        let e = DeviceSpec::measured("cpu", 0.0, 1e9, 1).unwrap_err();
+        let e = DeviceSpec::measured("cpu", 0.0, 1e9, 1, LossPlacement::Host).unwrap_err();
         assert!(e.to_string().contains("peak_flops"), "{e}");
-        let e = DeviceSpec::measured("cpu", 1e9, f64::NAN, 1).unwrap_err();
+        let e = DeviceSpec::measured("cpu", 1e9, f64::NAN, 1, LossPlacement::Host).unwrap_err();
         assert!(e.to_string().contains("mem_bw"), "{e}");
     }
 
     #[test]
     fn roofline_picks_the_binding_limit() {
-        let d = DeviceSpec::measured("x", 100.0, 10.0, 1).unwrap();
+        let d = DeviceSpec::measured("x", 100.0, 10.0, 1, LossPlacement::Device).unwrap();
         assert_eq!(d.roofline_s(1000.0, 10.0), 10.0);
         assert_eq!(d.roofline_s(100.0, 1000.0), 100.0);
     }

@@ -34,7 +34,7 @@ pub mod sim;
 pub use accuracy::{AccuracyEntry, AccuracyTable, Verdict};
 pub use cluster::Cluster;
 pub use cost::{CostProfile, LayerCost, ProfileSource};
-pub use device::DeviceSpec;
+pub use device::{DeviceSpec, LossPlacement};
 pub use error::BalanceError;
 pub use partition::{Partition, PartitionPlan, PartitionProblem, StageSpec};
 pub use plan::{

@@ -5,17 +5,22 @@
 //! (a resumed run would draw other masks). Here each thread owns a xoshiro generator that
 //! the trainer seeds per step with [`seed_dropout`]; the `Dropout` module keeps burn's
 //! configuration and `training` flag, only the sampling is replaced.
+//!
+//! A step that stays on a GPU ([`seed_dropout_on_device`]) draws its masks there instead,
+//! from the device's generator seeded the same way per step: a mask is as large as the
+//! activations, and uploading each one would move tens of MB per step.
 
 use std::cell::{Cell, RefCell};
 
 use burn::nn::Dropout;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 
 thread_local! {
     static DROPOUT_RNG: RefCell<SmallRng> = RefCell::new(SmallRng::seed_from_u64(0));
     static WITHOUT_GRAPH: Cell<bool> = const { Cell::new(false) };
+    static ON_DEVICE: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Runs `f` with training dropout applied to plain (non-autodiff) tensors and modules in
@@ -35,7 +40,16 @@ pub fn training_without_graph<T>(f: impl FnOnce() -> T) -> T {
 /// Seeds this thread's dropout stream (call once per step with a key derived from the run
 /// seed and the step, so a resumed run draws the same masks).
 pub fn seed_dropout(seed: u64) {
+    ON_DEVICE.with(|d| d.set(false));
     DROPOUT_RNG.with(|rng| *rng.borrow_mut() = SmallRng::seed_from_u64(seed));
+}
+
+/// Seeds `device`'s generator and has this thread's masks drawn on the device until the
+/// next [`seed_dropout`] (a device-resident step; the masks differ from the host stream's but
+/// are as reproducible: a resumed run seeds the same step the same way).
+pub fn seed_dropout_on_device(device: &Device, seed: u64) {
+    ON_DEVICE.with(|d| d.set(true));
+    device.seed(seed);
 }
 
 /// An inverted-dropout mask of `n` values, each `1 / (1 - prob)` with probability
@@ -66,9 +80,17 @@ pub fn apply<const D: usize>(dropout: &Dropout, x: Tensor<D>) -> Tensor<D> {
         return x;
     }
     let dims = x.dims();
+    if ON_DEVICE.with(Cell::get) {
+        let keep = Tensor::<D>::random(
+            dims,
+            Distribution::Bernoulli(1.0 - dropout.prob),
+            &x.device(),
+        );
+        return x * (keep * (1.0 / (1.0 - dropout.prob)));
+    }
     let n = dims.iter().product();
     let values = DROPOUT_RNG.with(|rng| mask_values(&mut *rng.borrow_mut(), n, dropout.prob));
-    let mask = Tensor::<D>::from_data(TensorData::new(values, dims), &x.device());
+    let mask: Tensor<D> = crate::transfer::upload(TensorData::new(values, dims), &x.device());
     x * mask
 }
 

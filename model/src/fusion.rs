@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{Bipartite, InteractionGraph};
 use crate::error::ConfigError;
+use crate::transfer::upload;
 
 /// The largest `users × items` a dense propagation matrix may have (256 MB of f32 per
 /// direction).
@@ -146,7 +147,7 @@ pub struct RelationPair {
 impl RelationPair {
     fn new(b: &Bipartite, device: &Device) -> Self {
         let m = b.normalised_dense();
-        let forward = Tensor::<2>::from_data(TensorData::new(m, [b.left, b.right]), device);
+        let forward: Tensor<2> = upload(TensorData::new(m, [b.left, b.right]), device);
         let backward = forward.clone().transpose();
         Self { forward, backward }
     }
@@ -232,10 +233,7 @@ impl Fusion {
                 let rows = t.values.len() / dim;
                 Some(TextProjection {
                     proj: LinearConfig::new(dim, d).with_bias(false).init(device),
-                    features: Tensor::from_data(
-                        TensorData::new(t.values.clone(), [rows, dim]),
-                        device,
-                    ),
+                    features: upload(TensorData::new(t.values.clone(), [rows, dim]), device),
                 })
             }
             _ => None,

@@ -4,6 +4,8 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod device_loss;
+pub mod device_optim;
 pub mod dropout;
 pub mod error;
 pub mod fusion;
@@ -14,6 +16,7 @@ pub mod model;
 pub mod optim;
 pub mod params;
 pub mod step;
+pub mod transfer;
 
 pub use config::{ModelConfig, NormKind, Preset};
 pub use error::{CheckpointError, ConfigError, DataError};

@@ -18,6 +18,11 @@ pub trait VocabReducer {
     fn all_max(&mut self, values: &mut [f32]) -> Result<(), Self::Error>;
     /// Element-wise sum of `values` over all shards, in place.
     fn all_sum(&mut self, values: &mut [f32]) -> Result<(), Self::Error>;
+    /// Whether there are other shards to combine with; when not, the device loss keeps its
+    /// statistics on the device instead of bringing them to the host for a no-op.
+    fn spans_shards(&self) -> bool {
+        true
+    }
 }
 
 /// The reducer of an unsharded table.
@@ -30,6 +35,9 @@ impl VocabReducer for SingleShard {
     }
     fn all_sum(&mut self, _: &mut [f32]) -> Result<(), Self::Error> {
         Ok(())
+    }
+    fn spans_shards(&self) -> bool {
+        false
     }
 }
 

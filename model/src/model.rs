@@ -13,6 +13,7 @@ use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use crate::config::{MlpKind, ModelConfig, NormKind, Positions};
 use crate::dropout;
 use crate::fusion::{Fusion, SideInputs};
+use crate::transfer::upload;
 
 /// RMSNorm or LayerNorm.
 #[derive(Module, Debug)]
@@ -104,8 +105,8 @@ fn rope_tables(seq: usize, head_dim: usize, device: &Device) -> (Tensor<2>, Tens
     }
     let shape = [seq, head_dim];
     (
-        Tensor::from_data(TensorData::new(cos, shape), device),
-        Tensor::from_data(TensorData::new(sin, shape), device),
+        upload(TensorData::new(cos, shape), device),
+        upload(TensorData::new(sin, shape), device),
     )
 }
 
@@ -397,7 +398,7 @@ pub fn genre_mix(
             }
         }
     }
-    Tensor::from_data(TensorData::new(data, [rows, num_genres]), device)
+    upload(TensorData::new(data, [rows, num_genres]), device)
 }
 
 impl Recommender {

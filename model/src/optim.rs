@@ -123,16 +123,26 @@ pub fn sum_of_squares(grads: &[Vec<f32>]) -> f64 {
 /// Scales gradients so that their global norm is at most `max_norm` (PyTorch's
 /// `clip_grad_norm_`). Returns the factor applied.
 pub fn clip_by_global_norm(grads: &mut [Vec<f32>], norm: f64, max_norm: f64) -> f32 {
-    if max_norm <= 0.0 || norm <= max_norm {
+    let scale = clip_scale(norm, max_norm);
+    if scale == 1.0 {
         return 1.0;
     }
-    let scale = (max_norm / (norm + 1e-6)) as f32;
     for g in grads.iter_mut() {
         for x in g.iter_mut() {
             *x *= scale;
         }
     }
     scale
+}
+
+/// The factor that brings gradients of global `norm` to at most `max_norm` (1 when they are
+/// within it or clipping is off).
+pub fn clip_scale(norm: f64, max_norm: f64) -> f32 {
+    if max_norm <= 0.0 || norm <= max_norm {
+        1.0
+    } else {
+        (max_norm / (norm + 1e-6)) as f32
+    }
 }
 
 /// Linear warm-up to `lr`, then cosine decay to `lr * min_ratio` at `total_steps`.

@@ -10,6 +10,8 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
+use crate::transfer::upload;
+
 /// One parameter: its dotted module path and shape.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParamInfo {
@@ -66,10 +68,7 @@ impl<F: FnMut(String, Vec<usize>, Option<Vec<f32>>)> ModuleVisitor for Reader<'_
 /// A tensor's values as a flat row-major `Vec<f32>` on the host (converted from whatever
 /// float type the backend holds). The one place the crates copy a tensor out.
 pub fn to_host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_into_vec::<f32>()
-        .unwrap_or_default()
+    crate::transfer::download(t)
 }
 
 /// The parameters of a module in its fixed traversal order.
@@ -139,7 +138,7 @@ impl ModuleMapper for Writer<'_> {
         let device = self.device.clone();
         param.map(|old| {
             let shape = old.dims();
-            let t = Tensor::<D>::from_data(TensorData::new(values.clone(), shape), &device);
+            let t: Tensor<D> = upload(TensorData::new(values.clone(), shape), &device);
             if device.is_autodiff() {
                 t.require_grad()
             } else {

@@ -69,5 +69,8 @@ pub(crate) fn keyed_mask(
             }
         })
         .collect();
-    Some(Tensor::from_data(TensorData::new(values, dims), device))
+    Some(meshrec_model::transfer::upload(
+        TensorData::new(values, dims),
+        device,
+    ))
 }

@@ -157,7 +157,10 @@ fn tp_all_reduce(t: Tensor<3>, tp: &dyn Communicator) -> Result<Tensor<3>, Paral
     let device = t.device();
     let mut values = host(t);
     tp.all_reduce(&mut values, ReduceOp::Sum)?;
-    Ok(Tensor::from_data(TensorData::new(values, dims), &device))
+    Ok(meshrec_model::transfer::upload(
+        TensorData::new(values, dims),
+        &device,
+    ))
 }
 
 /// One model chunk on one rank, with its stashed micro-batches and gradient accumulators.
@@ -444,7 +447,7 @@ impl Segment {
                         values.len()
                     )));
                 }
-                Tensor::from_data(TensorData::new(values, [b, s, d]), &self.device)
+                meshrec_model::transfer::upload(TensorData::new(values, [b, s, d]), &self.device)
             }
         };
         let tp_rank = tp.rank();
@@ -713,7 +716,7 @@ impl Segment {
                     dims
                 )));
             }
-            g = Some(Tensor::from_data(
+            g = Some(meshrec_model::transfer::upload(
                 TensorData::new(values, dims),
                 &self.device,
             ));

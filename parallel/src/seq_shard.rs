@@ -49,7 +49,7 @@ impl SeqShard {
                 out[dst..dst + row].copy_from_slice(&all[src..src + row]);
             }
         }
-        Ok(Tensor::from_data(
+        Ok(meshrec_model::transfer::upload(
             TensorData::new(out, [b, rows * self.size, d]),
             &device,
         ))
@@ -78,7 +78,7 @@ impl SeqShard {
         }
         let mut mine = vec![0.0f32; block];
         tp.reduce_scatter(&ordered, &mut mine, ReduceOp::Sum)?;
-        Ok(Tensor::from_data(
+        Ok(meshrec_model::transfer::upload(
             TensorData::new(mine, [b, rows, d]),
             &device,
         ))

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use meshrec_model::config::{MlpKind, Positions};
 use meshrec_model::data::{SyntheticConfig, WindowPolicy};
+use meshrec_model::device::Residency;
 use meshrec_model::{ModelConfig, NormKind, Preset};
 use meshrec_pipeline::{DpMode, Recompute, ScheduleError, ScheduleKind, ScheduleSpec, ZeroStage};
 use serde::{Deserialize, Serialize};
@@ -127,12 +128,35 @@ pub struct TrainSection {
     /// are recomputed in backward) or `full` (each block keeps its input only). Runs on the
     /// mesh executor, also with one device.
     pub recompute: String,
+    /// Where a single-device step runs its loss and AdamW: `auto` (host buffers on the CPU
+    /// backend, the device on a GPU backend), `host` or `device`.
+    pub residency: String,
 }
 
 impl TrainSection {
     /// The recomputation `train.recompute` names.
     pub fn recompute(&self) -> Result<Recompute, ConfigError> {
         Recompute::from_name(&self.recompute).map_err(|e| invalid("train.recompute", e.to_string()))
+    }
+
+    /// The residency `train.residency` names for a run on `device`.
+    pub fn residency(&self, device: &burn::tensor::Device) -> Result<Residency, ConfigError> {
+        Ok(self
+            .named_residency()?
+            .unwrap_or_else(|| Residency::for_device(device)))
+    }
+
+    /// `train.residency` checked: a placement, or `None` for `auto`.
+    fn named_residency(&self) -> Result<Option<Residency>, ConfigError> {
+        match self.residency.as_str() {
+            "auto" => Ok(None),
+            "host" => Ok(Some(Residency::Host)),
+            "device" => Ok(Some(Residency::Device)),
+            other => Err(invalid(
+                "train.residency",
+                format!("expected `auto`, `host` or `device`, got `{other}`"),
+            )),
+        }
     }
 }
 
@@ -154,6 +178,7 @@ impl Default for TrainSection {
             device: "cpu".into(),
             max_steps: 0,
             recompute: "none".into(),
+            residency: "auto".into(),
         }
     }
 }
@@ -716,6 +741,7 @@ impl RunConfig {
             ));
         }
         t.recompute()?;
+        t.named_residency()?;
         let mode = self.dp.mode()?;
         let method = self.compress.method_config()?;
         self.compress.validate_dgc(&method, p.dp, t.beta1)?;

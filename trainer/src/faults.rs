@@ -8,6 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use burn::tensor::{Tensor, TensorData};
+use meshrec_model::transfer::upload;
+
 use crate::error::RunError;
 pub use crate::fault_section::{FaultKind, FaultPoint, FaultSection};
 
@@ -139,6 +142,15 @@ impl FaultHooks for ConfigFaults {
 pub fn poison_first(grads: &mut [Vec<f32>]) {
     if let Some(x) = grads.iter_mut().find_map(|g| g.first_mut()) {
         *x = f32::NAN;
+    }
+}
+
+/// [`poison_first`] for gradients held on the device.
+pub fn poison_first_on_device(grads: &mut [Tensor<1>]) {
+    if let Some(g) = grads.iter_mut().find(|g| g.dims()[0] > 0) {
+        let n = g.dims()[0];
+        let nan: Tensor<1> = upload(TensorData::new(vec![f32::NAN], [1]), &g.device());
+        *g = Tensor::cat(vec![nan, g.clone().narrow(0, 1, n - 1)], 0);
     }
 }
 

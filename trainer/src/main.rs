@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use meshrec_model::data::{EvalSet, EvalSplit};
-use meshrec_model::device::parse_device;
+use meshrec_model::device::{describe, parse_device, Residency};
 use meshrec_trainer::checkpoint;
 use meshrec_trainer::checkpoint_shard;
 use meshrec_trainer::config::RunConfig;
@@ -235,6 +235,12 @@ fn setup(common: &Common) -> anyhow::Result<(RunConfig, burn::tensor::Device, St
         .clone()
         .unwrap_or_else(|| config.train.device.clone());
     let device = parse_device(&name)?.autodiff();
+    tracing::info!(
+        device = %name,
+        adapter = %describe(&device),
+        residency = ?Residency::for_device(&device),
+        "device chosen (a single-device step keeps its loss and AdamW where `residency` says)"
+    );
     Ok((config, device, name))
 }
 

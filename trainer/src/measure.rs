@@ -111,7 +111,7 @@ pub fn measure_layout(
     let lr = config.train.lr as f32;
     if !config.uses_mesh_executor() {
         let (_, model) = build_model(config, &dataset, device)?;
-        let mut single = SingleDevice::new(model, config, device);
+        let mut single = SingleDevice::new(model, config, device)?;
         run_steps(&mut single, &batches, warmup, lr)?
             .ok_or_else(|| RunError::Parallel("the single device measured nothing".into()))
     } else {

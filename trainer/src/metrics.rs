@@ -40,6 +40,11 @@ pub struct StepRecord {
     /// of the `meshrec` binary; absent without it).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub heap_step_peak_bytes: Option<u64>,
+    /// Bytes the step copied between host memory and the device (both ways, counted at every
+    /// crossing by `meshrec_model::transfer`; on a mesh, the leader rank's own). On the CPU
+    /// backend these are the host loss's and host AdamW's copies; a device-resident step on
+    /// a GPU moves only the batch and a few scalars.
+    pub host_transfer_bytes: u64,
 }
 
 /// One membership change of an elastic run, with its timings (measured).

@@ -130,7 +130,7 @@ fn train_reduced(
     let mut progress = Progress::default();
     let mut best = model.clone();
     early_stop.observe(&mut progress, 0, &report(&model));
-    let mut stepper = SingleDevice::new(model, config, device);
+    let mut stepper = SingleDevice::new(model, config, device)?;
     let mut global = 0u64;
     for epoch in 0..epochs {
         for batch in train_set.epoch(t.seed, epoch, t.batch_size) {

