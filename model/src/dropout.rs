@@ -17,6 +17,8 @@ use burn::tensor::{Device, Distribution, Tensor, TensorData};
 use rand::rngs::SmallRng;
 use rand::{RngCore, SeedableRng};
 
+use crate::device::Residency;
+
 thread_local! {
     static DROPOUT_RNG: RefCell<SmallRng> = RefCell::new(SmallRng::seed_from_u64(0));
     static WITHOUT_GRAPH: Cell<bool> = const { Cell::new(false) };
@@ -42,6 +44,15 @@ pub fn training_without_graph<T>(f: impl FnOnce() -> T) -> T {
 pub fn seed_dropout(seed: u64) {
     ON_DEVICE.with(|d| d.set(false));
     DROPOUT_RNG.with(|rng| *rng.borrow_mut() = SmallRng::seed_from_u64(seed));
+}
+
+/// Seeds this step's masks where a step of `residency` draws them: this thread's host
+/// stream, or `device`'s generator.
+pub fn seed_step(residency: Residency, device: &Device, seed: u64) {
+    match residency {
+        Residency::Host => seed_dropout(seed),
+        Residency::Device => seed_dropout_on_device(device, seed),
+    }
 }
 
 /// Seeds `device`'s generator and has this thread's masks drawn on the device until the

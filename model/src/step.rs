@@ -153,7 +153,8 @@ fn loss_graph(
     }
 }
 
-/// Forward and backward of one (micro-)batch on one device, the gradients on the host.
+/// Forward and backward of one (micro-)batch on one device, the gradients on the host, the
+/// loss where [`Residency::for_device`] puts it.
 pub fn forward_backward(
     model: &Recommender,
     batch: &Batch,
@@ -161,6 +162,17 @@ pub fn forward_backward(
     device: &Device,
 ) -> StepOutput {
     let residency = Residency::for_device(device);
+    forward_backward_placed(model, batch, grad_scale, residency, device)
+}
+
+/// [`forward_backward`] with the loss placed by `residency`.
+pub fn forward_backward_placed(
+    model: &Recommender,
+    batch: &Batch,
+    grad_scale: f32,
+    residency: Residency,
+    device: &Device,
+) -> StepOutput {
     let (loss_sum, targets, surrogate) = loss_graph(model, batch, grad_scale, residency, device);
     let grads = match surrogate {
         Some(surrogate) => read_grads(model, &surrogate.backward()),

@@ -19,8 +19,8 @@ use meshrec_model::{ModelConfig, Preset, Recommender, SideInputs};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-/// The device's generator is process-wide on some backends (Flex): the tests that seed it
-/// take turns, as a single-device run's steps do.
+/// The device's generator is process-wide on some backends (Flex): the tests that draw from
+/// it (a model's initialisation does too) take turns, as a single-device run's steps do.
 static DEVICE_RNG: Mutex<()> = Mutex::new(());
 
 fn random(n: usize, seed: u64) -> Vec<f32> {
@@ -218,6 +218,7 @@ fn grads_to_host(out: &DeviceStepOutput) -> Vec<Vec<f32>> {
 /// AdamW), every parameter, to 1e-4.
 #[test]
 fn device_resident_steps_equal_host_steps() {
+    let _turn = DEVICE_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let device = test_device().autodiff();
     let (_, start) = tiny(0.0, &device);
     let infos = param_paths(&start);
@@ -287,6 +288,7 @@ fn device_resident_steps_equal_host_steps() {
 /// the hidden rows and every gradient and parameter.
 #[test]
 fn a_device_resident_step_moves_only_the_batch_and_two_scalars() {
+    let _turn = DEVICE_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let device = test_device().autodiff();
     let (_, m) = tiny(0.2, &device);
     let infos = param_paths(&m);
@@ -296,7 +298,6 @@ fn a_device_resident_step_moves_only_the_batch_and_two_scalars() {
     let n = batch.num_targets() as u64;
     let scale = 1.0 / n as f32;
 
-    let _turn = DEVICE_RNG.lock().unwrap_or_else(|e| e.into_inner());
     seed_dropout_on_device(&device, 7);
     let before = Transferred::now();
     let out = forward_backward_on_device(&m, &batch, scale, Residency::Device, &device);
@@ -327,10 +328,10 @@ fn a_device_resident_step_moves_only_the_batch_and_two_scalars() {
 /// Masks drawn on the device are reproducible by the step's seed and differ between seeds.
 #[test]
 fn device_dropout_masks_follow_the_step_seed() {
+    let _turn = DEVICE_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let device = test_device().autodiff();
     let (_, m) = tiny(0.3, &device);
     let batch = batch();
-    let _turn = DEVICE_RNG.lock().unwrap_or_else(|e| e.into_inner());
     let loss = |seed: u64| {
         seed_dropout_on_device(&device, seed);
         forward_backward_on_device(&m, &batch, 1.0, Residency::Device, &device).loss_sum

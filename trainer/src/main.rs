@@ -559,6 +559,9 @@ fn run() -> anyhow::Result<()> {
                 "steps": th.steps,
                 "forward_backward_s_per_step": th.forward_backward_s / th.steps.max(1) as f64,
                 "optimizer_s_per_step": th.optimizer_s / th.steps.max(1) as f64,
+                "residency": th.residency,
+                "host_transfer_bytes_per_step": th.host_transfer_bytes / th.steps.max(1),
+                "adapter": describe(&device),
                 "threads": rayon_threads(),
             });
             println!("{}", serde_json::to_string_pretty(&report)?);

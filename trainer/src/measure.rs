@@ -10,15 +10,19 @@ use meshrec_comm::LocalCluster;
 use meshrec_model::data::{Batch, TrainSet};
 use serde::Serialize;
 
+use meshrec_model::device::Residency;
+use meshrec_model::device_optim::DeviceAdamW;
+use meshrec_model::dropout::seed_step;
 use meshrec_model::optim::{AdamW, AdamWConfig};
 use meshrec_model::params::{param_paths, read_values, write_values};
-use meshrec_model::step::forward_backward;
+use meshrec_model::step::{forward_backward_on_device, forward_backward_placed};
+use meshrec_model::transfer::Transferred;
 
 use crate::config::RunConfig;
 use crate::error::RunError;
 use crate::hybrid::launch::{in_rank_pool, leader_result};
 use crate::hybrid::rank::MeshRank;
-use crate::setup::{build_model, dataset_model_config, load_dataset, side_inputs};
+use crate::setup::{build_model, dataset_model_config, dropout_seed, load_dataset, side_inputs};
 use crate::single::SingleDevice;
 use crate::stepper::{ParallelStepStats, StepResult, Stepper};
 
@@ -36,6 +40,8 @@ pub struct Measured {
     /// Mean loss of the first and last measured step (a sanity check that it trains).
     pub loss_first: f64,
     pub loss_last: f64,
+    /// Mean bytes a measured step copied between host and device (the leader's, counted).
+    pub host_transfer_bytes_per_step: f64,
 }
 
 /// The first `n` full batches of the run's data order (epochs repeat as needed).
@@ -61,11 +67,14 @@ fn run_steps(
     let (mut samples, mut tokens) = (0u64, 0u64);
     let (mut sum, mut n) = (None::<ParallelStepStats>, 0u64);
     let mut losses = Vec::new();
+    let mut moved = 0u64;
     for (i, batch) in batches.iter().enumerate() {
         let t0 = Instant::now();
+        let before = Transferred::now();
         let out: StepResult = stepper.step(batch, i as u64, lr)?;
         let dt = t0.elapsed().as_secs_f64();
         if i >= warmup {
+            moved += Transferred::now().since(before).total();
             times.push(dt);
             samples += batch.batch_size as u64;
             tokens += out.targets as u64;
@@ -90,6 +99,7 @@ fn run_steps(
         parallel: sum.map(|s| ParallelStepStats::mean_of(&s, n)),
         loss_first: losses.first().copied().unwrap_or(f64::NAN),
         loss_last: losses.last().copied().unwrap_or(f64::NAN),
+        host_transfer_bytes_per_step: moved as f64 / times.len() as f64,
     }))
 }
 
@@ -135,7 +145,9 @@ pub fn measure_layout(
 }
 
 /// Throughput of training steps alone (no evaluation), after `warmup` steps: the figure of
-/// `cargo xtask bench train`. Returns (samples_per_s, tokens_per_s, seconds per phase).
+/// `cargo xtask bench train`. The loss and AdamW run where `train.residency` places them
+/// (host buffers on Flex, the device on a GPU backend, whose queue is drained at each phase
+/// boundary so the split is honest). Returns samples and seconds per phase.
 pub fn measure_throughput(
     config: &RunConfig,
     device: &Device,
@@ -147,28 +159,60 @@ pub fn measure_throughput(
     let train_set = TrainSet::new(&dataset, model_config.max_len, config.data.windows)?;
     let infos = param_paths(&model);
     let decay: Vec<bool> = infos.iter().map(|p| p.shape.len() > 1).collect();
-    let mut optimizer = AdamW::new(AdamWConfig::default(), infos.iter().map(|p| p.numel()));
-    let mut values = read_values(&model);
+    let residency = config.train.residency(device)?;
+    enum Optimizer {
+        Host(AdamW, Vec<Vec<f32>>),
+        Device(DeviceAdamW),
+    }
+    let adamw = AdamWConfig::default();
+    let mut optimizer = match residency {
+        Residency::Host => Optimizer::Host(
+            AdamW::new(adamw, infos.iter().map(|p| p.numel())),
+            read_values(&model),
+        ),
+        Residency::Device => Optimizer::Device(DeviceAdamW::new(adamw, &infos, device)),
+    };
     let batches = full_batches(config, &train_set, warmup + steps);
-    let mut th = Throughput::default();
+    let mut th = Throughput {
+        residency: format!("{residency:?}").to_lowercase(),
+        ..Throughput::default()
+    };
+    let sync = |device: &Device| {
+        device
+            .sync()
+            .map_err(|e| RunError::Parallel(format!("device: {e:?}")))
+    };
     for (i, batch) in batches.iter().enumerate() {
         let measured = i >= warmup;
+        let scale = 1.0 / batch.num_targets().max(1) as f32;
+        let seed = dropout_seed(config.train.seed, i as u64);
+        seed_step(residency, device, seed);
+        let before = Transferred::now();
         let t0 = Instant::now();
-        let out = forward_backward(
-            &model,
-            batch,
-            1.0 / batch.num_targets().max(1) as f32,
-            device,
-        );
-        let t1 = Instant::now();
-        optimizer.update(&mut values, &out.grads, 1e-3, &decay);
-        model = write_values(model, &values, device);
+        let (t1, targets) = match &mut optimizer {
+            Optimizer::Host(optimizer, values) => {
+                let out = forward_backward_placed(&model, batch, scale, residency, device);
+                let t1 = Instant::now();
+                optimizer.update(values, &out.grads, 1e-3, &decay);
+                model = write_values(model, values, device);
+                (t1, out.targets)
+            }
+            Optimizer::Device(optimizer) => {
+                let out = forward_backward_on_device(&model, batch, scale, residency, device);
+                sync(device)?;
+                let t1 = Instant::now();
+                model = optimizer.update(model, out.grads, 1e-3, 1.0, &decay);
+                sync(device)?;
+                (t1, out.targets)
+            }
+        };
         let t2 = Instant::now();
         if measured {
             th.forward_backward_s += (t1 - t0).as_secs_f64();
             th.optimizer_s += (t2 - t1).as_secs_f64();
             th.samples += batch.batch_size as u64;
-            th.tokens += out.targets as u64;
+            th.tokens += targets as u64;
+            th.host_transfer_bytes += Transferred::now().since(before).total();
         }
     }
     th.steps = steps as u64;
@@ -183,6 +227,10 @@ pub struct Throughput {
     pub tokens: u64,
     pub forward_backward_s: f64,
     pub optimizer_s: f64,
+    /// Bytes the measured steps copied between host and device, all together.
+    pub host_transfer_bytes: u64,
+    /// Where the loss and AdamW ran (`host` or `device`).
+    pub residency: String,
 }
 
 impl Throughput {

@@ -6,10 +6,10 @@ use burn::tensor::{Device, Tensor, TensorData};
 use meshrec_model::data::Batch;
 use meshrec_model::device::Residency;
 use meshrec_model::device_optim::{global_norm, DeviceAdamW};
-use meshrec_model::dropout::{seed_dropout, seed_dropout_on_device};
+use meshrec_model::dropout::seed_step;
 use meshrec_model::optim::{clip_by_global_norm, clip_scale, sum_of_squares, AdamW};
 use meshrec_model::params::{param_paths, read_values, write_values, ParamInfo};
-use meshrec_model::step::{forward_backward, forward_backward_on_device, StepOutput};
+use meshrec_model::step::{forward_backward_on_device, forward_backward_placed, StepOutput};
 use meshrec_model::transfer::upload;
 use meshrec_model::Recommender;
 
@@ -91,11 +91,11 @@ impl SingleDevice {
 
     /// Seeds this step's dropout masks where the step draws them.
     fn seed_masks(&self, step: u64) {
-        let seed = dropout_seed(self.seed, step);
-        match self.residency() {
-            Residency::Host => seed_dropout(seed),
-            Residency::Device => seed_dropout_on_device(&self.device, seed),
-        }
+        seed_step(
+            self.residency(),
+            &self.device,
+            dropout_seed(self.seed, step),
+        );
     }
 
     /// One optimizer step whose gradients come from `grads` on the host (the next-item
@@ -191,12 +191,8 @@ impl Stepper for SingleDevice {
         }
         let device = self.device.clone();
         Ok(self.step_with(batch, step, lr, |model, batch| {
-            forward_backward(
-                model,
-                batch,
-                1.0 / batch.num_targets().max(1) as f32,
-                &device,
-            )
+            let scale = 1.0 / batch.num_targets().max(1) as f32;
+            forward_backward_placed(model, batch, scale, Residency::Host, &device)
         }))
     }
 
