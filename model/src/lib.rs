@@ -9,6 +9,7 @@ pub mod device_optim;
 pub mod dropout;
 pub mod error;
 pub mod fusion;
+pub mod gelu;
 pub mod kernels;
 pub mod loss;
 pub mod metrics;

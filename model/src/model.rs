@@ -7,12 +7,13 @@ use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear,
     LinearConfig, RmsNorm, RmsNormConfig,
 };
-use burn::tensor::activation::{gelu, silu, softmax};
+use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 
 use crate::config::{MlpKind, ModelConfig, NormKind, Positions};
 use crate::dropout;
 use crate::fusion::{Fusion, SideInputs};
+use crate::gelu::gelu;
 use crate::transfer::upload;
 
 /// RMSNorm or LayerNorm.
