@@ -5,7 +5,8 @@
 //! `expf`) in backward: 12 % of a `small` training step in `perf`. Here erf is Abramowitz &
 //! Stegun 7.1.26 (absolute error ≤ 1.5e-7) over [`crate::kernels::fast_exp`], and the backward
 //! shares one exponential between `Φ(x)` and the density. Other backends, and a Flex tensor
-//! under an autodiff strategy other than burn's default, take burn's own `gelu`.
+//! under an autodiff strategy other than burn's default, take burn's own `gelu`
+//! ([`crate::flex_op`] registers the op).
 
 use burn::tensor::Tensor;
 
@@ -59,94 +60,35 @@ pub fn gelu_backward_into(out: &mut [f32], x: &[f32], grad: &[f32]) {
 
 #[cfg(feature = "flex")]
 mod flex {
-    //! The op on Flex tensors and its registration with burn's autodiff.
+    //! The op on Flex tensors, registered with burn's autodiff by [`crate::flex_op`].
 
-    use burn::backend::ops::ActivationOps;
-    use burn::backend::tensor::FloatTensor;
-    use burn::tensor::{Tensor, TensorData};
-    use burn_autodiff::checkpoint::base::Checkpointer;
-    use burn_autodiff::checkpoint::strategy::NoCheckpointing;
-    use burn_autodiff::grads::Gradients;
-    use burn_autodiff::ops::{unary, Backward, Ops, OpsKind};
-    use burn_autodiff::Autodiff;
-    use burn_flex::{Flex, FlexTensor};
+    use burn::tensor::Tensor;
     use rayon::prelude::*;
 
-    /// Elements per parallel task: large enough to amortise rayon, small enough to share
-    /// a step's activations between the cores.
-    const CHUNK: usize = 1 << 15;
-
-    /// The fused op, or `None` when `x` is not a float Flex tensor this op handles.
-    pub(super) fn gelu<const D: usize>(x: &Tensor<D>) -> Option<Tensor<D>> {
-        if x.is_autodiff() {
-            let t = x.clone().try_into_primitive::<Autodiff<Flex>>().ok()?;
-            Some(Tensor::from_primitive::<Autodiff<Flex>>(tracked(t)?))
-        } else {
-            let t = x.clone().try_into_primitive::<Flex>().ok()?;
-            Some(Tensor::from_primitive::<Flex>(forward(&t)?))
-        }
-    }
-
-    fn f32_values(t: &FlexTensor) -> Option<std::borrow::Cow<'_, [f32]>> {
-        match t.as_slice::<f32>() {
-            Some(s) => Some(std::borrow::Cow::Borrowed(s)),
-            None => {
-                let dense = t.to_contiguous();
-                dense.as_slice::<f32>().map(|s| s.to_vec().into())
-            }
-        }
-    }
-
-    fn with_shape_of(values: Vec<f32>, like: &FlexTensor) -> FlexTensor {
-        let shape = like.layout().shape().clone();
-        FlexTensor::from_data(TensorData::new(values, shape))
-    }
-
-    fn forward(x: &FlexTensor) -> Option<FlexTensor> {
-        let values = f32_values(x)?;
-        let mut out = vec![0.0f32; values.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(values.par_chunks(CHUNK))
-            .for_each(|(o, x)| super::gelu_into(o, x));
-        Some(with_shape_of(out, x))
-    }
-
-    fn backward(x: &FlexTensor, grad: FlexTensor) -> FlexTensor {
-        let (Some(values), Some(g)) = (f32_values(x), f32_values(&grad)) else {
-            // Unreachable for the f32 tensors `forward` accepted; burn's kernel as a fallback.
-            return <Flex as ActivationOps<Flex>>::gelu_backward(x.clone(), grad);
-        };
-        let mut out = vec![0.0f32; values.len()];
-        out.par_chunks_mut(CHUNK)
-            .zip(values.par_chunks(CHUNK).zip(g.par_chunks(CHUNK)))
-            .for_each(|(o, (x, g))| super::gelu_backward_into(o, x, g));
-        with_shape_of(out, x)
-    }
+    use crate::flex_op::{apply_unary, FlexUnary, Keep, PAR_CHUNK};
 
     #[derive(Debug)]
     struct Gelu;
 
-    impl Backward<Flex, 1> for Gelu {
-        /// The input, kept for the backward.
-        type State = FlexTensor;
+    impl FlexUnary for Gelu {
+        const NAME: &'static str = "gelu";
+        /// The derivative is a function of `x`.
+        const KEEP: Keep = Keep::Input;
 
-        fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-            let input = ops.state;
-            unary::<Flex, _>(ops.parents, ops.node, grads, |grad| backward(&input, grad));
+        fn forward(&self, out: &mut [f32], x: &[f32]) {
+            out.par_chunks_mut(PAR_CHUNK)
+                .zip(x.par_chunks(PAR_CHUNK))
+                .for_each(|(o, x)| super::gelu_into(o, x));
+        }
+
+        fn backward(&self, out: &mut [f32], x: &[f32], grad: &[f32]) {
+            out.par_chunks_mut(PAR_CHUNK)
+                .zip(x.par_chunks(PAR_CHUNK).zip(grad.par_chunks(PAR_CHUNK)))
+                .for_each(|(o, (x, g))| super::gelu_backward_into(o, x, g));
         }
     }
 
-    fn tracked(x: FloatTensor<Autodiff<Flex>>) -> Option<FloatTensor<Autodiff<Flex>>> {
-        let y = forward(x.primitive())?;
-        Some(
-            match Gelu
-                .prepare::<NoCheckpointing>([x.node()])
-                .compute_bound()
-                .stateful()
-            {
-                OpsKind::Tracked(prep) => prep.finish(x.primitive().clone(), y),
-                OpsKind::UnTracked(prep) => prep.finish(y),
-            },
-        )
+    pub(super) fn gelu<const D: usize>(x: &Tensor<D>) -> Option<Tensor<D>> {
+        apply_unary(Gelu, x)
     }
 }

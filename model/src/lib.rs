@@ -1,5 +1,6 @@
 //! The LLM recommender on burn: data, model, fused loss, host optimizer, ranking metrics.
 
+pub mod causal_softmax;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
@@ -8,6 +9,8 @@ pub mod device_loss;
 pub mod device_optim;
 pub mod dropout;
 pub mod error;
+#[cfg(feature = "flex")]
+mod flex_op;
 pub mod fusion;
 pub mod gelu;
 pub mod kernels;

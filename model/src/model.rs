@@ -7,9 +7,10 @@ use burn::nn::{
     Dropout, DropoutConfig, Embedding, EmbeddingConfig, LayerNorm, LayerNormConfig, Linear,
     LinearConfig, RmsNorm, RmsNormConfig,
 };
-use burn::tensor::activation::{silu, softmax};
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::activation::silu;
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
+use crate::causal_softmax::causal_softmax;
 use crate::config::{MlpKind, ModelConfig, NormKind, Positions};
 use crate::dropout;
 use crate::fusion::{Fusion, SideInputs};
@@ -163,15 +164,9 @@ impl Attention {
     /// (Korthikanti et al.).
     pub fn core(&self, q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<3> {
         let [b, _, s, _] = q.dims();
-        let device = q.device();
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = q.matmul(k.swap_dims(2, 3)) * scale;
-        let future: Tensor<2, Bool> = Tensor::tril_mask([s, s], 0, &device);
-        let scores = scores.mask_fill(
-            future.unsqueeze::<4>().expand([b, self.heads, s, s]),
-            f32::NEG_INFINITY,
-        );
-        let probs = dropout::apply(&self.dropout, softmax(scores, 3));
+        let probs = causal_softmax(q.matmul(k.swap_dims(2, 3)), scale);
+        let probs = dropout::apply(&self.dropout, probs);
         probs
             .matmul(v)
             .swap_dims(1, 2)
