@@ -88,6 +88,27 @@ pub fn bench(with_peer: bool) -> Result<()> {
         report["ratio_rounds"] = json!(ratios);
         report["peer"] = json!("../shared/peer/sasrec_torch.py bench --threads 2 (PyTorch eager, same shape, batch 256)");
     }
+    // Issue 16's targets, each named met or missed beside what this run measured.
+    let mut targets = vec![(
+        "fraction_of_peak",
+        0.35,
+        report["fraction_of_peak"].as_f64(),
+    )];
+    if with_peer {
+        targets.push(("ratio_vs_peer", 1.5, report["ratio_vs_peer"].as_f64()));
+    }
+    report["targets"] = json!(targets
+        .iter()
+        .map(|&(key, bar, measured)| {
+            let met = measured.is_some_and(|m| m >= bar);
+            eprintln!(
+                "bench train: target {key} >= {bar}: measured {:.3}: {}",
+                measured.unwrap_or(f64::NAN),
+                if met { "met" } else { "missed" }
+            );
+            json!({ "key": key, "at_least": bar, "measured": measured, "met": met })
+        })
+        .collect::<Vec<_>>());
     let path = bench_dir().join("train.json");
     std::fs::create_dir_all(bench_dir())?;
     std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
