@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use burn::module::Module;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Float, Int, TensorData};
 use meshrec_model::checkpoint::{self, CheckpointMeta, UserHistories};
 use meshrec_model::data::{Batch, Dataset, EvalSet, EvalSplit, TrainSet};
 use meshrec_model::loss::{
@@ -17,6 +17,7 @@ use meshrec_model::loss::{
 use meshrec_model::optim::LrSchedule;
 use meshrec_model::params::{param_paths, read_grads, to_host as host};
 use meshrec_model::step::{forward_backward, id_tensor, loss_positions, StepOutput};
+use meshrec_model::transfer::upload;
 use meshrec_model::Recommender;
 use meshrec_serve::prune;
 use serde::Serialize;
@@ -70,11 +71,6 @@ pub struct DistillOptions {
     pub lr: f64,
     /// Evaluations without a better valid NDCG@10 before stopping (0: never).
     pub patience: u64,
-}
-
-/// The device without its autodiff wrapper (where a teacher runs: no graph needed).
-pub fn inner_device(device: &Device) -> Device {
-    Tensor::<1>::zeros([1], device).without_autodiff().device()
 }
 
 fn checkpoint_error(path: &Path, e: impl std::fmt::Display) -> RunError {
@@ -255,11 +251,11 @@ fn distill_step(
     let n = positions.len();
     let h = student.hidden(id_tensor(&batch.inputs, b, s, device));
     let d = h.dims()[2];
-    let index = Tensor::<1, Int>::from_data(TensorData::new(positions.clone(), [n]), device);
+    let index = upload::<1, Int>(TensorData::new(positions.clone(), [n]), device);
     let h_rows = h.reshape([b * s, d]).select(0, index);
     let g = teacher.hidden(id_tensor(&batch.inputs, b, s, teacher_device));
     let dt = g.dims()[2];
-    let t_index = Tensor::<1, Int>::from_data(TensorData::new(positions, [n]), teacher_device);
+    let t_index = upload::<1, Int>(TensorData::new(positions, [n]), teacher_device);
     let g_rows = host(g.reshape([b * s, dt]).select(0, t_index));
     let table = student.item_table();
     let rows = table.dims()[0];
@@ -275,8 +271,8 @@ fn distill_step(
         1.0 / n as f32,
         DEFAULT_CHUNK_ROWS,
     );
-    let dh = Tensor::<2>::from_data(TensorData::new(out.dh, [n, d]), device);
-    let de = Tensor::<2>::from_data(TensorData::new(out.d_table, [rows - 1, d]), device);
+    let dh = upload::<2, Float>(TensorData::new(out.dh, [n, d]), device);
+    let de = upload::<2, Float>(TensorData::new(out.d_table, [rows - 1, d]), device);
     let surrogate = (h_rows * dh).sum() + (table.narrow(0, 1, rows - 1) * de).sum();
     StepOutput {
         loss_sum: out.loss_sum,
@@ -295,7 +291,8 @@ pub fn distill(
     device: &Device,
 ) -> Result<Reduced, RunError> {
     let dataset = load_dataset(config)?;
-    let teacher_device = inner_device(device);
+    // The teacher runs without autodiff: no graph needed.
+    let teacher_device = device.clone().inner();
     let (teacher, teacher_meta) = checkpoint::load(teacher_path, &teacher_device)
         .map_err(|e| checkpoint_error(teacher_path, e))?;
     check_catalogue(&dataset, &teacher_meta, teacher_path)?;
