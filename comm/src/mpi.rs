@@ -745,13 +745,14 @@ impl MpiCommunicator {
         received: f64,
         f: impl FnOnce() -> Result<T>,
     ) -> Result<T> {
-        let t0 = Instant::now();
+        // The TSC clock: two `std::time::Instant` reads cost ~8 % of a 1 KB all-reduce.
+        let t0 = quanta::Instant::now();
         self.watch.arm(op);
         let r = f();
         self.watch.disarm();
         if r.is_ok() {
-            self.stats
-                .record(op, sent as u64, received as u64, t0.elapsed());
+            let elapsed = quanta::Instant::now().duration_since(t0);
+            self.stats.record(op, sent as u64, received as u64, elapsed);
         }
         r
     }
