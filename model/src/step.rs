@@ -13,7 +13,7 @@ use crate::loss::{
 };
 use crate::metrics::{rank_of_target, RankingMetrics};
 use crate::model::Recommender;
-use crate::params::{read_grads, to_host as host};
+use crate::params::to_host as host;
 use crate::transfer::{download_scalar, upload};
 
 /// `[batch, seq]` item ids as a burn tensor.
@@ -173,18 +173,11 @@ pub fn forward_backward_placed(
     residency: Residency,
     device: &Device,
 ) -> StepOutput {
-    let (loss_sum, targets, surrogate) = loss_graph(model, batch, grad_scale, residency, device);
-    let grads = match surrogate {
-        Some(surrogate) => read_grads(model, &surrogate.backward()),
-        None => crate::params::param_paths(model)
-            .iter()
-            .map(|p| vec![0.0; p.numel()])
-            .collect(),
-    };
+    let out = forward_backward_on_device(model, batch, grad_scale, residency, device);
     StepOutput {
-        loss_sum,
-        targets,
-        grads,
+        loss_sum: out.loss_sum,
+        targets: out.targets,
+        grads: out.grads.into_iter().map(host).collect(),
     }
 }
 
