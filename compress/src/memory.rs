@@ -4,7 +4,7 @@
 use crate::error::CompressError;
 use crate::methods::{Compressor, Ctx};
 use crate::rng;
-use crate::wire::{self, Apply, MethodId, Params, Payload};
+use crate::wire::{Apply, MethodId, Payload};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -27,6 +27,9 @@ pub struct MemoryOptions {
     /// DGC's sparsity warm-up: over the first this many steps the sparsifiers keep a
     /// fraction falling geometrically from 25% to their ratio (0: none).
     pub sparsity_warmup_steps: u64,
+    /// The sparsifiers select within each layer of a bucket (DGC's layer-wise top-k)
+    /// rather than over the whole bucket.
+    pub layerwise_selection: bool,
     /// Run-level seed mixed into every shared seed (same on all ranks).
     pub seed: u64,
 }
@@ -38,6 +41,7 @@ impl Default for MemoryOptions {
             momentum: None,
             local_clip: None,
             sparsity_warmup_steps: 0,
+            layerwise_selection: false,
             seed: 0,
         }
     }
@@ -248,13 +252,9 @@ impl Memory {
         }
         compressor.decompress_into(sent.as_bytes(), &mut self.residual, Apply::Sub)?;
         if self.options.momentum.is_some() {
-            let (h, body) = wire::Header::parse(sent.as_bytes())?;
-            if let Params::Sparse { k } = h.params {
-                for b in body[..4 * k as usize].chunks_exact(4) {
-                    let i = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
-                    // Indices were range-checked by the decode above.
-                    self.velocity[i] = 0.0;
-                }
+            // The decode above left the sent indices (range-checked) in the scratch.
+            for &i in compressor.scratch().indices() {
+                self.velocity[i as usize] = 0.0;
             }
         }
         Ok(())
@@ -271,6 +271,7 @@ impl Memory {
             layers: (!self.layers.is_empty()).then_some(&self.layers[..]),
             warm: Some(&mut self.warm_q),
             warmup,
+            layerwise_selection: self.options.layerwise_selection,
         }
     }
 
@@ -291,6 +292,7 @@ impl Memory {
             layers: (!self.layers.is_empty()).then_some(&self.layers[..]),
             warm: Some(&mut self.warm_q),
             warmup,
+            layerwise_selection: self.options.layerwise_selection,
         };
         let res = if self.options.error_feedback {
             Some(&mut self.residual[..])

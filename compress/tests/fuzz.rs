@@ -5,6 +5,7 @@
 mod common;
 
 use common::normal;
+use meshrec_compress::wire::VERSION;
 use meshrec_compress::{decode_into, Apply, CompressError, DecodeScratch, MethodConfig, Payload};
 use proptest::prelude::*;
 
@@ -89,7 +90,7 @@ proptest! {
         body in prop::collection::vec(any::<u8>(), 0..600),
     ) {
         let mut bytes = b"MRCZ".to_vec();
-        bytes.extend_from_slice(&1u16.to_le_bytes());
+        bytes.extend_from_slice(&VERSION.to_le_bytes());
         bytes.push(method);
         bytes.push(0);
         bytes.extend_from_slice(&len.to_le_bytes());
@@ -141,9 +142,10 @@ fn decode(bytes: &[u8], n: usize) -> Result<Vec<f32>, CompressError> {
 #[test]
 fn named_inconsistencies() {
     let x = normal(64, 2);
-    // Sparse: header (16) + k (8) + 7 indices + 7 values.
+    // Sparse: header (16) + k (8) + index bytes (8) + 7 one-byte gaps + 7 values.
     let topk = payload(MethodConfig::TopK { ratio: 0.1 }, &x);
     assert!(decode(&topk, 64).is_ok());
+    assert_eq!(topk.len(), 32 + 7 + 28);
 
     // k > n.
     let mut b = topk.clone();
@@ -157,22 +159,47 @@ fn named_inconsistencies() {
     let e = decode(&b, 64).unwrap_err();
     assert!(e.to_string().contains("exceeds length"), "{e}");
 
-    // Index out of range leaves the output untouched.
+    // Index out of range leaves the output untouched: the last gap pushed past n.
     let mut b = topk.clone();
-    b[24..28].copy_from_slice(&64u32.to_le_bytes());
+    b[38] = 0x7F;
     let mut out = vec![5f32; 64];
     let e = decode_into(&b, &mut out, Apply::Set, &mut DecodeScratch::default()).unwrap_err();
     assert!(e.to_string().contains("out of range"), "{e}");
     assert!(out.iter().all(|&v| v == 5.0));
 
+    // Index bytes that cannot hold k indices, a varint running past its section, one
+    // longer than a u32's five bytes, and a section with bytes left over.
+    let mut b = topk.clone();
+    b[24..32].copy_from_slice(&6u64.to_le_bytes());
+    let e = decode(&b, 64).unwrap_err();
+    assert!(e.to_string().contains("cannot hold 7 indices"), "{e}");
+    let mut b = topk.clone();
+    b[38] |= 0x80;
+    let e = decode(&b, 64).unwrap_err();
+    assert!(e.to_string().contains("ends inside index 6"), "{e}");
+    let mut long = topk[..32].to_vec();
+    long[16..24].copy_from_slice(&1u64.to_le_bytes());
+    long[24..32].copy_from_slice(&5u64.to_le_bytes());
+    long.extend_from_slice(&[0x80, 0x80, 0x80, 0x80, 0x80]);
+    long.extend_from_slice(&1f32.to_le_bytes());
+    let e = decode(&long, 64).unwrap_err();
+    assert!(e.to_string().contains("longer than 5 bytes"), "{e}");
+    let mut spare = topk[..32].to_vec();
+    spare[16..24].copy_from_slice(&1u64.to_le_bytes());
+    spare[24..32].copy_from_slice(&2u64.to_le_bytes());
+    spare.extend_from_slice(&[3, 0]);
+    spare.extend_from_slice(&1f32.to_le_bytes());
+    let e = decode(&spare, 64).unwrap_err();
+    assert!(e.to_string().contains("its 1 indices use 1"), "{e}");
+
     // Wrong version, magic, flags, method.
     let mut b = topk.clone();
-    b[4] = 2;
+    b[4] = 1;
     assert!(matches!(
         decode(&b, 64),
         Err(CompressError::BadVersion {
-            found: 2,
-            supported: 1
+            found: 1,
+            supported: VERSION
         })
     ));
     let mut b = topk.clone();

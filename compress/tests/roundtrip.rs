@@ -45,10 +45,23 @@ fn expected_wire(cfg: &MethodConfig, n: usize, payload: &Payload) -> usize {
         MethodConfig::TopK { .. }
         | MethodConfig::DgcTopK { .. }
         | MethodConfig::Threshold { .. } => {
-            let wire::Params::Sparse { k } = h.params else {
+            let wire::Params::Sparse { k, .. } = h.params else {
                 panic!("sparse params")
             };
-            base + 8 + 8 * k as usize
+            // Indices as varint gaps: 7 bits of the gap per byte.
+            let mut idx = Vec::new();
+            wire::sparse_indices(payload.as_bytes(), &mut idx).unwrap();
+            assert_eq!(idx.len(), k as usize);
+            let mut next = 0u64;
+            let gap_bytes: usize = idx
+                .iter()
+                .map(|&i| {
+                    let gap = i as u64 - next;
+                    next = i as u64 + 1;
+                    (64 - gap.leading_zeros() as usize).max(1).div_ceil(7)
+                })
+                .sum();
+            base + 16 + gap_bytes + 4 * k as usize
         }
         MethodConfig::RandK { ratio, .. } => base + 16 + 4 * (ratio * n as f64).ceil() as usize,
         MethodConfig::Qsgd { levels, bucket } => {
@@ -359,7 +372,7 @@ fn powersgd_skips_where_it_would_not_save_bytes() {
 /// tied ones, all with the boundary magnitude).
 fn assert_top_k(x: &[f32], p: &Payload, k: usize) {
     let y = p.decode(x.len()).unwrap();
-    let wire::Params::Sparse { k: sent } = p.header().unwrap().params else {
+    let wire::Params::Sparse { k: sent, .. } = p.header().unwrap().params else {
         panic!()
     };
     assert_eq!(sent as usize, k, "payload carries k entries");
@@ -396,12 +409,9 @@ fn topk_keeps_exactly_the_k_largest_on_the_sampled_path() {
         let p = c.compress(&x, seed).unwrap();
         assert_top_k(&x, &p, (ratio * n as f64).ceil() as usize);
         // Indices are sorted (cache-friendly scatter on decode).
-        let body = &p.as_bytes()[24..];
-        let k = (ratio * n as f64).ceil() as usize;
-        let idx: Vec<u32> = body[..4 * k]
-            .chunks_exact(4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
+        let mut idx = Vec::new();
+        wire::sparse_indices(p.as_bytes(), &mut idx).unwrap();
+        assert_eq!(idx.len(), (ratio * n as f64).ceil() as usize);
         assert!(idx.windows(2).all(|w| w[0] < w[1]));
     }
 }
@@ -455,7 +465,7 @@ fn dgc_selects_about_k() {
     .build()
     .unwrap();
     let p = c.compress(&x, 11).unwrap();
-    let wire::Params::Sparse { k } = p.header().unwrap().params else {
+    let wire::Params::Sparse { k, .. } = p.header().unwrap().params else {
         panic!()
     };
     // Approximate: within a factor of two of k = 1000, and at most 2k by construction.
@@ -525,4 +535,77 @@ fn omitted_keys_take_defaults() {
     );
     let cfg: MethodConfig = serde_json::from_str(r#"{"method":"sign"}"#).unwrap();
     assert_eq!(cfg, MethodConfig::Sign { chunk: 512 });
+}
+
+#[test]
+fn topk_of_a_bucket_of_layers_keeps_each_layers_share() {
+    // Layer 0 (20 x 10) has gradients a thousand times larger than layer 1 (30 x 10) and
+    // the bias (1 x 7): one threshold over the bucket would keep only layer 0's. Layer by
+    // layer (DGC), each keeps ceil(5% of its own) largest: 10, 15 and 1.
+    let layers = [(20usize, 10usize), (30, 10), (1, 7)];
+    let mut x = normal(507, 9);
+    x[..200].iter_mut().for_each(|v| *v *= 1000.0);
+    let bounds = [(0usize, 200usize, 10usize), (200, 500, 15), (500, 507, 1)];
+    for cfg in [
+        MethodConfig::TopK { ratio: 0.05 },
+        MethodConfig::DgcTopK {
+            ratio: 0.05,
+            sample_ratio: 1.0,
+        },
+    ] {
+        let mut c = cfg.build().unwrap();
+        let mut p = Payload::new();
+        let mut ctx = meshrec_compress::Ctx {
+            layers: Some(&layers),
+            layerwise_selection: true,
+            ..meshrec_compress::Ctx::seeded(3)
+        };
+        c.compress_into(&x, &mut ctx, &mut p).unwrap();
+        let y = p.decode(x.len()).unwrap();
+        for &(lo, hi, k) in &bounds {
+            let layer = &y[lo..hi];
+            if let MethodConfig::TopK { .. } = cfg {
+                // Exactly this layer's top k, in the layer's own coordinates.
+                let mut one = MethodConfig::TopK {
+                    ratio: k as f64 / (hi - lo) as f64,
+                }
+                .build()
+                .unwrap();
+                let only = one.compress(&x[lo..hi], 3).unwrap();
+                assert_eq!(
+                    layer,
+                    &only.decode(hi - lo).unwrap()[..],
+                    "layer [{lo}, {hi})"
+                );
+            } else {
+                // DGC's sampled threshold: about k (at most 2k), the largest of the layer.
+                let kept = layer.iter().filter(|&&v| v != 0.0).count();
+                assert!(
+                    (1..=2 * k).contains(&kept),
+                    "layer [{lo}, {hi}): kept {kept}"
+                );
+                let (min_kept, max_dropped) = (lo..hi).fold((f32::MAX, 0f32), |(a, b), i| {
+                    if y[i] != 0.0 {
+                        assert_eq!(y[i], x[i]);
+                        (a.min(x[i].abs()), b)
+                    } else {
+                        (a, b.max(x[i].abs()))
+                    }
+                });
+                assert!(max_dropped <= min_kept, "layer [{lo}, {hi})");
+            }
+        }
+        // Over the whole bucket (the default, layers known or not): the one top-k of 26
+        // lies entirely in layer 0.
+        let mut bucket = meshrec_compress::Ctx {
+            layers: Some(&layers),
+            ..meshrec_compress::Ctx::seeded(3)
+        };
+        c.compress_into(&x, &mut bucket, &mut p).unwrap();
+        let g = p.decode(x.len()).unwrap();
+        assert!(g[200..].iter().all(|&v| v == 0.0), "{cfg:?}");
+        if let MethodConfig::TopK { .. } = cfg {
+            assert_eq!(g.iter().filter(|&&v| v != 0.0).count(), 26);
+        }
+    }
 }

@@ -88,7 +88,8 @@ impl DeviceAdamW {
         let c = self.config;
         let t = self.step as i32;
         let bias1 = 1.0 - c.beta1.powi(t);
-        let bias2 = 1.0 - c.beta2.powi(t);
+        let (track_variance, t2) = c.variance_step(self.step);
+        let bias2 = 1.0 - c.beta2.powi(t2);
         module.map(&mut Updater {
             state: self,
             grads,
@@ -97,6 +98,7 @@ impl DeviceAdamW {
             scale,
             step_size: lr / bias1,
             inv_sqrt_bias2: 1.0 / bias2.sqrt(),
+            track_variance,
             decay,
         })
     }
@@ -110,6 +112,7 @@ struct Updater<'a> {
     scale: f32,
     step_size: f32,
     inv_sqrt_bias2: f32,
+    track_variance: bool,
     decay: &'a [bool],
 }
 
@@ -120,7 +123,11 @@ impl ModuleMapper for Updater<'_> {
         let c = self.state.config;
         let g = self.grads[i].clone() * self.scale;
         let m = self.state.m[i].clone() * c.beta1 + g.clone() * (1.0 - c.beta1);
-        let v = self.state.v[i].clone() * c.beta2 + (g.clone() * g) * (1.0 - c.beta2);
+        let v = if self.track_variance {
+            self.state.v[i].clone() * c.beta2 + (g.clone() * g) * (1.0 - c.beta2)
+        } else {
+            self.state.v[i].clone()
+        };
         let denom = v.clone().sqrt() * self.inv_sqrt_bias2 + c.eps;
         let update = (m.clone() / denom) * self.step_size;
         self.state.m[i] = m;

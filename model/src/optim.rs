@@ -12,6 +12,14 @@ pub struct AdamWConfig {
     pub beta2: f32,
     pub eps: f32,
     pub weight_decay: f32,
+    /// Stop updating the second moment after this many steps and precondition with the
+    /// frozen one from then on (1-bit Adam, Tang et al. 2021). Under sparsified
+    /// communication a coordinate's gradient arrives in bursts, a sum over the steps it
+    /// waited; a live second moment then shrinks such a burst to about one step's move
+    /// (Adam normalises per coordinate), while with a frozen one the update is linear in
+    /// the gradient, so a burst moves the weight as far as the steps it sums would have.
+    #[serde(default)]
+    pub freeze_variance_after: Option<u64>,
 }
 
 impl Default for AdamWConfig {
@@ -22,6 +30,18 @@ impl Default for AdamWConfig {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.01,
+            freeze_variance_after: None,
+        }
+    }
+}
+
+impl AdamWConfig {
+    /// Whether step `t` (counted from 1) updates the second moment, and the step count its
+    /// bias correction uses.
+    pub fn variance_step(&self, t: u64) -> (bool, i32) {
+        match self.freeze_variance_after {
+            Some(f) if t > f => (false, f as i32),
+            _ => (true, t as i32),
         }
     }
 }
@@ -73,7 +93,8 @@ impl AdamW {
         let c = self.config;
         let t = self.step as i32;
         let bias1 = 1.0 - c.beta1.powi(t);
-        let bias2 = 1.0 - c.beta2.powi(t);
+        let (track_variance, t2) = c.variance_step(self.step);
+        let bias2 = 1.0 - c.beta2.powi(t2);
         let step_size = lr / bias1;
         let inv_sqrt_bias2 = 1.0 / bias2.sqrt();
         for i in 0..params.len() {
@@ -93,7 +114,9 @@ impl AdamW {
             for j in 0..p.len() {
                 let gj = g[j];
                 m[j] = c.beta1 * m[j] + (1.0 - c.beta1) * gj;
-                v[j] = c.beta2 * v[j] + (1.0 - c.beta2) * gj * gj;
+                if track_variance {
+                    v[j] = c.beta2 * v[j] + (1.0 - c.beta2) * gj * gj;
+                }
                 let denom = v[j].sqrt() * inv_sqrt_bias2 + c.eps;
                 p[j] = p[j] * shrink - step_size * m[j] / denom;
             }
@@ -178,6 +201,7 @@ mod tests {
             beta2: 0.999,
             eps: 1e-8,
             weight_decay: 0.1,
+            freeze_variance_after: None,
         };
         let mut opt = AdamW::new(cfg, [2]);
         let mut p = vec![vec![1.0f32, -2.0]];
@@ -188,6 +212,32 @@ mod tests {
         for (a, b) in p[0].iter().zip(want) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }
+    }
+
+    /// With the second moment frozen after step 1, step 2 keeps v (and its bias
+    /// correction) from step 1, so the update is linear in the gradient: a gradient
+    /// four times larger moves four times as far.
+    #[test]
+    fn a_frozen_variance_makes_the_update_linear() {
+        let cfg = AdamWConfig {
+            beta1: 0.0,
+            beta2: 0.5,
+            eps: 0.0,
+            weight_decay: 0.0,
+            freeze_variance_after: Some(1),
+        };
+        let mut opt = AdamW::new(cfg, [1]);
+        let mut p = vec![vec![0.0f32]];
+        opt.update(&mut p, &[vec![2.0]], 1.0, &[false]);
+        // Step 1: v = 0.5 * 4 = 2, bias2 = 0.5, sqrt(v / bias2) = 2: p = -2 / 2.
+        assert!((p[0][0] + 1.0).abs() < 1e-6, "{}", p[0][0]);
+        assert_eq!(opt.v[0][0], 2.0);
+        opt.update(&mut p, &[vec![8.0]], 1.0, &[false]);
+        // Step 2, frozen: v stays 2 with bias2 of step 1, so p -= 8 / 2 (live: v = 33,
+        // bias2 = 0.75, p -= 8 / sqrt(44) = 1.206).
+        assert_eq!(opt.v[0][0], 2.0);
+        assert!((p[0][0] + 5.0).abs() < 1e-5, "{}", p[0][0]);
+        assert_eq!(opt.step, 2);
     }
 
     #[test]

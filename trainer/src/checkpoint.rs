@@ -505,6 +505,7 @@ pub fn check_compatible(
         "beta2",
         "eps",
         "clip_norm",
+        "freeze_variance_after",
     ] {
         if a.get(key) != b.get(key) {
             return Err(format!("train.{key}"));

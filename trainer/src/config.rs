@@ -116,6 +116,12 @@ pub struct TrainSection {
     pub eps: f32,
     /// Global gradient-norm clip; 0 turns it off.
     pub clip_norm: f64,
+    /// AdamW stops updating its second moment after this many steps (0: never), as 1-bit
+    /// Adam does for compressed communication (see `AdamWConfig::freeze_variance_after`).
+    /// 1-bit Adam freezes after a dense warm-up; frozen at the end of DGC's 100-step
+    /// sparsity warm-up the ml-100k run diverged within a step (coordinates rarely sent
+    /// had next to no second moment, so their first full update was huge).
+    pub freeze_variance_after: u64,
     pub seed: u64,
     /// Epochs without a better valid NDCG@10 before stopping; 0 never stops early.
     pub patience: u64,
@@ -173,6 +179,7 @@ impl Default for TrainSection {
             beta2: 0.98,
             eps: 1e-8,
             clip_norm: 1.0,
+            freeze_variance_after: 0,
             seed: 42,
             patience: 10,
             device: "cpu".into(),
@@ -395,6 +402,10 @@ pub struct CompressSection {
     /// DGC's sparsity warm-up (0: none): over this many steps the kept fraction of topk,
     /// dgc_topk and randk falls geometrically from 25% to `ratio`.
     pub warmup_steps: u64,
+    /// topk, dgc_topk: every layer of a bucket keeps `ratio` of its own elements, as DGC
+    /// selects layer by layer, instead of one selection over the bucket (false). On the
+    /// ml-100k recipe the layer-wise form converged slower (see the convergence bench).
+    pub layerwise: bool,
 }
 
 impl Default for CompressSection {
@@ -411,6 +422,7 @@ impl Default for CompressSection {
             momentum_correction: 0.0,
             local_clip: 0.0,
             warmup_steps: 0,
+            layerwise: false,
         }
     }
 }
@@ -466,6 +478,7 @@ impl CompressSection {
             local_clip: (self.local_clip > 0.0)
                 .then(|| self.local_clip / (dp.max(1) as f32).sqrt()),
             sparsity_warmup_steps: self.warmup_steps,
+            layerwise_selection: self.layerwise,
             seed,
         }
     }

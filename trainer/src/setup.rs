@@ -165,6 +165,7 @@ pub fn adamw_config(config: &RunConfig) -> AdamWConfig {
         beta2: t.beta2,
         eps: t.eps,
         weight_decay: t.weight_decay,
+        freeze_variance_after: (t.freeze_variance_after > 0).then_some(t.freeze_variance_after),
     }
 }
 

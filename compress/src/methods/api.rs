@@ -37,6 +37,9 @@ pub struct Ctx<'a> {
     /// Progress through DGC's sparsity warm-up, in [0, 1); `None` outside it. The
     /// sparsifiers keep [`warmed_ratio`] of the elements instead of their ratio.
     pub warmup: Option<f64>,
+    /// Sparsifiers select within each of `layers` (DGC's layer-wise top-k) instead of
+    /// over the whole tensor.
+    pub layerwise_selection: bool,
 }
 
 /// DGC's sparsity warm-up: the kept fraction falls geometrically from 25% to `ratio` as

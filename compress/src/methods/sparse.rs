@@ -4,7 +4,7 @@ use super::api::{avg_as, warmed_ratio, Aggregation, AvgReduce, Compressor, Ctx, 
 use super::config::MethodConfig;
 use crate::error::{CompressError, SyncError};
 use crate::rng;
-use crate::wire::{DecodeScratch, Header, MethodId, Params, Payload};
+use crate::wire::{gaps_len, write_gaps, DecodeScratch, Header, MethodId, Params, Payload};
 use rand::Rng;
 
 /// Magnitude as the bits of |x|: for non-negative floats the integer order is the
@@ -52,18 +52,17 @@ fn sampled_threshold(x: &[f32], samples: usize, rank: usize, seed: u64, buf: &mu
     *buf.select_nth_unstable(pos).1
 }
 
-/// Keeps the `k` largest-magnitude candidates (ties broken towards lower index), in
-/// index order, writing indices and values.
+/// Appends the `k` largest-magnitude candidates of `x` (ties broken towards lower
+/// index), in index order: their indices plus `base` and their values.
 fn keep_top(
     x: &[f32],
     cand: &[u32],
     k: usize,
+    base: u32,
     mags: &mut Vec<u32>,
     idx: &mut Vec<u32>,
     vals: &mut Vec<f32>,
 ) {
-    idx.clear();
-    vals.clear();
     if k == 0 {
         return;
     }
@@ -84,10 +83,16 @@ fn keep_top(
             if m == kth {
                 ties -= 1;
             }
-            idx.push(i);
+            idx.push(base + i);
             vals.push(v);
         }
     }
+}
+
+/// Appends every element of `x`, its index plus `base`.
+fn keep_all(x: &[f32], base: u32, idx: &mut Vec<u32>, vals: &mut Vec<f32>) {
+    idx.extend(base..base + x.len() as u32);
+    vals.extend_from_slice(x);
 }
 
 /// Top-k, DGC top-k and threshold: all send (index, value) pairs.
@@ -114,26 +119,59 @@ impl Sparsifier {
     }
 
     /// Indices (sorted) and values this method keeps for `x`, at `warmup`'s point of the
-    /// sparsity warm-up (see [`warmed_ratio`]).
-    pub(crate) fn select(&mut self, x: &[f32], seed: u64, warmup: Option<f64>) -> (&[u32], &[f32]) {
+    /// sparsity warm-up (see [`warmed_ratio`]). Given the `layers` of a bucket every layer
+    /// keeps its own share (`ratio` of its elements, or those above the threshold), as DGC
+    /// selects layer by layer; without, one selection over the bucket favours the layers
+    /// with large gradients.
+    pub(crate) fn select(
+        &mut self,
+        x: &[f32],
+        layers: Option<&[(usize, usize)]>,
+        seed: u64,
+        warmup: Option<f64>,
+    ) -> (&[u32], &[f32]) {
+        self.idx.clear();
+        self.vals.clear();
+        match layers.filter(|l| l.len() > 1) {
+            Some(layers) => {
+                let mut base = 0usize;
+                for (i, &(rows, cols)) in layers.iter().enumerate() {
+                    let len = rows * cols;
+                    let seed = rng::combine(seed, i as u64);
+                    self.select_segment(&x[base..base + len], base as u32, seed, warmup);
+                    base += len;
+                }
+            }
+            None => self.select_segment(x, 0, seed, warmup),
+        }
+        (&self.idx, &self.vals)
+    }
+
+    /// Appends what the method keeps of `x`, a segment starting at `base` of the tensor.
+    fn select_segment(&mut self, x: &[f32], base: u32, seed: u64, warmup: Option<f64>) {
         let n = x.len();
         match self.config {
             MethodConfig::TopK { ratio } => {
-                self.exact_topk(x, k_for(warmed_ratio(ratio, warmup), n), seed)
+                self.exact_topk(x, k_for(warmed_ratio(ratio, warmup), n), base, seed)
             }
             MethodConfig::DgcTopK {
                 ratio,
                 sample_ratio,
-            } => self.dgc(x, k_for(warmed_ratio(ratio, warmup), n), sample_ratio, seed),
+            } => self.dgc(
+                x,
+                k_for(warmed_ratio(ratio, warmup), n),
+                sample_ratio,
+                base,
+                seed,
+            ),
             MethodConfig::Threshold { threshold } => {
                 // |x| > threshold  <=>  mag >= bits(threshold) + 1 for finite threshold >= 0.
-                collect_at_least(x, mag(threshold) + 1, &mut self.idx);
-                self.vals.clear();
-                self.vals.extend(self.idx.iter().map(|&i| x[i as usize]));
+                collect_at_least(x, mag(threshold) + 1, &mut self.cand);
+                self.idx.extend(self.cand.iter().map(|&i| base + i));
+                self.vals.extend(self.cand.iter().map(|&i| x[i as usize]));
             }
             _ => unreachable!("Sparsifier is built only for top-k, DGC and threshold"),
         }
-        (&self.idx, &self.vals)
     }
 
     /// Exact top-k: a sampled threshold that with overwhelming probability lets through
@@ -141,13 +179,10 @@ impl Sparsifier {
     /// (`select_nth_unstable`) among them. If the sample guessed too high the
     /// threshold is lowered and, at worst, every element is a candidate: the result
     /// is exact in every case, only the speed depends on the sample.
-    fn exact_topk(&mut self, x: &[f32], k: usize, seed: u64) {
+    fn exact_topk(&mut self, x: &[f32], k: usize, base: u32, seed: u64) {
         let n = x.len();
         if k == n {
-            self.idx.clear();
-            self.idx.extend(0..n as u32);
-            self.vals.clear();
-            self.vals.extend_from_slice(x);
+            keep_all(x, base, &mut self.idx, &mut self.vals);
             return;
         }
         let mut t = 0u32;
@@ -179,6 +214,7 @@ impl Sparsifier {
             x,
             &self.cand,
             k,
+            base,
             &mut self.mags,
             &mut self.idx,
             &mut self.vals,
@@ -187,13 +223,10 @@ impl Sparsifier {
 
     /// DGC: threshold from a sample of `sample_ratio * n` magnitudes, keep everything
     /// above it; if the estimate lets through more than 2k, exact top-k among those.
-    fn dgc(&mut self, x: &[f32], k: usize, sample_ratio: f64, seed: u64) {
+    fn dgc(&mut self, x: &[f32], k: usize, sample_ratio: f64, base: u32, seed: u64) {
         let n = x.len();
         if k == n {
-            self.idx.clear();
-            self.idx.extend(0..n as u32);
-            self.vals.clear();
-            self.vals.extend_from_slice(x);
+            keep_all(x, base, &mut self.idx, &mut self.vals);
             return;
         }
         let samples = ((sample_ratio * n as f64).ceil() as usize).clamp(1, n);
@@ -205,20 +238,20 @@ impl Sparsifier {
                 x,
                 &self.cand,
                 k,
+                base,
                 &mut self.mags,
                 &mut self.idx,
                 &mut self.vals,
             );
         } else {
-            self.idx.clear();
-            self.idx.extend_from_slice(&self.cand);
-            self.vals.clear();
-            self.vals.extend(self.idx.iter().map(|&i| x[i as usize]));
+            self.idx.extend(self.cand.iter().map(|&i| base + i));
+            self.vals.extend(self.cand.iter().map(|&i| x[i as usize]));
         }
     }
 }
 
-/// Writes a sparse payload of (index, value) pairs.
+/// Writes a sparse payload: the indices (strictly increasing) as varint gaps, then the
+/// values.
 pub(crate) fn write_sparse(
     method: MethodId,
     n: usize,
@@ -228,16 +261,18 @@ pub(crate) fn write_sparse(
 ) {
     let buf = out.buf_mut();
     buf.clear();
+    let index_bytes = gaps_len(idx);
     let header = Header {
         method,
         len: n as u64,
         params: Params::Sparse {
             k: idx.len() as u64,
+            index_bytes: index_bytes as u64,
         },
     };
-    buf.reserve(header.prefix_len() + 8 * idx.len());
+    buf.reserve(header.prefix_len() + index_bytes + 4 * vals.len());
     header.write(buf);
-    buf.extend_from_slice(bytemuck::cast_slice(idx));
+    write_gaps(idx, buf);
     buf.extend_from_slice(bytemuck::cast_slice(vals));
 }
 
@@ -259,7 +294,8 @@ impl Compressor for Sparsifier {
     ) -> Result<(), CompressError> {
         let method = self.method();
         check_u32_len(method, x.len())?;
-        self.select(x, ctx.local_seed, ctx.warmup);
+        let layers = ctx.layers.filter(|_| ctx.layerwise_selection);
+        self.select(x, layers, ctx.local_seed, ctx.warmup);
         write_sparse(method, x.len(), &self.idx, &self.vals, out);
         Ok(())
     }

@@ -47,11 +47,19 @@ impl Op for OpSub {
     }
 }
 
-/// Reusable buffers for decoding (random-k index regeneration, PowerSGD factors).
+/// Reusable buffers for decoding (sparse and random-k indices, PowerSGD factors).
 #[derive(Debug, Default, Clone)]
 pub struct DecodeScratch {
     pub(crate) bits: Vec<u64>,
     pub(crate) idx: Vec<u32>,
     pub(crate) p: Vec<f32>,
     pub(crate) q: Vec<f32>,
+}
+
+impl DecodeScratch {
+    /// The indices of the last sparse (top-k, DGC, threshold) or random-k payload
+    /// decoded successfully with this scratch, in the payload's order.
+    pub fn indices(&self) -> &[u32] {
+        &self.idx
+    }
 }

@@ -3,6 +3,7 @@
 
 use super::apply::{Apply, DecodeScratch, Op, OpAdd, OpSet, OpSub};
 use super::header::{f32_at, inconsistent, Header, MethodId, Params};
+use super::indices::read_indices;
 use super::packed;
 use crate::error::CompressError;
 use crate::lowrank::{p_times_qt, View};
@@ -44,7 +45,9 @@ fn decode_op<O: Op>(
             MethodId::Fp16 => decode_half::<O, f16>(body, out),
             _ => decode_half::<O, bf16>(body, out),
         },
-        Params::Sparse { k } => decode_sparse::<O>(h.method, k as usize, body, out)?,
+        Params::Sparse { k, .. } => {
+            decode_sparse::<O>(h.method, k as usize, body, out, &mut scratch.idx)?
+        }
         Params::RandK { k, seed } => {
             rng::randk_indices(
                 out.len(),
@@ -135,27 +138,34 @@ fn decode_sparse<O: Op>(
     k: usize,
     body: &[u8],
     out: &mut [f32],
+    idx: &mut Vec<u32>,
 ) -> Result<(), CompressError> {
-    let (idx, vals) = body.split_at(4 * k);
-    let n = out.len();
-    // Validate every index before touching `out`, so a bad payload leaves it intact.
-    for (j, b) in idx.chunks_exact(4).enumerate() {
-        let i = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
-        if i >= n {
-            return Err(inconsistent(
-                method,
-                format!("index {i} at position {j} is out of range for length {n}"),
-            ));
-        }
-    }
+    // The header fixed the body at index section + 4k value bytes.
+    let (gaps, vals) = body.split_at(body.len() - 4 * k);
+    // Read (and check) every index before touching `out`, so a bad payload leaves it
+    // intact.
+    read_indices(method, gaps, k, out.len(), idx)?;
     if O::SET {
         out.fill(0.0);
     }
-    for (b, v) in idx.chunks_exact(4).zip(vals.chunks_exact(4)) {
-        let i = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize;
-        O::apply(&mut out[i], f32::from_le_bytes([v[0], v[1], v[2], v[3]]));
+    for (&i, v) in idx.iter().zip(vals.chunks_exact(4)) {
+        O::apply(
+            &mut out[i as usize],
+            f32::from_le_bytes([v[0], v[1], v[2], v[3]]),
+        );
     }
     Ok(())
+}
+
+/// The indices a sparse payload (top-k, DGC, threshold) carries, in increasing order,
+/// into `out`; an error for a payload of another method or a malformed one.
+pub fn sparse_indices(payload: &[u8], out: &mut Vec<u32>) -> Result<(), CompressError> {
+    let (h, body) = Header::parse(payload)?;
+    let Params::Sparse { k, index_bytes } = h.params else {
+        return Err(inconsistent(h.method, "not a sparse payload"));
+    };
+    let n = usize::try_from(h.len).unwrap_or(usize::MAX);
+    read_indices(h.method, &body[..index_bytes as usize], k as usize, n, out)
 }
 
 /// Decodes a PowerSGD body (validated by the header) into `out`.

@@ -6,9 +6,13 @@ use crate::error::CompressError;
 /// First four bytes of every payload.
 pub const MAGIC: [u8; 4] = *b"MRCZ";
 /// Wire-format version written and read by this build.
-pub const VERSION: u16 = 1;
+/// Version 2: sparse payloads send their indices as varint gaps (version 1: u32 each).
+pub const VERSION: u16 = 2;
 /// Bytes before the method parameters.
 pub const HEADER_LEN: usize = 16;
+
+/// Longest varint of a sparse payload's index gap (a u32: 5 groups of 7 bits).
+pub(crate) const MAX_VARINT: usize = 5;
 
 /// Largest QSGD level count: codes are at most 16 bits (sign + 15-bit level).
 pub const QSGD_MAX_LEVELS: u32 = (1 << 15) - 1;
@@ -72,8 +76,9 @@ impl MethodId {
 pub enum Params {
     /// Identity, fp16, bf16: nothing beyond the length.
     None,
-    /// Top-k, DGC, threshold: `k` (index u32, value f32) pairs.
-    Sparse { k: u64 },
+    /// Top-k, DGC, threshold: `k` indices as varint gaps in `index_bytes` bytes (see
+    /// `wire::indices`), then their `k` f32 values.
+    Sparse { k: u64, index_bytes: u64 },
     /// Random-k: `k` f32 values at indices regenerated from `seed`.
     RandK { k: u64, seed: u64 },
     /// QSGD: one f32 norm per bucket, then `1 + bits(levels)`-bit codes.
@@ -103,7 +108,7 @@ pub fn qsgd_bits(levels: u32) -> u32 {
 fn params_len(method: MethodId) -> usize {
     match method {
         MethodId::Identity | MethodId::Fp16 | MethodId::Bf16 => 0,
-        MethodId::TopK | MethodId::DgcTopK | MethodId::Threshold => 8,
+        MethodId::TopK | MethodId::DgcTopK | MethodId::Threshold => 16,
         MethodId::RandK => 16,
         MethodId::Qsgd => 8,
         MethodId::TernGrad | MethodId::Sign => 4,
@@ -142,14 +147,26 @@ impl Header {
         match (m, self.params) {
             (MethodId::Identity, Params::None) => mul(n, 4),
             (MethodId::Fp16 | MethodId::Bf16, Params::None) => mul(n, 2),
-            (MethodId::TopK | MethodId::DgcTopK | MethodId::Threshold, Params::Sparse { k }) => {
+            (
+                MethodId::TopK | MethodId::DgcTopK | MethodId::Threshold,
+                Params::Sparse { k, index_bytes },
+            ) => {
                 if k > self.len {
                     return Err(inconsistent(m, format!("k = {k} exceeds length {n}")));
                 }
                 if n > u32::MAX as usize + 1 {
                     return Err(inconsistent(m, "length exceeds u32 index range"));
                 }
-                mul(k as usize, 8)
+                // Every varint takes 1 to MAX_VARINT bytes.
+                if index_bytes < k || index_bytes > k * MAX_VARINT as u64 {
+                    return Err(inconsistent(
+                        m,
+                        format!("{index_bytes} index bytes cannot hold {k} indices"),
+                    ));
+                }
+                mul(k as usize, 4)?
+                    .checked_add(index_bytes as usize)
+                    .ok_or_else(|| too_big(m))
             }
             (MethodId::RandK, Params::RandK { k, .. }) => {
                 if k > self.len {
@@ -219,7 +236,10 @@ impl Header {
         out.extend_from_slice(&self.len.to_le_bytes());
         match self.params {
             Params::None => {}
-            Params::Sparse { k } => out.extend_from_slice(&k.to_le_bytes()),
+            Params::Sparse { k, index_bytes } => {
+                out.extend_from_slice(&k.to_le_bytes());
+                out.extend_from_slice(&index_bytes.to_le_bytes());
+            }
             Params::RandK { k, seed } => {
                 out.extend_from_slice(&k.to_le_bytes());
                 out.extend_from_slice(&seed.to_le_bytes());
@@ -276,9 +296,10 @@ impl Header {
         let p = &bytes[HEADER_LEN..HEADER_LEN + plen];
         let params = match method {
             MethodId::Identity | MethodId::Fp16 | MethodId::Bf16 => Params::None,
-            MethodId::TopK | MethodId::DgcTopK | MethodId::Threshold => {
-                Params::Sparse { k: u64_at(p, 0) }
-            }
+            MethodId::TopK | MethodId::DgcTopK | MethodId::Threshold => Params::Sparse {
+                k: u64_at(p, 0),
+                index_bytes: u64_at(p, 8),
+            },
             MethodId::RandK => Params::RandK {
                 k: u64_at(p, 0),
                 seed: u64_at(p, 8),

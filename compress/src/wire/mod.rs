@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! offset 0   magic  b"MRCZ"
-//!        4   version u16 (= 1)
+//!        4   version u16 (= 2)
 //!        6   method  u8  (MethodId)
 //!        7   flags   u8  (reserved, must be 0)
 //!        8   len     u64 (elements of the decoded tensor)
@@ -20,22 +20,25 @@
 //! tensor.
 //!
 //! Files, each depending only on those before it: `header` (the prefix and its
-//! validation), `apply` (how decoded values combine with the output), `packed` (the
-//! bit-packed quantizer bodies), `decode` (the body decoders of every method), `payload`
-//! (the owned buffer that travels). Compressors build on this module; it never reaches
+//! validation), `indices` (the varint gaps of sparse payloads), `apply` (how decoded
+//! values combine with the output), `packed` (the bit-packed quantizer bodies), `decode`
+//! (the body decoders of every method), `payload` (the owned buffer that travels). Compressors build on this module; it never reaches
 //! back into them, so any payload decodes without a compressor.
 
 mod apply;
 mod decode;
 mod header;
+mod indices;
 pub(crate) mod packed;
 mod payload;
 
 pub use apply::{Apply, DecodeScratch};
 pub(crate) use apply::{Op, OpSet};
 pub(crate) use decode::STAGE;
-pub use decode::{decode_into, Half};
+pub use decode::{decode_into, sparse_indices, Half};
 pub use header::{
     peek, qsgd_bits, Header, MethodId, Params, HEADER_LEN, MAGIC, QSGD_MAX_LEVELS, VERSION,
 };
+pub use indices::varint_len;
+pub(crate) use indices::{gaps_len, write_gaps};
 pub use payload::Payload;

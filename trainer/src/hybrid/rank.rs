@@ -483,16 +483,20 @@ impl Stepper for MeshRank {
         progress: &mut Progress,
     ) -> Result<bool, RunError> {
         let world = self.model.groups.world.as_ref();
+        // bincode, not JSON: a diverged run's NaN loss must cross as NaN (JSON writes null,
+        // which then fails to parse on every rank).
+        let config = bincode::config::standard();
         let mut bytes = if world.rank() == 0 {
-            serde_json::to_vec(&(stop, &*progress))
+            bincode::serde::encode_to_vec((stop, &*progress), config)
                 .map_err(|e| RunError::Parallel(format!("encoding the progress: {e}")))?
         } else {
             Vec::new()
         };
         world.broadcast_bytes(&mut bytes, 0)?;
-        let (stop, leaders): (bool, Progress) = serde_json::from_slice(&bytes).map_err(|e| {
-            RunError::Parallel(format!("world rank 0 sent an unreadable progress: {e}"))
-        })?;
+        let ((stop, leaders), _): ((bool, Progress), usize) =
+            bincode::serde::decode_from_slice(&bytes, config).map_err(|e| {
+                RunError::Parallel(format!("world rank 0 sent an unreadable progress: {e}"))
+            })?;
         *progress = leaders;
         Ok(stop)
     }
