@@ -30,6 +30,12 @@ pub struct MemoryOptions {
     /// The sparsifiers select within each layer of a bucket (DGC's layer-wise top-k)
     /// rather than over the whole bucket.
     pub layerwise_selection: bool,
+    /// The sparsifiers rank coordinates by `|c| / sqrt(s)`, `s` this rank's running mean
+    /// of its squared gradient with this decay (Adam's second moment, kept locally),
+    /// instead of by `|c|`. Under Adam a coordinate moves by about its gradient over its
+    /// own scale, so raw magnitude starves coordinates whose gradients are small but
+    /// consistent; selection alone changes, every rank still sends its true values.
+    pub normalized_selection: Option<f32>,
     /// Run-level seed mixed into every shared seed (same on all ranks).
     pub seed: u64,
 }
@@ -42,6 +48,7 @@ impl Default for MemoryOptions {
             local_clip: None,
             sparsity_warmup_steps: 0,
             layerwise_selection: false,
+            normalized_selection: None,
             seed: 0,
         }
     }
@@ -59,6 +66,8 @@ pub struct Memory {
     options: MemoryOptions,
     residual: Vec<f32>,
     velocity: Vec<f32>,
+    /// Running mean of the squared gradient, for `normalized_selection`.
+    grad_sq: Vec<f32>,
     warm_q: Vec<f32>,
 }
 
@@ -95,6 +104,13 @@ impl Memory {
                 )));
             }
         }
+        if let Some(b) = options.normalized_selection {
+            if !(b.is_finite() && b > 0.0 && b < 1.0) {
+                return Err(mem_err(format!(
+                    "tensor {id}: normalized selection's decay {b} must be in (0, 1)"
+                )));
+            }
+        }
         Ok(Self {
             id,
             len,
@@ -108,6 +124,11 @@ impl Memory {
                 Vec::new()
             },
             velocity: if options.momentum.is_some() {
+                vec![0.0; len]
+            } else {
+                Vec::new()
+            },
+            grad_sq: if options.normalized_selection.is_some() {
                 vec![0.0; len]
             } else {
                 Vec::new()
@@ -189,19 +210,25 @@ impl Memory {
 
     /// Checks the method can run with these options.
     pub(crate) fn check_method(&self, method: MethodId) -> Result<(), CompressError> {
-        if self.options.momentum.is_some()
-            && !matches!(
-                method,
-                MethodId::TopK | MethodId::DgcTopK | MethodId::Threshold
-            )
-        {
-            return Err(mem_err(format!(
-                "tensor {}: momentum correction needs top-k, DGC or threshold, not {}",
+        let sparsifier = matches!(
+            method,
+            MethodId::TopK | MethodId::DgcTopK | MethodId::Threshold
+        );
+        let needing_one = [
+            (self.options.momentum.is_some(), "momentum correction"),
+            (
+                self.options.normalized_selection.is_some(),
+                "normalized selection",
+            ),
+        ];
+        match needing_one.into_iter().find(|&(on, _)| on && !sparsifier) {
+            Some((_, what)) => Err(mem_err(format!(
+                "tensor {}: {what} needs top-k, DGC or threshold, not {}",
                 self.id,
                 method.name()
-            )));
+            ))),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Turns `grads` into the compensated gradient `c`: `g + residual` (with momentum
@@ -219,6 +246,11 @@ impl Memory {
             if norm > clip as f64 {
                 let scale = (clip as f64 / norm) as f32;
                 grads.iter_mut().for_each(|g| *g *= scale);
+            }
+        }
+        if let Some(b) = self.options.normalized_selection {
+            for (s, &g) in self.grad_sq.iter_mut().zip(grads.iter()) {
+                *s = b * *s + (1.0 - b) * g * g;
             }
         }
         if let Some(m) = self.options.momentum {
@@ -272,6 +304,7 @@ impl Memory {
             warm: Some(&mut self.warm_q),
             warmup,
             layerwise_selection: self.options.layerwise_selection,
+            selection_scale: (!self.grad_sq.is_empty()).then_some(&self.grad_sq[..]),
         }
     }
 
@@ -293,6 +326,7 @@ impl Memory {
             warm: Some(&mut self.warm_q),
             warmup,
             layerwise_selection: self.options.layerwise_selection,
+            selection_scale: (!self.grad_sq.is_empty()).then_some(&self.grad_sq[..]),
         };
         let res = if self.options.error_feedback {
             Some(&mut self.residual[..])
@@ -332,6 +366,7 @@ impl Memory {
         let want = |on: bool| if on { self.len } else { 0 };
         if self.residual.len() != want(self.options.error_feedback)
             || self.velocity.len() != want(self.options.momentum.is_some())
+            || self.grad_sq.len() != want(self.options.normalized_selection.is_some())
         {
             return Err(CompressError::Serde(format!(
                 "tensor {}: state buffers do not match length {} and options",

@@ -158,6 +158,42 @@ fn dgc_momentum_correction() {
 }
 
 #[test]
+fn normalized_selection_ranks_by_the_gradients_own_scale() {
+    // Top-1 of 4 with the squared-gradient mean s = 0.5 s + 0.5 g^2, by hand.
+    let opts = MemoryOptions {
+        normalized_selection: Some(0.5),
+        ..Default::default()
+    };
+    let mut mem = Memory::new(8, 4, opts).unwrap();
+    let mut c = MethodConfig::TopK { ratio: 0.25 }.build().unwrap();
+    let mut p = Payload::new();
+    // Step 1: s = [50, .5, .5, .5]; every c / sqrt(s) is sqrt(2): the tie goes to index 0.
+    let (_, sent) = step(c.as_mut(), &mut mem, &[10.0, 1.0, 1.0, 1.0], &mut p);
+    assert_eq!(sent, [10.0, 0.0, 0.0, 0.0]);
+    assert_eq!(mem.residual(), &[0.0, 1.0, 1.0, 1.0]);
+    // Step 2: s = [75, .375, 2.25, .375], c = [10, 1.5, 3, 1.5]; c / sqrt(s) =
+    // [1.15, 2.45, 2, 2.45]: index 1 (the tie with 3 goes low), though index 0 is the
+    // largest by magnitude. Its true value is sent, not the scaled one.
+    let (cvec, sent) = step(c.as_mut(), &mut mem, &[10.0, 0.5, 2.0, 0.5], &mut p);
+    assert_eq!(cvec, [10.0, 1.5, 3.0, 1.5]);
+    assert_eq!(sent, [0.0, 1.5, 0.0, 0.0]);
+    assert_eq!(mem.residual(), &[10.0, 0.0, 3.0, 1.5]);
+    // Plain top-1 of the same c would send index 0.
+    let by_magnitude = c.compress(&cvec, 0).unwrap().decode(4).unwrap();
+    assert_eq!(by_magnitude, [10.0, 0.0, 0.0, 0.0]);
+    // The state checkpoints with its scale; a decay outside (0, 1) is refused.
+    let back = Memory::from_bytes(&mem.to_bytes().unwrap()).unwrap();
+    assert_eq!(back, mem);
+    for bad in [0.0, 1.0, f32::NAN] {
+        let opts = MemoryOptions {
+            normalized_selection: Some(bad),
+            ..Default::default()
+        };
+        assert!(Memory::new(0, 4, opts).is_err(), "decay {bad}");
+    }
+}
+
+#[test]
 fn sparsity_warm_up_follows_dgc_schedule() {
     // DGC's four-epoch schedule for 99.9% sparsity: 25%, 6.25%, 1.5625%, 0.39%, 0.1% kept.
     let dgc = [0.25, 0.0625, 0.015625, 0.00390625, 0.001];

@@ -406,6 +406,10 @@ pub struct CompressSection {
     /// selects layer by layer, instead of one selection over the bucket (false). On the
     /// ml-100k recipe the layer-wise form converged slower (see the convergence bench).
     pub layerwise: bool,
+    /// topk, dgc_topk, threshold: rank coordinates by their accumulated value over the
+    /// root of this rank's running mean of their squared gradient, with this decay (0:
+    /// off, by magnitude), as Adam scales its update.
+    pub normalized_selection: f32,
 }
 
 impl Default for CompressSection {
@@ -423,6 +427,7 @@ impl Default for CompressSection {
             local_clip: 0.0,
             warmup_steps: 0,
             layerwise: false,
+            normalized_selection: 0.0,
         }
     }
 }
@@ -479,6 +484,8 @@ impl CompressSection {
                 .then(|| self.local_clip / (dp.max(1) as f32).sqrt()),
             sparsity_warmup_steps: self.warmup_steps,
             layerwise_selection: self.layerwise,
+            normalized_selection: (self.normalized_selection > 0.0)
+                .then_some(self.normalized_selection),
             seed,
         }
     }
@@ -491,6 +498,24 @@ impl CompressSection {
         beta1: f32,
     ) -> Result<(), ConfigError> {
         use meshrec_compress::MethodConfig as M;
+        let b = self.normalized_selection;
+        if !(b.is_finite() && (0.0..1.0).contains(&b)) {
+            return Err(invalid(
+                "compress.normalized_selection",
+                "must be in [0, 1) (0: off)",
+            ));
+        }
+        if b > 0.0
+            && !matches!(
+                method,
+                M::TopK { .. } | M::DgcTopK { .. } | M::Threshold { .. }
+            )
+        {
+            return Err(invalid(
+                "compress.normalized_selection",
+                "ranks what a sparsifier keeps: needs topk, dgc_topk or threshold",
+            ));
+        }
         let m = self.momentum_correction;
         if !(m.is_finite() && (0.0..1.0).contains(&m)) {
             return Err(invalid(
@@ -1001,6 +1026,34 @@ mod tests {
         )
         .contains("compress.warmup_steps"));
         assert!(err("", &["compress.local_clip=-1"]).contains("compress.local_clip"));
+        // Normalized selection: a decay in [0, 1), for a sparsifier only.
+        let ns = RunConfig::from_toml(
+            "",
+            "t",
+            &with(&[
+                "compress.normalized_selection=0.999",
+                "compress.layerwise=true",
+            ])
+            .iter()
+            .map(|s| s.to_string())
+            .collect::<Vec<_>>(),
+        )
+        .unwrap()
+        .compress
+        .memory_options(2, 0);
+        assert_eq!(
+            (ns.normalized_selection, ns.layerwise_selection),
+            (Some(0.999), true)
+        );
+        assert!(err("", &with(&["compress.normalized_selection=1.0"])).contains("[0, 1)"));
+        let qsgd = err(
+            "",
+            &[
+                "compress.method=\"qsgd\"",
+                "compress.normalized_selection=0.9",
+            ],
+        );
+        assert!(qsgd.contains("compress.normalized_selection") && qsgd.contains("topk"));
         // The local clip is the global norm scaled by dp^-1/2, as DGC scales it.
         let clip = RunConfig::from_toml("", "t", &["compress.local_clip=2.0".to_string()])
             .unwrap()

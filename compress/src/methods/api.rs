@@ -40,6 +40,9 @@ pub struct Ctx<'a> {
     /// Sparsifiers select within each of `layers` (DGC's layer-wise top-k) instead of
     /// over the whole tensor.
     pub layerwise_selection: bool,
+    /// Sparsifiers rank element `i` by `|x_i| / sqrt(scale_i)` instead of `|x_i|` (same
+    /// length as the tensor; see `MemoryOptions::normalized_selection`).
+    pub selection_scale: Option<&'a [f32]>,
 }
 
 /// DGC's sparsity warm-up: the kept fraction falls geometrically from 25% to `ratio` as

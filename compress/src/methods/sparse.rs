@@ -103,6 +103,8 @@ pub struct Sparsifier {
     mags: Vec<u32>,
     idx: Vec<u32>,
     vals: Vec<f32>,
+    /// The tensor divided by its selection scale, when selection is normalized.
+    scaled: Vec<f32>,
     scratch: DecodeScratch,
 }
 
@@ -114,6 +116,7 @@ impl Sparsifier {
             mags: Vec::new(),
             idx: Vec::new(),
             vals: Vec::new(),
+            scaled: Vec::new(),
             scratch: DecodeScratch::default(),
         }
     }
@@ -295,7 +298,32 @@ impl Compressor for Sparsifier {
         let method = self.method();
         check_u32_len(method, x.len())?;
         let layers = ctx.layers.filter(|_| ctx.layerwise_selection);
-        self.select(x, layers, ctx.local_seed, ctx.warmup);
+        match ctx.selection_scale {
+            None => {
+                self.select(x, layers, ctx.local_seed, ctx.warmup);
+            }
+            Some(scale) => {
+                if scale.len() != x.len() {
+                    return Err(CompressError::LengthMismatch {
+                        what: "selection scale",
+                        expected: x.len(),
+                        actual: scale.len(),
+                    });
+                }
+                // Rank by the scaled tensor, send the tensor's own values.
+                let mut scaled = std::mem::take(&mut self.scaled);
+                scaled.clear();
+                scaled.extend(
+                    x.iter()
+                        .zip(scale)
+                        .map(|(&v, &s)| v / (s + f32::MIN_POSITIVE).sqrt()),
+                );
+                self.select(&scaled, layers, ctx.local_seed, ctx.warmup);
+                self.scaled = scaled;
+                self.vals.clear();
+                self.vals.extend(self.idx.iter().map(|&i| x[i as usize]));
+            }
+        }
         write_sparse(method, x.len(), &self.idx, &self.vals, out);
         Ok(())
     }
