@@ -36,6 +36,9 @@ pub struct MemoryOptions {
     /// own scale, so raw magnitude starves coordinates whose gradients are small but
     /// consistent; selection alone changes, every rank still sends its true values.
     pub normalized_selection: Option<f32>,
+    /// The sparsifiers send their values as bf16: a kept value costs 2 bytes plus its
+    /// index instead of 4; the rounding error stays in the error-feedback residual.
+    pub bf16_values: bool,
     /// Run-level seed mixed into every shared seed (same on all ranks).
     pub seed: u64,
 }
@@ -49,6 +52,7 @@ impl Default for MemoryOptions {
             sparsity_warmup_steps: 0,
             layerwise_selection: false,
             normalized_selection: None,
+            bf16_values: false,
             seed: 0,
         }
     }
@@ -220,6 +224,7 @@ impl Memory {
                 self.options.normalized_selection.is_some(),
                 "normalized selection",
             ),
+            (self.options.bf16_values, "bf16 sparse values"),
         ];
         match needing_one.into_iter().find(|&(on, _)| on && !sparsifier) {
             Some((_, what)) => Err(mem_err(format!(
@@ -305,6 +310,7 @@ impl Memory {
             warmup,
             layerwise_selection: self.options.layerwise_selection,
             selection_scale: (!self.grad_sq.is_empty()).then_some(&self.grad_sq[..]),
+            bf16_values: self.options.bf16_values,
         }
     }
 
@@ -327,6 +333,7 @@ impl Memory {
             warmup,
             layerwise_selection: self.options.layerwise_selection,
             selection_scale: (!self.grad_sq.is_empty()).then_some(&self.grad_sq[..]),
+            bf16_values: self.options.bf16_values,
         };
         let res = if self.options.error_feedback {
             Some(&mut self.residual[..])

@@ -194,6 +194,55 @@ fn normalized_selection_ranks_by_the_gradients_own_scale() {
 }
 
 #[test]
+fn bf16_values_halve_the_value_bytes_and_leave_their_rounding_in_the_residual() {
+    let n = 1000;
+    let g = normal(n, 77);
+    let mut sizes = Vec::new();
+    for bf16_values in [false, true] {
+        let opts = MemoryOptions {
+            bf16_values,
+            ..Default::default()
+        };
+        let mut mem = Memory::new(9, n, opts).unwrap();
+        let mut c = MethodConfig::TopK { ratio: 0.05 }.build().unwrap();
+        let mut p = Payload::new();
+        let (cvec, sent) = step(c.as_mut(), &mut mem, &g, &mut p);
+        let h = p.header().unwrap();
+        let meshrec_compress::Params::Sparse {
+            k,
+            index_bytes,
+            values,
+        } = h.params
+        else {
+            panic!("sparse payload")
+        };
+        assert_eq!(k, 50);
+        assert_eq!(values.bytes(), if bf16_values { 2 } else { 4 });
+        assert_eq!(
+            p.wire_len(),
+            32 + index_bytes as usize + values.bytes() * 50
+        );
+        sizes.push(p.wire_len() - 32 - index_bytes as usize);
+        for i in 0..n {
+            if sent[i] != 0.0 {
+                // The value sent is c rounded to bf16 (or c itself), and what it missed
+                // by is the residual, exactly.
+                let want = if bf16_values {
+                    half::bf16::from_f32(cvec[i]).to_f32()
+                } else {
+                    cvec[i]
+                };
+                assert_eq!(sent[i], want, "bf16 {bf16_values} i {i} c {}", cvec[i]);
+                assert_eq!(mem.residual()[i], cvec[i] - sent[i]);
+            } else {
+                assert_eq!(mem.residual()[i], cvec[i]);
+            }
+        }
+    }
+    assert_eq!(sizes, [200, 100], "value bytes halved");
+}
+
+#[test]
 fn sparsity_warm_up_follows_dgc_schedule() {
     // DGC's four-epoch schedule for 99.9% sparsity: 25%, 6.25%, 1.5625%, 0.39%, 0.1% kept.
     let dgc = [0.25, 0.0625, 0.015625, 0.00390625, 0.001];

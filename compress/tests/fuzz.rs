@@ -208,9 +208,20 @@ fn named_inconsistencies() {
         decode(&b, 64),
         Err(CompressError::BadMagic { .. })
     ));
+    // Flags: bit 0 (bf16 values) only on sparse payloads, no other bit anywhere.
     let mut b = topk.clone();
+    b[7] = 2;
+    assert!(matches!(decode(&b, 64), Err(CompressError::BadFlags(2))));
+    let mut b = payload(MethodConfig::Identity, &x);
     b[7] = 1;
     assert!(matches!(decode(&b, 64), Err(CompressError::BadFlags(1))));
+    // A sparse payload flagged bf16 has a different body length: 14 bytes too many.
+    let mut b = topk.clone();
+    b[7] = 1;
+    assert!(matches!(
+        decode(&b, 64),
+        Err(CompressError::Oversized { .. })
+    ));
     let mut b = topk.clone();
     b[6] = 99;
     assert!(matches!(

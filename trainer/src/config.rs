@@ -410,6 +410,9 @@ pub struct CompressSection {
     /// root of this rank's running mean of their squared gradient, with this decay (0:
     /// off, by magnitude), as Adam scales its update.
     pub normalized_selection: f32,
+    /// topk, dgc_topk, threshold: the kept values travel as `f32` or `bf16` (2 bytes; the
+    /// rounding error stays in the error-feedback residual).
+    pub sparse_values: String,
 }
 
 impl Default for CompressSection {
@@ -428,6 +431,7 @@ impl Default for CompressSection {
             warmup_steps: 0,
             layerwise: false,
             normalized_selection: 0.0,
+            sparse_values: "f32".into(),
         }
     }
 }
@@ -486,6 +490,7 @@ impl CompressSection {
             layerwise_selection: self.layerwise,
             normalized_selection: (self.normalized_selection > 0.0)
                 .then_some(self.normalized_selection),
+            bf16_values: self.sparse_values == "bf16",
             seed,
         }
     }
@@ -515,6 +520,26 @@ impl CompressSection {
                 "compress.normalized_selection",
                 "ranks what a sparsifier keeps: needs topk, dgc_topk or threshold",
             ));
+        }
+        let sparsifier = matches!(
+            method,
+            M::TopK { .. } | M::DgcTopK { .. } | M::Threshold { .. }
+        );
+        match self.sparse_values.as_str() {
+            "f32" => {}
+            "bf16" if sparsifier => {}
+            "bf16" => {
+                return Err(invalid(
+                    "compress.sparse_values",
+                    "bf16 values are for a sparsifier's payload: topk, dgc_topk or threshold",
+                ))
+            }
+            other => {
+                return Err(invalid(
+                    "compress.sparse_values",
+                    format!("`{other}`: expected f32 or bf16"),
+                ))
+            }
         }
         let m = self.momentum_correction;
         if !(m.is_finite() && (0.0..1.0).contains(&m)) {
@@ -1054,6 +1079,31 @@ mod tests {
             ],
         );
         assert!(qsgd.contains("compress.normalized_selection") && qsgd.contains("topk"));
+        let bf16 = RunConfig::from_toml(
+            "",
+            "t",
+            &[
+                "compress.sparse_values=\"bf16\"".into(),
+                "compress.method=\"topk\"".into(),
+            ],
+        )
+        .unwrap()
+        .compress
+        .memory_options(2, 0);
+        assert!(bf16.bf16_values);
+        assert!(err(
+            "",
+            &["compress.method=\"topk\"", "compress.sparse_values=\"f16\""]
+        )
+        .contains("expected f32 or bf16"));
+        assert!(err(
+            "",
+            &[
+                "compress.method=\"qsgd\"",
+                "compress.sparse_values=\"bf16\""
+            ]
+        )
+        .contains("compress.sparse_values"));
         // The local clip is the global norm scaled by dp^-1/2, as DGC scales it.
         let clip = RunConfig::from_toml("", "t", &["compress.local_clip=2.0".to_string()])
             .unwrap()

@@ -43,6 +43,8 @@ pub struct Ctx<'a> {
     /// Sparsifiers rank element `i` by `|x_i| / sqrt(scale_i)` instead of `|x_i|` (same
     /// length as the tensor; see `MemoryOptions::normalized_selection`).
     pub selection_scale: Option<&'a [f32]>,
+    /// Sparsifiers send their values as bf16 (see `wire::SparseValues`).
+    pub bf16_values: bool,
 }
 
 /// DGC's sparsity warm-up: the kept fraction falls geometrically from 25% to `ratio` as

@@ -4,7 +4,9 @@ use super::api::{avg_as, warmed_ratio, Aggregation, AvgReduce, Compressor, Ctx, 
 use super::config::MethodConfig;
 use crate::error::{CompressError, SyncError};
 use crate::rng;
-use crate::wire::{gaps_len, write_gaps, DecodeScratch, Header, MethodId, Params, Payload};
+use crate::wire::{
+    gaps_len, write_gaps, DecodeScratch, Header, MethodId, Params, Payload, SparseValues,
+};
 use rand::Rng;
 
 /// Magnitude as the bits of |x|: for non-negative floats the integer order is the
@@ -260,6 +262,7 @@ pub(crate) fn write_sparse(
     n: usize,
     idx: &[u32],
     vals: &[f32],
+    values: SparseValues,
     out: &mut Payload,
 ) {
     let buf = out.buf_mut();
@@ -271,12 +274,20 @@ pub(crate) fn write_sparse(
         params: Params::Sparse {
             k: idx.len() as u64,
             index_bytes: index_bytes as u64,
+            values,
         },
     };
-    buf.reserve(header.prefix_len() + index_bytes + 4 * vals.len());
+    buf.reserve(header.prefix_len() + index_bytes + values.bytes() * vals.len());
     header.write(buf);
     write_gaps(idx, buf);
-    buf.extend_from_slice(bytemuck::cast_slice(vals));
+    match values {
+        SparseValues::F32 => buf.extend_from_slice(bytemuck::cast_slice(vals)),
+        SparseValues::Bf16 => {
+            for &v in vals {
+                buf.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes());
+            }
+        }
+    }
 }
 
 impl Compressor for Sparsifier {
@@ -324,7 +335,12 @@ impl Compressor for Sparsifier {
                 self.vals.extend(self.idx.iter().map(|&i| x[i as usize]));
             }
         }
-        write_sparse(method, x.len(), &self.idx, &self.vals, out);
+        let values = if ctx.bf16_values {
+            SparseValues::Bf16
+        } else {
+            SparseValues::F32
+        };
+        write_sparse(method, x.len(), &self.idx, &self.vals, values, out);
         Ok(())
     }
     fn scratch(&mut self) -> &mut DecodeScratch {

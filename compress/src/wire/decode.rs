@@ -2,7 +2,7 @@
 //! dispatches to them.
 
 use super::apply::{Apply, DecodeScratch, Op, OpAdd, OpSet, OpSub};
-use super::header::{f32_at, inconsistent, Header, MethodId, Params};
+use super::header::{f32_at, inconsistent, Header, MethodId, Params, SparseValues};
 use super::indices::read_indices;
 use super::packed;
 use crate::error::CompressError;
@@ -45,8 +45,8 @@ fn decode_op<O: Op>(
             MethodId::Fp16 => decode_half::<O, f16>(body, out),
             _ => decode_half::<O, bf16>(body, out),
         },
-        Params::Sparse { k, .. } => {
-            decode_sparse::<O>(h.method, k as usize, body, out, &mut scratch.idx)?
+        Params::Sparse { k, values, .. } => {
+            decode_sparse::<O>(h.method, k as usize, values, body, out, &mut scratch.idx)?
         }
         Params::RandK { k, seed } => {
             rng::randk_indices(
@@ -136,23 +136,36 @@ fn decode_half<O: Op, H: Half>(body: &[u8], out: &mut [f32]) {
 fn decode_sparse<O: Op>(
     method: MethodId,
     k: usize,
+    values: SparseValues,
     body: &[u8],
     out: &mut [f32],
     idx: &mut Vec<u32>,
 ) -> Result<(), CompressError> {
-    // The header fixed the body at index section + 4k value bytes.
-    let (gaps, vals) = body.split_at(body.len() - 4 * k);
+    // The header fixed the body at index section + k values.
+    let (gaps, vals) = body.split_at(body.len() - values.bytes() * k);
     // Read (and check) every index before touching `out`, so a bad payload leaves it
     // intact.
     read_indices(method, gaps, k, out.len(), idx)?;
     if O::SET {
         out.fill(0.0);
     }
-    for (&i, v) in idx.iter().zip(vals.chunks_exact(4)) {
-        O::apply(
-            &mut out[i as usize],
-            f32::from_le_bytes([v[0], v[1], v[2], v[3]]),
-        );
+    match values {
+        SparseValues::F32 => {
+            for (&i, v) in idx.iter().zip(vals.chunks_exact(4)) {
+                O::apply(
+                    &mut out[i as usize],
+                    f32::from_le_bytes([v[0], v[1], v[2], v[3]]),
+                );
+            }
+        }
+        SparseValues::Bf16 => {
+            for (&i, v) in idx.iter().zip(vals.chunks_exact(2)) {
+                O::apply(
+                    &mut out[i as usize],
+                    bf16::from_le_bytes([v[0], v[1]]).to_f32(),
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -161,7 +174,7 @@ fn decode_sparse<O: Op>(
 /// into `out`; an error for a payload of another method or a malformed one.
 pub fn sparse_indices(payload: &[u8], out: &mut Vec<u32>) -> Result<(), CompressError> {
     let (h, body) = Header::parse(payload)?;
-    let Params::Sparse { k, index_bytes } = h.params else {
+    let Params::Sparse { k, index_bytes, .. } = h.params else {
         return Err(inconsistent(h.method, "not a sparse payload"));
     };
     let n = usize::try_from(h.len).unwrap_or(usize::MAX);

@@ -77,8 +77,12 @@ pub enum Params {
     /// Identity, fp16, bf16: nothing beyond the length.
     None,
     /// Top-k, DGC, threshold: `k` indices as varint gaps in `index_bytes` bytes (see
-    /// `wire::indices`), then their `k` f32 values.
-    Sparse { k: u64, index_bytes: u64 },
+    /// `wire::indices`), then their `k` values, f32 or (flag bit 0) bf16.
+    Sparse {
+        k: u64,
+        index_bytes: u64,
+        values: SparseValues,
+    },
     /// Random-k: `k` f32 values at indices regenerated from `seed`.
     RandK { k: u64, seed: u64 },
     /// QSGD: one f32 norm per bucket, then `1 + bits(levels)`-bit codes.
@@ -89,6 +93,33 @@ pub enum Params {
     Sign { chunk: u32 },
     /// PowerSGD: P (rows x rank) then Q (cols x rank), row-major f32.
     PowerSgd { rows: u32, cols: u32, rank: u32 },
+}
+
+/// How a sparse payload's values travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SparseValues {
+    #[default]
+    F32,
+    /// Rounded to bf16 (to nearest, ties to even): half the value bytes. Under error
+    /// feedback the rounding error stays in the residual and is sent later.
+    Bf16,
+}
+
+impl SparseValues {
+    /// Bytes per value on the wire.
+    pub fn bytes(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::Bf16 => 2,
+        }
+    }
+    /// The header's flags byte (bit 0: bf16 values).
+    fn flags(self) -> u8 {
+        match self {
+            Self::F32 => 0,
+            Self::Bf16 => 1,
+        }
+    }
 }
 
 /// A parsed and validated header.
@@ -149,7 +180,11 @@ impl Header {
             (MethodId::Fp16 | MethodId::Bf16, Params::None) => mul(n, 2),
             (
                 MethodId::TopK | MethodId::DgcTopK | MethodId::Threshold,
-                Params::Sparse { k, index_bytes },
+                Params::Sparse {
+                    k,
+                    index_bytes,
+                    values,
+                },
             ) => {
                 if k > self.len {
                     return Err(inconsistent(m, format!("k = {k} exceeds length {n}")));
@@ -164,7 +199,7 @@ impl Header {
                         format!("{index_bytes} index bytes cannot hold {k} indices"),
                     ));
                 }
-                mul(k as usize, 4)?
+                mul(k as usize, values.bytes())?
                     .checked_add(index_bytes as usize)
                     .ok_or_else(|| too_big(m))
             }
@@ -232,11 +267,14 @@ impl Header {
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.push(self.method as u8);
-        out.push(0);
+        out.push(match self.params {
+            Params::Sparse { values, .. } => values.flags(),
+            _ => 0,
+        });
         out.extend_from_slice(&self.len.to_le_bytes());
         match self.params {
             Params::None => {}
-            Params::Sparse { k, index_bytes } => {
+            Params::Sparse { k, index_bytes, .. } => {
                 out.extend_from_slice(&k.to_le_bytes());
                 out.extend_from_slice(&index_bytes.to_le_bytes());
             }
@@ -281,9 +319,15 @@ impl Header {
             });
         }
         let method = MethodId::from_u8(bytes[6])?;
-        if bytes[7] != 0 {
-            return Err(CompressError::BadFlags(bytes[7]));
-        }
+        let sparse = matches!(
+            method,
+            MethodId::TopK | MethodId::DgcTopK | MethodId::Threshold
+        );
+        let values = match bytes[7] {
+            0 => SparseValues::F32,
+            1 if sparse => SparseValues::Bf16,
+            other => return Err(CompressError::BadFlags(other)),
+        };
         let len = u64_at(bytes, 8);
         let plen = params_len(method);
         if bytes.len() < HEADER_LEN + plen {
@@ -299,6 +343,7 @@ impl Header {
             MethodId::TopK | MethodId::DgcTopK | MethodId::Threshold => Params::Sparse {
                 k: u64_at(p, 0),
                 index_bytes: u64_at(p, 8),
+                values,
             },
             MethodId::RandK => Params::RandK {
                 k: u64_at(p, 0),

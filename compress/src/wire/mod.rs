@@ -6,7 +6,7 @@
 //! offset 0   magic  b"MRCZ"
 //!        4   version u16 (= 2)
 //!        6   method  u8  (MethodId)
-//!        7   flags   u8  (reserved, must be 0)
+//!        7   flags   u8  (0; sparse methods: bit 0 = bf16 values)
 //!        8   len     u64 (elements of the decoded tensor)
 //!       16   params  (fixed size per method, see `Params`)
 //!            body    (size fully determined by len and params)
@@ -37,7 +37,8 @@ pub(crate) use apply::{Op, OpSet};
 pub(crate) use decode::STAGE;
 pub use decode::{decode_into, sparse_indices, Half};
 pub use header::{
-    peek, qsgd_bits, Header, MethodId, Params, HEADER_LEN, MAGIC, QSGD_MAX_LEVELS, VERSION,
+    peek, qsgd_bits, Header, MethodId, Params, SparseValues, HEADER_LEN, MAGIC, QSGD_MAX_LEVELS,
+    VERSION,
 };
 pub use indices::varint_len;
 pub(crate) use indices::{gaps_len, write_gaps};
