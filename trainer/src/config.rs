@@ -119,7 +119,7 @@ pub struct TrainSection {
     /// AdamW stops updating its second moment after this many steps (0: never), as 1-bit
     /// Adam does for compressed communication (see `AdamWConfig::freeze_variance_after`).
     /// 1-bit Adam freezes after a dense warm-up; frozen at the end of DGC's 100-step
-    /// sparsity warm-up the ml-100k run diverged within a step (coordinates rarely sent
+    /// sparsity warm-up the ml-100k run diverged within an epoch (coordinates rarely sent
     /// had next to no second moment, so their first full update was huge).
     pub freeze_variance_after: u64,
     pub seed: u64,
