@@ -108,11 +108,17 @@ pub trait Communicator: Send {
     fn broadcast_bytes(&self, buf: &mut Vec<u8>, root: usize) -> Result<()>;
 
     /// Sends `data` to rank `dst` with `tag`; returns once `data` may be reused.
-    fn send(&self, dst: usize, tag: u32, data: &[f32]) -> Result<()>;
+    fn send(&self, dst: usize, tag: u32, data: &[f32]) -> Result<()> {
+        self.isend(dst, tag, data.to_vec())?.wait()
+    }
 
     /// Receives the next message from `src` with `tag` into `buf`, whose length must equal
     /// the sent length (else [`CommError::SizeMismatch`]).
-    fn recv(&self, src: usize, tag: u32, buf: &mut [f32]) -> Result<()>;
+    fn recv(&self, src: usize, tag: u32, buf: &mut [f32]) -> Result<()> {
+        let v = self.irecv(src, tag, buf.len())?.wait()?;
+        buf.copy_from_slice(&v);
+        Ok(())
+    }
 
     /// Sends a byte payload to `dst` with `tag`.
     fn send_bytes(&self, dst: usize, tag: u32, data: &[u8]) -> Result<()>;

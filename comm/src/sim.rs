@@ -456,12 +456,6 @@ impl Communicator for SimCommunicator {
         self.inner.send(dst, tag, &m)
     }
 
-    fn recv(&self, src: usize, tag: u32, buf: &mut [f32]) -> Result<()> {
-        let v = self.irecv(src, tag, buf.len())?.wait()?;
-        buf.copy_from_slice(&v);
-        Ok(())
-    }
-
     fn send_bytes(&self, dst: usize, tag: u32, data: &[u8]) -> Result<()> {
         let sent_at = self.charge_send(dst, data.len() as f64)?;
         let mut m = Vec::with_capacity(data.len() + 8);

@@ -214,10 +214,7 @@ impl Memory {
 
     /// Checks the method can run with these options.
     pub(crate) fn check_method(&self, method: MethodId) -> Result<(), CompressError> {
-        let sparsifier = matches!(
-            method,
-            MethodId::TopK | MethodId::DgcTopK | MethodId::Threshold
-        );
+        let sparsifier = method.is_sparse();
         let needing_one = [
             (self.options.momentum.is_some(), "momentum correction"),
             (

@@ -18,7 +18,9 @@
 pub mod checkpoint;
 pub mod checkpoint_policy;
 pub mod checkpoint_shard;
+pub mod compress_section;
 pub mod config;
+pub mod config_error;
 pub mod early_stop;
 pub mod elastic;
 pub mod error;

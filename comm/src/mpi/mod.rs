@@ -796,16 +796,6 @@ impl Communicator for MpiCommunicator {
         })
     }
 
-    fn send(&self, dst: usize, tag: u32, data: &[f32]) -> Result<()> {
-        self.isend(dst, tag, data.to_vec())?.wait()
-    }
-
-    fn recv(&self, src: usize, tag: u32, buf: &mut [f32]) -> Result<()> {
-        let v = self.irecv(src, tag, buf.len())?.wait()?;
-        buf.copy_from_slice(&v);
-        Ok(())
-    }
-
     fn send_bytes(&self, dst: usize, tag: u32, data: &[u8]) -> Result<()> {
         let t0 = Instant::now();
         self.start_isend(dst, tag, Buf::U8(data.to_vec()))?.wait()?;

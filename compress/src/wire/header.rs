@@ -53,6 +53,12 @@ impl MethodId {
         })
     }
 
+    /// Top-k, DGC top-k and threshold: the methods whose payloads carry their own indices
+    /// (and that error feedback's DGC corrections and selection options apply to).
+    pub fn is_sparse(self) -> bool {
+        matches!(self, Self::TopK | Self::DgcTopK | Self::Threshold)
+    }
+
     /// Stable lower-case name used in statistics, configs and benchmark output.
     pub fn name(self) -> &'static str {
         match self {
@@ -319,13 +325,9 @@ impl Header {
             });
         }
         let method = MethodId::from_u8(bytes[6])?;
-        let sparse = matches!(
-            method,
-            MethodId::TopK | MethodId::DgcTopK | MethodId::Threshold
-        );
         let values = match bytes[7] {
             0 => SparseValues::F32,
-            1 if sparse => SparseValues::Bf16,
+            1 if method.is_sparse() => SparseValues::Bf16,
             other => return Err(CompressError::BadFlags(other)),
         };
         let len = u64_at(bytes, 8);
